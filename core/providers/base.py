@@ -1,0 +1,201 @@
+"""The one async interface every provider adapter implements.
+
+An adapter takes a validated request in the canonical vocabulary (core.catalog), translates it to the
+provider's wire parameters, runs it with the provider's real client library, reports progress, downloads and
+stores the images, and maps every failure onto core.errors.ProviderError. It knows nothing of budgets,
+routing or the database: the generation service (core.generation) does that around it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+from core.errors import ErrorClass, ProviderError
+from core.images import StoredImage
+
+
+class ConnectionMode(StrEnum):
+    LIVE = "live"  # the real provider, with a key
+    EMULATOR = "emulator"  # the local emulator (imagegate emulator), speaking the provider's wire protocol
+    SANDBOX = "sandbox"  # rendered locally; no provider involved
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """How an adapter reaches its provider."""
+
+    api_key: str | None = None
+    base_url: str | None = None
+    """None = the provider's real endpoint. Otherwise the emulator's (or a self-hosted endpoint's) base URL."""
+    mode: ConnectionMode = ConnectionMode.LIVE
+    poll_interval_s: float = 0.5
+    download_timeout_s: float = 30.0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AdapterRequest:
+    """A validated request: the prompt and the effective canonical parameters (values only)."""
+
+    prompt: str
+    params: Mapping[str, Any]
+    timeout_s: float = 120.0
+    """Deadline for the whole attempt (submit, queue, run, download). The adapter enforces it."""
+
+
+class EventKind(StrEnum):
+    SUBMITTED = "submitted"  # the provider accepted it; provider_request_id is known
+    QUEUED = "queued"  # waiting, with a position / ETA where the provider says
+    RUNNING = "running"  # generating, with logs or a progress fraction
+    DOWNLOADING = "downloading"
+    COMPLETED = "completed"
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    kind: EventKind
+    provider: str
+    provider_request_id: str | None = None
+    queue_position: int | None = None
+    queue_size: int | None = None
+    eta_s: float | None = None
+    progress: float | None = None
+    """0..1 where the provider reports steps."""
+    logs: tuple[str, ...] = ()
+    message: str = ""
+
+
+EventCallback = Callable[[ProgressEvent], Awaitable[None] | None]
+RequestIdCallback = Callable[[str], Awaitable[None] | None]
+
+
+@dataclass(frozen=True)
+class Translation:
+    """The request in the provider's own vocabulary, and what had to change to get there."""
+
+    wire_params: dict[str, Any]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def exact(self) -> bool:
+        return not self.notes
+
+
+@dataclass(frozen=True)
+class Timings:
+    submit_s: float = 0.0
+    queue_s: float = 0.0
+    run_s: float = 0.0
+    download_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ProviderResult:
+    provider: str
+    images: tuple[StoredImage, ...]
+    seed: int | None
+    provider_request_id: str | None
+    timings: Timings
+    translation: Translation
+    billed_units: Decimal | None = None
+    """What the provider says it billed (fal's x-fal-billable-units); None where it does not say."""
+    mode: ConnectionMode = ConnectionMode.LIVE
+    nsfw_flags: tuple[bool, ...] = ()
+    raw_metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    provider: str
+    ok: bool
+    latency_s: float
+    detail: str
+    error_class: ErrorClass | None = None
+
+
+async def emit(callback: EventCallback | RequestIdCallback | None, value: Any) -> None:
+    """Call a progress/request-id callback that may be sync or async; a failing callback never kills a run."""
+    if callback is None:
+        return
+    result = callback(value)
+    if inspect.isawaitable(result):
+        await result
+
+
+class ProviderAdapter(ABC):
+    """Base class. Subclasses set `provider_id` and implement translate/generate/health_probe."""
+
+    provider_id: str
+    supports_resume: bool = False
+    supports_cancel: bool = False
+
+    def __init__(self, config: AdapterConfig) -> None:
+        self.config = config
+
+    @property
+    def mode(self) -> ConnectionMode:
+        return self.config.mode
+
+    @abstractmethod
+    def translate(self, request: AdapterRequest) -> Translation:
+        """Canonical parameters -> the provider's wire parameters, noting anything not represented exactly."""
+
+    @abstractmethod
+    async def generate(
+        self,
+        request: AdapterRequest,
+        *,
+        on_event: EventCallback | None = None,
+        on_request_id: RequestIdCallback | None = None,
+    ) -> ProviderResult:
+        """Run one attempt. `on_request_id` is awaited with the provider's id before any polling, so the
+        caller can persist it (crash recovery). Raises ProviderError for every failure."""
+
+    @abstractmethod
+    async def health_probe(self) -> HealthReport:
+        """A cheap check that generates nothing billable."""
+
+    async def cancel(self, provider_request_id: str) -> None:
+        raise ProviderError(
+            ErrorClass.VALIDATION,
+            f"{self.provider_id} requests cannot be cancelled once sent",
+            provider=self.provider_id,
+        )
+
+    async def resume(
+        self,
+        provider_request_id: str,
+        request: AdapterRequest,
+        *,
+        on_event: EventCallback | None = None,
+    ) -> ProviderResult:
+        """Collect the result of a request submitted before a restart (fal). Others cannot."""
+        raise ProviderError(
+            ErrorClass.VALIDATION,
+            f"{self.provider_id} cannot resume a request by id; only queue-based providers (fal) can",
+            provider=self.provider_id,
+        )
+
+
+class Stopwatch:
+    """Monotonic phase timer for Timings."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.last = self.start
+
+    def lap(self) -> float:
+        now = time.monotonic()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+    def total(self) -> float:
+        return time.monotonic() - self.start
