@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""The two set-up commands. Needs only Python 3.11 and pip; everything else it installs itself.
+
+    python3 manage.py console   # venv + install + migrate + seed, then the Streamlit console on :8501
+    python3 manage.py test      # venv + test extras (+ Chromium where possible), then lint, types and tests
+
+Standard library only: this runs before anything is installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / "python"
+
+OFFLINE_ENV = {
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
+}
+
+
+def say(message: str) -> None:
+    print(f"[imagegate] {message}", flush=True)
+
+
+def run(*args: str | Path, env: dict[str, str] | None = None) -> None:
+    merged = {**os.environ, **OFFLINE_ENV, **(env or {})}
+    result = subprocess.run([str(a) for a in args], cwd=ROOT, env=merged)
+    if result.returncode != 0:
+        raise SystemExit(result.returncode)
+
+
+def ensure_venv(extras: str) -> None:
+    """Create .venv and install the project; skipped when pyproject.toml has not changed since."""
+    if sys.version_info[:2] != (3, 11):
+        say(f"warning: Imagegate is built and tested on Python 3.11; this is {sys.version.split()[0]}")
+    if not PY.exists():
+        say("creating the virtual environment in .venv")
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
+    stamp = VENV / f".installed-{extras or 'base'}"
+    if stamp.exists() and stamp.read_text() == digest:
+        return
+    say(f"installing Imagegate{'[' + extras + ']' if extras else ''} and its pinned dependencies")
+    run(PY, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
+    target = f".[{extras}]" if extras else "."
+    run(PY, "-m", "pip", "install", "--quiet", "-e", target)
+    stamp.write_text(digest)
+
+
+def ensure_chromium() -> None:
+    """Browser tests drive Debian's Chromium (no browser downloads here). Install it when we can."""
+    if shutil.which("chromium") or Path("/usr/bin/chromium").exists():
+        return
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
+        say("installing Chromium from Debian's packages for the browser tests")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=env, check=False)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, check=False)
+    if not Path("/usr/bin/chromium").exists():
+        say("Chromium is not installed: browser tests will be skipped (and fail under CI=true)")
+
+
+def console(argv: list[str]) -> None:
+    ensure_venv("")
+    imagegate = BIN / "imagegate"
+    run(imagegate, "db", "upgrade")
+    run(imagegate, "seed")
+    port = os.environ.get("IMAGEGATE_PORT", "8501")
+    say(f"starting the console on http://localhost:{port} (Ctrl+C stops it)")
+    run(
+        BIN / "streamlit", "run", ROOT / "app.py",
+        "--server.port", port,
+        "--server.headless", "true",
+        "--browser.gatherUsageStats", "false",
+        *argv,
+    )
+
+
+def test(argv: list[str]) -> None:
+    ensure_venv("test")
+    ensure_chromium()
+    say("ruff")
+    run(BIN / "ruff", "check", ".")
+    say("mypy")
+    run(BIN / "mypy", ".")
+    say("pytest")
+    run(PY, "-m", "pytest", *argv)
+
+
+def main() -> None:
+    commands = {"console": console, "test": test}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        print(__doc__)
+        raise SystemExit(2)
+    commands[sys.argv[1]](sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()
