@@ -1,0 +1,139 @@
+"""Engines, sessions and transactions for SQLite (embedded default) and PostgreSQL (shared store).
+
+SQLite gets WAL (readers never block the writer), a busy timeout (concurrent writers wait instead of failing at
+once) and foreign keys (off by default in SQLite) on every new DBAPI connection. PostgreSQL goes through
+psycopg 3. Every pool pings before handing out a connection, so a server restart costs one reconnect instead of
+an error, and a database that is really gone raises `DatabaseUnavailable` with a message a person can act on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, exc, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.config import database_url
+from core.errors import ImagegateError
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+PG_CONNECT_TIMEOUT_S = 5
+
+
+class DatabaseUnavailable(ImagegateError):
+    """The database cannot be reached (server down, wrong URL, file not writable)."""
+
+
+def normalize_url(url: str) -> str:
+    """Accept the common `postgresql://` / `postgres://` spellings and use psycopg 3, the driver we ship."""
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url[len("postgresql://") :]
+    if url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url[len("postgres://") :]
+    return url
+
+
+def safe_url(url: str) -> str:
+    """The URL with any password hidden, for messages and logs."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        # In-memory databases cannot use WAL; asking is harmless (SQLite answers "memory").
+        cursor.execute("PRAGMA journal_mode = WAL")
+        # NORMAL is durable across application crashes in WAL mode, and much faster than FULL.
+        cursor.execute("PRAGMA synchronous = NORMAL")
+    finally:
+        cursor.close()
+
+
+def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
+    """An engine for `url`, or for `core.config.database_url()` when none is given."""
+    resolved = normalize_url(url or database_url())
+    backend = make_url(resolved).get_backend_name()
+    options: dict[str, Any] = {"pool_pre_ping": True}
+    if backend == "sqlite":
+        options["connect_args"] = {
+            # Sessions may be used from the thread pool of an async app or Streamlit's script threads;
+            # the pool still hands one connection to one user at a time.
+            "check_same_thread": False,
+            "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
+        }
+    elif backend == "postgresql":
+        options["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+        options["pool_size"] = 5
+        options["max_overflow"] = 10
+    options.update(kwargs)
+    engine = create_engine(resolved, **options)
+    if backend == "sqlite":
+        event.listen(engine, "connect", _on_sqlite_connect)
+    return engine
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    # expire_on_commit=False: objects returned by a service stay readable after its transaction commits.
+    return sessionmaker(bind=engine, expire_on_commit=False, autoflush=True)
+
+
+def _is_connection_failure(error: exc.DBAPIError) -> bool:
+    if error.connection_invalidated:
+        return True
+    if isinstance(error, exc.InterfaceError):
+        return True
+    if isinstance(error, exc.OperationalError):
+        message = str(error.orig).lower()
+        return any(
+            marker in message
+            for marker in (
+                "connection refused",
+                "connection failed",
+                "could not connect",
+                "server closed the connection",
+                "terminating connection",
+                "unable to open database file",
+                "does not exist",
+                "timeout expired",
+            )
+        )
+    return False
+
+
+def _unavailable(engine_url: str, error: BaseException) -> DatabaseUnavailable:
+    reason = str(getattr(error, "orig", error)).strip().splitlines()[0] if str(error) else type(error).__name__
+    return DatabaseUnavailable(f"cannot reach the database at {safe_url(engine_url)}: {reason}")
+
+
+@contextmanager
+def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """One unit of work: everything inside commits together, or nothing does (any exception rolls back)."""
+    session = factory()
+    try:
+        yield session
+        session.commit()
+    except exc.DBAPIError as error:
+        session.rollback()
+        if _is_connection_failure(error):
+            url = session.get_bind().engine.url.render_as_string(hide_password=False)
+            raise _unavailable(url, error) from error
+        raise
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def check_connection(engine: Engine) -> None:
+    """Raise `DatabaseUnavailable` unless a trivial query succeeds (app start, `imagegate db check`)."""
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except exc.DBAPIError as error:
+        raise _unavailable(engine.url.render_as_string(hide_password=False), error) from error

@@ -1,0 +1,579 @@
+"""The schema: SQLAlchemy 2.0 typed models for SQLite and PostgreSQL.
+
+Conventions that hold for every table:
+- Money is BigInteger micro-dollars (`*_micro_usd`): exact on both databases, sums never round.
+- Quantities that can be fractional (megapixels, billed units) are BigInteger millionths (`*_micro`).
+- Timestamps are timezone-aware UTC (`UTCDateTime`); SQLite hands back naive values, which we mark as UTC.
+- Settings and prices are versioned: versions are immutable rows; "current" is a pointer or the latest row.
+- Usage is append-only (`usage_attempts`); dashboards read `usage_daily_rollups`, kept up to date in the same
+  transaction as the attempt row.
+- Constraint and index names are fixed by a naming convention so migrations (and SQLite batch rebuilds) can
+  address them by name on both databases.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, date, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Date,
+    DateTime,
+    Dialect,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# Upper bounds (ms) of the latency histogram buckets in usage_daily_rollups; the last bucket is open-ended.
+# Roughly x1.5 steps: fine enough to read p50 and p95 within about 25 % from the rollups alone.
+LATENCY_BUCKET_BOUNDS_MS: tuple[int, ...] = (
+    100, 250, 500, 750, 1000, 1500, 2000, 3000, 4500, 6500, 10_000, 15_000, 22_500, 35_000, 60_000, 120_000,
+)
+LATENCY_BUCKET_COLUMNS: tuple[str, ...] = tuple(f"latency_b{i:02d}" for i in range(len(LATENCY_BUCKET_BOUNDS_MS) + 1))
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_uuid() -> str:
+    return str(uuid.uuid4())
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on both databases. Naive datetimes are refused, not guessed."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: pass a timezone-aware (UTC) datetime")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+# Big primary keys for the tables that grow without bound; SQLite only auto-increments INTEGER PRIMARY KEY.
+BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Role(StrEnum):
+    ADMIN = "ADMIN"
+    HERO = "HERO"
+    USER = "USER"
+
+
+class BudgetScope(StrEnum):
+    GLOBAL = "global"
+    PROVIDER = "provider"
+    USER = "user"
+
+
+class BudgetPeriodKind(StrEnum):
+    DAILY = "daily"
+    MONTHLY = "monthly"
+
+
+class ReservationStatus(StrEnum):
+    RESERVED = "reserved"
+    SETTLED = "settled"
+    RELEASED = "released"
+    EXPIRED = "expired"
+
+
+class CircuitState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+def _enum(enum_cls: type[StrEnum], length: int = 16) -> Enum:
+    # VARCHAR, not a native PostgreSQL ENUM: adding a value later is a plain migration on both databases.
+    return Enum(
+        enum_cls,
+        native_enum=False,
+        length=length,
+        values_callable=lambda members: [m.value for m in members],
+        validate_strings=True,
+    )
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {  # noqa: RUF012 (SQLAlchemy reads it as a class attribute)
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSON(),
+        list[Any]: JSON(),
+        list[str]: JSON(),
+    }
+
+
+# --- users and access -----------------------------------------------------------------------------------------
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    """Stored lower-case; unique regardless of the case it was typed in."""
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[Role] = mapped_column(_enum(Role))
+    active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(default=None)
+    password_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SystemFlag(Base):
+    """One-time facts about the installation (e.g. the first admin was created), claimed by primary key."""
+
+    __tablename__ = "system_flags"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+    __table_args__ = (Index("ix_api_tokens_user", "user_id", "revoked_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    name: Mapped[str] = mapped_column(String(100))
+    token_hash: Mapped[str] = mapped_column(String(128), unique=True)
+    """SHA-256 hex of the token: tokens are long random strings, so a fast hash is enough and lookups are O(1)."""
+    prefix: Mapped[str] = mapped_column(String(16))
+    """The first characters, shown so a person can tell tokens apart."""
+    scopes: Mapped[list[str]] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class AuditLog(Base):
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        Index("ix_audit_log_at", "at"),
+        Index("ix_audit_log_actor_at", "actor_id", "at"),
+        Index("ix_audit_log_target_at", "target_type", "target_id", "at"),
+        Index("ix_audit_log_action_at", "action", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    actor_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
+    """None for the system itself (seed, migrations, background jobs)."""
+    actor_name: Mapped[str] = mapped_column(String(64))
+    """The name at the time of the action: history stays readable if the user is renamed or deactivated."""
+    actor_role: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(64))
+    target_type: Mapped[str] = mapped_column(String(32))
+    target_id: Mapped[str] = mapped_column(String(128))
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    after: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    comment: Mapped[str | None] = mapped_column(Text, default=None)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# --- settings and prices (versioned) --------------------------------------------------------------------------
+
+
+class ProviderSettingsVersion(Base):
+    """An immutable snapshot of one provider's settings. Nothing updates or deletes these rows."""
+
+    __tablename__ = "provider_settings_versions"
+    __table_args__ = (UniqueConstraint("provider", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    provider: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    """This version removed the provider's configuration (its settings are the last ones, kept for history)."""
+    source_version: Mapped[int | None] = mapped_column(Integer, default=None)
+    """Set on a rollback: the version whose settings this one restores."""
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
+    created_by_name: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    comment: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class ProviderSettingsCurrent(Base):
+    """The pointer to each provider's current version, plus the fields routing filters and sorts on.
+
+    The copies (active, is_default, priority) always equal the current version's settings; they let routing
+    order providers without parsing JSON and let the database enforce "at most one default provider".
+    """
+
+    __tablename__ = "provider_settings"
+    __table_args__ = (
+        Index(
+            "uq_provider_settings_one_default",
+            "is_default",
+            unique=True,
+            sqlite_where=text("is_default"),
+            postgresql_where=text("is_default"),
+        ),
+        Index("ix_provider_settings_routing", "active", "priority"),
+    )
+
+    provider: Mapped[str] = mapped_column(String(64), primary_key=True)
+    current_version_id: Mapped[int] = mapped_column(ForeignKey("provider_settings_versions.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    active: Mapped[bool] = mapped_column(Boolean)
+    is_default: Mapped[bool] = mapped_column(Boolean)
+    priority: Mapped[int] = mapped_column(Integer)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class GlobalSettingsVersion(Base):
+    """Immutable versions of the global settings; the current one is the highest version."""
+
+    __tablename__ = "global_settings_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, unique=True)
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON)
+    source_version: Mapped[int | None] = mapped_column(Integer, default=None)
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
+    created_by_name: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    comment: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class PriceVersion(Base):
+    """One price rule for one provider, valid from `effective_date` until a later version takes effect."""
+
+    __tablename__ = "price_versions"
+    __table_args__ = (
+        UniqueConstraint("provider", "version"),
+        Index("ix_price_versions_active", "provider", "effective_date", "version"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    provider: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    rule: Mapped[dict[str, Any]] = mapped_column(JSON)
+    source: Mapped[str] = mapped_column(Text, default="")
+    """Where the price comes from (a pricing page URL, an invoice, "catalog default")."""
+    effective_date: Mapped[date] = mapped_column(Date)
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
+    created_by_name: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    comment: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+# --- generations and usage ------------------------------------------------------------------------------------
+
+
+class Generation(Base):
+    __tablename__ = "generations"
+    __table_args__ = (
+        Index("ix_generations_user_created", "user_id", "created_at"),
+        Index("ix_generations_status_created", "status", "created_at"),
+        Index("ix_generations_created", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_uuid)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
+    prompt: Mapped[str] = mapped_column(Text)
+    request: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    """The request as given: provider or policy, preset, parameter overrides."""
+    routing_policy: Mapped[str] = mapped_column(String(32))
+    requested_provider: Mapped[str | None] = mapped_column(String(64), default=None)
+    final_provider: Mapped[str | None] = mapped_column(String(64), default=None)
+    status: Mapped[str] = mapped_column(String(16))
+    """pending | running | succeeded | failed | cancelled | refused."""
+    estimated_micro_usd: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    final_cost_micro_usd: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    degraded: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    """What a soft budget changed, when it did (preset, size or provider), so the caller can be told."""
+    error_class: Mapped[str | None] = mapped_column(String(32), default=None)
+    error_message: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class UsageAttempt(Base):
+    """One row per provider attempt (append-only). The generation's fallback chain is its attempts in order."""
+
+    __tablename__ = "usage_attempts"
+    __table_args__ = (
+        UniqueConstraint("generation_id", "attempt_no"),
+        Index("ix_usage_attempts_provider_started", "provider", "started_at"),
+        Index("ix_usage_attempts_user_started", "user_id", "started_at"),
+        Index("ix_usage_attempts_started", "started_at"),
+        Index("ix_usage_attempts_provider_request", "provider", "provider_request_id"),
+        Index("ix_usage_attempts_status_started", "status", "started_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    generation_id: Mapped[str] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"))
+    attempt_no: Mapped[int] = mapped_column(Integer)
+    """1-based order within the generation (retries and fallbacks)."""
+    fallback_position: Mapped[int] = mapped_column(Integer, default=0)
+    """0 = the first candidate provider, 1 = the first fallback, ..."""
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
+    provider: Mapped[str] = mapped_column(String(64))
+    effective_params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    estimated_micro_usd: Mapped[int] = mapped_column(BigInteger, default=0)
+    actual_micro_usd: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    billed_units_micro: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    """Billed units as the provider reported them (fal: megapixels), in millionths; None if not reported."""
+    price_version_id: Mapped[int | None] = mapped_column(ForeignKey("price_versions.id"), default=None)
+    status: Mapped[str] = mapped_column(String(16))
+    """submitted | running | succeeded | failed | cancelled | recovered."""
+    error_class: Mapped[str | None] = mapped_column(String(32), default=None)
+    error_message: Mapped[str | None] = mapped_column(Text, default=None)
+    images_count: Mapped[int] = mapped_column(Integer, default=0)
+    megapixels_micro: Mapped[int] = mapped_column(BigInteger, default=0)
+    submit_ms: Mapped[int | None] = mapped_column(Integer, default=None)
+    queue_ms: Mapped[int | None] = mapped_column(Integer, default=None)
+    run_ms: Mapped[int | None] = mapped_column(Integer, default=None)
+    download_ms: Mapped[int | None] = mapped_column(Integer, default=None)
+    total_ms: Mapped[int | None] = mapped_column(Integer, default=None)
+    provider_request_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    """Stored before polling starts, so a restarted process can collect a paid result (crash recovery)."""
+    image_refs: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    """Content addresses (sha256) of the stored images, with their sizes."""
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class UsageDailyRollup(Base):
+    """Per UTC day x provider x user x status totals; the histogram counts attempts per latency bucket.
+
+    `user_id` is 0 for work done without a signed-in user (CLI, system): a NOT NULL key keeps the unique
+    constraint meaningful (NULLs never collide) and lets upserts target it on both databases.
+    """
+
+    __tablename__ = "usage_daily_rollups"
+    __table_args__ = (
+        UniqueConstraint("day", "provider", "user_id", "status"),
+        Index("ix_usage_daily_rollups_provider_day", "provider", "day"),
+        Index("ix_usage_daily_rollups_user_day", "user_id", "day"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    day: Mapped[date] = mapped_column(Date)
+    provider: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(BigInteger, default=0)
+    images: Mapped[int] = mapped_column(BigInteger, default=0)
+    megapixels_micro: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_micro_usd: Mapped[int] = mapped_column(BigInteger, default=0)
+    latency_sum_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    latency_b00: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    latency_b01: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    latency_b02: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    latency_b03: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    latency_b04: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    latency_b05: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    latency_b06: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    latency_b07: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    latency_b08: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    latency_b09: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    latency_b10: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    latency_b11: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    latency_b12: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    latency_b13: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    latency_b14: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    latency_b15: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    latency_b16: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+
+
+# --- budgets and alerts ---------------------------------------------------------------------------------------
+
+
+class Budget(Base):
+    __tablename__ = "budgets"
+    __table_args__ = (
+        Index("ix_budgets_scope", "scope", "scope_id", "active"),
+        CheckConstraint("limit_micro_usd >= 0", name="limit_not_negative"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    scope: Mapped[BudgetScope] = mapped_column(_enum(BudgetScope))
+    scope_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    """The provider id or the user id (as text) for provider / user budgets; None for global."""
+    period: Mapped[BudgetPeriodKind] = mapped_column(_enum(BudgetPeriodKind))
+    limit_micro_usd: Mapped[int] = mapped_column(BigInteger)
+    hard: Mapped[bool] = mapped_column(Boolean, default=True)
+    """Hard limits refuse; soft limits degrade with `degrade_action`."""
+    degrade_action: Mapped[str | None] = mapped_column(String(32), default=None)
+    """cheaper_preset | smaller_size | cheaper_provider (soft budgets)."""
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class BudgetPeriod(Base):
+    """One calendar period (UTC) of one budget. Reservations move `reserved`; settlement moves it to `spent`."""
+
+    __tablename__ = "budget_periods"
+    __table_args__ = (
+        UniqueConstraint("budget_id", "period_start"),
+        CheckConstraint("spent_micro_usd >= 0", name="spent_not_negative"),
+        CheckConstraint("reserved_micro_usd >= 0", name="reserved_not_negative"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    budget_id: Mapped[int] = mapped_column(ForeignKey("budgets.id", ondelete="CASCADE"))
+    period_start: Mapped[datetime] = mapped_column()
+    period_end: Mapped[datetime] = mapped_column()
+    spent_micro_usd: Mapped[int] = mapped_column(BigInteger, default=0)
+    reserved_micro_usd: Mapped[int] = mapped_column(BigInteger, default=0)
+    reset_at: Mapped[datetime | None] = mapped_column(default=None)
+    reset_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
+
+
+class BudgetReservation(Base):
+    __tablename__ = "budget_reservations"
+    __table_args__ = (
+        Index("ix_budget_reservations_status_expires", "status", "expires_at"),
+        Index("ix_budget_reservations_generation", "generation_id"),
+        Index("ix_budget_reservations_period", "budget_period_id", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_uuid)
+    budget_period_id: Mapped[int] = mapped_column(ForeignKey("budget_periods.id", ondelete="CASCADE"))
+    generation_id: Mapped[str | None] = mapped_column(ForeignKey("generations.id", ondelete="SET NULL"))
+    amount_micro_usd: Mapped[int] = mapped_column(BigInteger)
+    actual_micro_usd: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    status: Mapped[ReservationStatus] = mapped_column(_enum(ReservationStatus))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+    closed_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class AlertRule(Base):
+    __tablename__ = "alert_rules"
+    __table_args__ = (
+        UniqueConstraint("budget_id", "threshold_percent"),
+        CheckConstraint("threshold_percent > 0 AND threshold_percent <= 1000", name="threshold_range"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    budget_id: Mapped[int] = mapped_column(ForeignKey("budgets.id", ondelete="CASCADE"))
+    threshold_percent: Mapped[int] = mapped_column(Integer)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class AlertEvent(Base):
+    """A threshold crossed in a period. The unique key makes "fires once per period" a database fact."""
+
+    __tablename__ = "alert_events"
+    __table_args__ = (
+        UniqueConstraint("rule_id", "budget_period_id"),
+        Index("ix_alert_events_fired", "fired_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rule_id: Mapped[int] = mapped_column(ForeignKey("alert_rules.id", ondelete="CASCADE"))
+    budget_period_id: Mapped[int] = mapped_column(ForeignKey("budget_periods.id", ondelete="CASCADE"))
+    fired_at: Mapped[datetime] = mapped_column(default=utcnow)
+    spent_micro_usd: Mapped[int] = mapped_column(BigInteger)
+    limit_micro_usd: Mapped[int] = mapped_column(BigInteger)
+    delivery_status: Mapped[str] = mapped_column(String(16), default="pending")
+    """pending | delivered | failed | no_webhooks."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    read_at: Mapped[datetime | None] = mapped_column(default=None)
+    """When someone saw the in-app notification."""
+
+
+class Webhook(Base):
+    __tablename__ = "webhooks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    url: Mapped[str] = mapped_column(Text)
+    events: Mapped[list[str]] = mapped_column(default=list)
+    """Event types delivered (e.g. "budget.alert"); empty = all."""
+    secret_env_var: Mapped[str | None] = mapped_column(String(100), default=None)
+    """Name of the environment variable holding the signing secret: secrets never live in the database."""
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """The delivery log: one row per event per webhook, updated as retries happen."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_pending", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_webhook_created", "webhook_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    webhook_id: Mapped[int] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"))
+    alert_event_id: Mapped[int | None] = mapped_column(ForeignKey("alert_events.id", ondelete="SET NULL"))
+    event_type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    """pending | delivered | failed."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    response_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(default=None)
+    delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+# --- provider health ------------------------------------------------------------------------------------------
+
+
+class CircuitStateRow(Base):
+    """Each provider's breaker, shared by every process on the same database."""
+
+    __tablename__ = "circuit_states"
+
+    provider: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[CircuitState] = mapped_column(_enum(CircuitState), default=CircuitState.CLOSED)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    since: Mapped[datetime] = mapped_column(default=utcnow)
+    next_probe_at: Mapped[datetime | None] = mapped_column(default=None)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    probe_owner: Mapped[str | None] = mapped_column(String(64), default=None)
+    """Which process holds the half-open probe, so only one probes at a time."""
+    last_probe_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_probe_ok: Mapped[bool | None] = mapped_column(Boolean, default=None)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
