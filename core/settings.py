@@ -1,0 +1,653 @@
+"""Settings models, parameter validation and the one resolver of effective parameters.
+
+Layers, lowest first (each only sets what it names; anything it leaves out is inherited):
+
+1. catalog   the provider's defaults (core.catalog)
+2. global    `GlobalSettings`: values shared by every provider; applied only to parameters the provider has
+3. provider  `ProviderSettings.params` for that provider
+4. preset    a quality preset (core.presets)
+5. request   the request's own overrides
+
+`resolve_effective` is the only place that merges them; every value in its result carries the layer it came
+from. Global values are a base for providers with different limits, so a global value outside one provider's
+range is clamped to that provider's limit (and an unrenderable global size falls back to the provider's
+default), with a note saying so; values from every other layer must be valid as given or the request is
+refused with field errors. This module has no database code: the settings service stores these models.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from core.catalog import PROVIDERS, SEED_MAX, ParamSpec, ProviderSpec
+from core.errors import InvalidInput
+from core.money import usd_to_micros
+from core.presets import UnknownPreset, normalize_preset, preset_params
+from core.prompts import prompt_problem
+from core.sizes import SizeError, parse_size, resolve_size
+
+DEFAULT_REQUEST_TIMEOUT_S = 120.0
+"""Deadline for one provider attempt when no settings say otherwise (the adapters' own default)."""
+MAX_REQUEST_TIMEOUT_S = 600.0
+MAX_PRIORITY = 1000
+MAX_ROUTING_ATTEMPTS = 10
+_STR_PARAM_MAX_CHARS = 2000
+"""Free-text parameters other than the negative prompt (a model id or an endpoint URL)."""
+
+SOURCE_CATALOG = "catalog"
+SOURCE_GLOBAL = "global"
+SOURCE_PROVIDER = "provider"
+SOURCE_REQUEST = "request"
+PRESET_SOURCE_PREFIX = "preset:"
+
+_SOURCE_WORDS = {
+    SOURCE_CATALOG: "the catalog default",
+    SOURCE_GLOBAL: "the global settings",
+    SOURCE_PROVIDER: "the provider settings",
+    SOURCE_REQUEST: "the request",
+}
+
+
+def _widest(name: str, bound: str) -> float:
+    """The loosest limit any provider has for a parameter: the range a global value may take."""
+    values: list[float] = [
+        getattr(spec.params[name], bound)
+        for spec in PROVIDERS.values()
+        if name in spec.params and getattr(spec.params[name], bound) is not None
+    ]
+    return max(values) if bound == "maximum" else min(values)
+
+
+_GLOBAL_MAX_STEPS = int(_widest("num_inference_steps", "maximum"))
+_GLOBAL_MAX_GUIDANCE = float(_widest("guidance_scale", "maximum"))
+_GLOBAL_MAX_IMAGES = int(_widest("num_images", "maximum"))
+
+
+def _fmt(value: Any) -> str:
+    """A number as a person writes it (20, 2.5); anything else as its repr."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer():
+            return str(int(value))
+        return repr(value)
+    if isinstance(value, Decimal):
+        return format(value.normalize(), "f")
+    return repr(value)
+
+
+def _unknown_provider(provider_id: object) -> str:
+    return f"unknown provider {provider_id!r}; known providers: {', '.join(PROVIDERS)}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Parameter validation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_range(spec: ProviderSpec, p: ParamSpec, value: float) -> str | None:
+    if p.minimum is not None and value < p.minimum:
+        return f"{p.name} {_fmt(value)} is below {spec.id}'s minimum of {_fmt(p.minimum)}"
+    if p.maximum is not None and value > p.maximum:
+        return f"{p.name} {_fmt(value)} is above {spec.id}'s maximum of {_fmt(p.maximum)}"
+    return None
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def check_param(spec: ProviderSpec, p: ParamSpec, value: Any) -> tuple[Any, str | None]:
+    """Validate one value against its ParamSpec: (normalised value, None) or (None, message).
+
+    Normalising: integral floats become ints for int parameters, ints become floats for float parameters,
+    enum values are matched case-insensitively and given their canonical spelling, text is stripped.
+    """
+    name = p.name
+    if value is None:
+        if p.default is None:
+            return None, None  # a nullable parameter (seed): None means "random"
+        return None, f"{name} needs a value; leave it out to inherit it"
+    if p.kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
+            return None, f"{name} must be a whole number, not {_fmt(value)} ({_type_name(value)})"
+        if isinstance(value, float | Decimal):
+            if not (value.is_finite() if isinstance(value, Decimal) else math.isfinite(value)):
+                return None, f"{name} must be a whole number, not {_fmt(value)}"
+            if value != int(value):
+                return None, f"{name} must be a whole number, not {_fmt(value)}"
+            value = int(value)
+        return value, _check_range(spec, p, value)
+    if p.kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
+            return None, f"{name} must be a number, not {_fmt(value)} ({_type_name(value)})"
+        number = float(value)
+        if not math.isfinite(number):
+            return None, f"{name} must be a finite number, not {_fmt(value)}"
+        return number, _check_range(spec, p, number)
+    if p.kind == "bool":
+        if not isinstance(value, bool):
+            return None, f"{name} must be true or false, not {_fmt(value)} ({_type_name(value)})"
+        return value, None
+    if p.kind == "enum":
+        if isinstance(value, str):
+            for choice in p.choices:
+                if value.strip().lower() == choice.lower():
+                    return choice, None
+        return None, f"{name} {_fmt(value)} is not one of {', '.join(p.choices)}"
+    if p.kind == "size":
+        if not isinstance(value, str):
+            return None, f"{name} must be text such as 1024x768, 16:9 or square_hd, not {_type_name(value)}"
+        try:
+            parse_size(value)
+            resolve_size(spec, value)
+        except SizeError as exc:
+            return None, f"{name}: {exc}"
+        return value.strip(), None
+    # free text
+    if name == "negative_prompt":
+        problem = prompt_problem(value, field=name, allow_empty=True)
+        if problem is not None:
+            return None, problem
+        return str(value).replace("\r\n", "\n").strip(), None
+    problem = prompt_problem(value, field=name, allow_empty=False)
+    if problem is None and len(str(value).strip()) > _STR_PARAM_MAX_CHARS:
+        problem = f"{name} is longer than {_STR_PARAM_MAX_CHARS} characters"
+    if problem is not None:
+        return None, problem
+    return str(value).strip(), None
+
+
+def _unknown_param(spec: ProviderSpec, name: object) -> str:
+    return f"unknown parameter {name!r} for {spec.id}; its parameters are: {', '.join(spec.params)}"
+
+
+def clean_params(provider_id: str, params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(normalised values of the valid params, field errors keyed by param name). Collects every error."""
+    spec = PROVIDERS.get(provider_id)
+    if spec is None:
+        return {}, {"provider": _unknown_provider(provider_id)}
+    if not isinstance(params, Mapping):
+        return {}, {"params": f"parameters must be a mapping of names to values, not {_type_name(params)}"}
+    cleaned: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for name, value in params.items():
+        p = spec.params.get(name) if isinstance(name, str) else None
+        if p is None:
+            errors[str(name)] = _unknown_param(spec, name)
+            continue
+        normal, problem = check_param(spec, p, value)
+        if problem is not None:
+            errors[name] = problem
+        else:
+            cleaned[name] = normal
+    return cleaned, errors
+
+
+def validate_params(provider_id: str, params: Mapping[str, Any]) -> dict[str, str]:
+    """Field errors for a set of canonical parameters of `provider_id` (empty = all valid)."""
+    return clean_params(provider_id, params)[1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------
+
+# Pydantic's own messages ("Input should be less than or equal to 1000") name neither the field nor the value.
+_PYDANTIC_BOUNDS = {
+    "less_than_equal": ("le", "above the maximum of"),
+    "less_than": ("lt", "must be below"),
+    "greater_than_equal": ("ge", "below the minimum of"),
+    "greater_than": ("gt", "must be above"),
+}
+
+_PYDANTIC_TYPES = {
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "int_type": "a whole number",
+    "int_parsing": "a whole number",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "finite_number": "a finite number",
+    "decimal_type": "an amount such as 5.00",
+    "decimal_parsing": "an amount such as 5.00",
+    "string_type": "text",
+    "dict_type": "a mapping",
+}
+
+
+def field_errors_from_validation(
+    exc: ValidationError, *, prefix: str = "", allowed: tuple[str, ...] = ()
+) -> dict[str, str]:
+    """A pydantic ValidationError as {dotted field path: message naming the field and the value}."""
+    out: dict[str, str] = {}
+    for err in exc.errors():
+        loc = [str(part) for part in err["loc"]]
+        path = prefix + ".".join(loc) if loc else prefix.rstrip(".") or "settings"
+        name = loc[-1] if loc else "settings"
+        bound = _PYDANTIC_BOUNDS.get(err["type"])
+        ctx = err.get("ctx") or {}
+        if bound is not None and bound[0] in ctx:
+            msg = f"{name} {_fmt(err['input'])} is {bound[1]} {_fmt(ctx[bound[0]])}"
+        elif err["type"] == "extra_forbidden":
+            msg = f"unknown setting {name!r}"
+            if allowed:
+                msg += f"; settings are: {', '.join(allowed)}"
+        elif err["type"] in _PYDANTIC_TYPES:
+            msg = f"{name} must be {_PYDANTIC_TYPES[err['type']]}, not {_fmt(err['input'])}"
+        elif err["type"] == "missing":
+            msg = f"{name} is required"
+        else:
+            text = err["msg"].removeprefix("Value error, ")
+            msg = text if text.startswith(name) else f"{name}: {text}"
+        out.setdefault(path, msg)
+    return out
+
+
+class GlobalSettings(BaseModel):
+    """Settings shared by all providers. A generation field left None is not set: the provider's own settings
+    or the catalog decide. Ranges here are the widest any provider allows; `resolve_effective` fits a value to
+    each provider's own limits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    negative_prompt: str | None = None
+    num_inference_steps: StrictInt | None = Field(None, ge=1, le=_GLOBAL_MAX_STEPS)
+    guidance_scale: StrictFloat | None = Field(None, ge=0.0, le=_GLOBAL_MAX_GUIDANCE)
+    image_size: str | None = None
+    """Canonical size: a preset (square_hd), an aspect ratio (16:9) or WIDTHxHEIGHT."""
+    num_images: StrictInt | None = Field(None, ge=1, le=_GLOBAL_MAX_IMAGES)
+    seed: StrictInt | None = Field(None, ge=0, le=SEED_MAX)
+    enable_safety_checker: StrictBool | None = None
+    sync_mode: StrictBool | None = None
+
+    request_timeout_s: float = Field(DEFAULT_REQUEST_TIMEOUT_S, gt=0, le=MAX_REQUEST_TIMEOUT_S)
+    """Deadline for one provider attempt; a provider's own setting overrides it."""
+
+    # Routing defaults (read by core.routing).
+    default_provider: str | None = None
+    """Used when a request names no provider and automatic routing is off. None = highest priority."""
+    default_preset: str | None = None
+    """Quality preset applied when a request names none (None = no preset)."""
+    fallback_enabled: StrictBool = True
+    """On a retryable failure, try the next candidate provider."""
+    max_attempts: StrictInt = Field(3, ge=1, le=MAX_ROUTING_ATTEMPTS)
+    """Provider attempts per request, the first included."""
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_prompt(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        problem = prompt_problem(value, field="negative_prompt", allow_empty=True)
+        if problem is not None:
+            raise ValueError(problem)
+        return value.replace("\r\n", "\n").strip()
+
+    @field_validator("image_size")
+    @classmethod
+    def _image_size(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            parse_size(value)
+        except SizeError as exc:
+            raise ValueError(str(exc)) from None
+        return value.strip()
+
+    @field_validator("default_provider")
+    @classmethod
+    def _default_provider(cls, value: str | None) -> str | None:
+        if value is not None and value not in PROVIDERS:
+            raise ValueError(_unknown_provider(value))
+        return value
+
+    @field_validator("default_preset")
+    @classmethod
+    def _default_preset(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return normalize_preset(value)
+        except UnknownPreset as exc:
+            raise ValueError(str(exc)) from None
+
+    def generation_params(self) -> dict[str, Any]:
+        """The generation parameters this level sets (canonical names; unset ones left out)."""
+        names = (
+            "negative_prompt",
+            "num_inference_steps",
+            "guidance_scale",
+            "image_size",
+            "num_images",
+            "seed",
+            "enable_safety_checker",
+            "sync_mode",
+        )
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+def validate_global_settings(data: Mapping[str, Any]) -> GlobalSettings:
+    """GlobalSettings from user data, or InvalidInput with every field error."""
+    if not isinstance(data, Mapping):
+        raise InvalidInput("global settings must be a mapping", {"settings": "expected a mapping of settings"})
+    try:
+        return GlobalSettings.model_validate(dict(data))
+    except ValidationError as exc:
+        errors = field_errors_from_validation(exc, allowed=tuple(GlobalSettings.model_fields))
+        raise InvalidInput(f"global settings are not valid ({len(errors)} problem(s))", errors) from None
+
+
+class ProviderSettings(BaseModel):
+    """Settings for one provider. `params` holds only the generation parameters set at this level (canonical
+    names from core.catalog); everything else is inherited. `priority` and `auto_routing` default from the
+    catalog (premium providers are not routed to automatically unless an admin allows it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    provider: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    priority: StrictInt = Field(50, ge=0, le=MAX_PRIORITY)
+    """Higher is tried first."""
+    active: StrictBool = True
+    is_default: StrictBool = False
+    auto_routing: StrictBool = True
+    """May automatic routing pick this provider? Defaults to False for premium providers."""
+    request_timeout_s: float | None = Field(None, gt=0, le=MAX_REQUEST_TIMEOUT_S)
+    daily_cost_limit_usd: Decimal | None = Field(None, ge=0)
+    """None = no provider-level daily limit. Whole micro-dollars only."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _catalog_defaults(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            spec = PROVIDERS.get(data.get("provider"))  # type: ignore[arg-type]
+            if spec is not None:
+                data = dict(data)
+                data.setdefault("priority", spec.default_priority)
+                data.setdefault("auto_routing", not spec.premium)
+        return data
+
+    @field_validator("provider")
+    @classmethod
+    def _provider(cls, value: str) -> str:
+        if value not in PROVIDERS:
+            raise ValueError(_unknown_provider(value))
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        provider = info.data.get("provider")
+        if provider is None:  # the provider itself was invalid; that error is already reported
+            return value
+        cleaned, errors = clean_params(provider, value)
+        if errors:
+            raise ValueError("; ".join(errors.values()))
+        return cleaned
+
+    @field_validator("daily_cost_limit_usd")
+    @classmethod
+    def _whole_micros(cls, value: Decimal | None) -> Decimal | None:
+        if value is not None and value.is_finite():
+            usd_to_micros(value)  # refuses fractions of a micro-dollar with a clear message
+        return value
+
+    @property
+    def spec(self) -> ProviderSpec:
+        return PROVIDERS[self.provider]
+
+    @property
+    def daily_cost_limit_micros(self) -> int | None:
+        return None if self.daily_cost_limit_usd is None else usd_to_micros(self.daily_cost_limit_usd)
+
+    @classmethod
+    def defaults(cls, provider_id: str) -> ProviderSettings:
+        return default_provider_settings(provider_id)
+
+
+def default_provider_settings(provider_id: str) -> ProviderSettings:
+    """A provider's settings before any admin changed them: no params set (all inherited from the catalog),
+    the catalog's priority, active, automatic routing unless premium."""
+    if provider_id not in PROVIDERS:
+        raise InvalidInput(_unknown_provider(provider_id), {"provider": _unknown_provider(provider_id)})
+    return ProviderSettings(provider=provider_id)
+
+
+def validate_provider_settings(provider_id: str, data: Mapping[str, Any]) -> ProviderSettings:
+    """ProviderSettings for `provider_id` from user data (missing fields take their defaults), or InvalidInput
+    whose `field_errors` holds every problem: `params.<name>` for parameters, the field name otherwise."""
+    if provider_id not in PROVIDERS:
+        msg = _unknown_provider(provider_id)
+        raise InvalidInput(msg, {"provider": msg})
+    if not isinstance(data, Mapping):
+        msg = f"settings must be a mapping of fields to values, not {_type_name(data)}"
+        raise InvalidInput(msg, {"settings": msg})
+    raw = dict(data)
+    errors: dict[str, str] = {}
+    given = raw.pop("provider", provider_id)
+    if given != provider_id:
+        errors["provider"] = f"these settings are for {given!r}, not {provider_id!r}"
+    params = raw.pop("params", None) or {}
+    cleaned: dict[str, Any] = {}
+    if not isinstance(params, Mapping):
+        errors["params"] = f"params must be a mapping of parameter names to values, not {_type_name(params)}"
+    else:
+        cleaned, param_errors = clean_params(provider_id, params)
+        errors.update({f"params.{name}": msg for name, msg in param_errors.items()})
+    try:
+        ProviderSettings.model_validate({**raw, "provider": provider_id, "params": {}})
+    except ValidationError as exc:
+        errors.update(field_errors_from_validation(exc, allowed=tuple(ProviderSettings.model_fields)))
+    if errors:
+        raise InvalidInput(f"{provider_id} settings are not valid ({len(errors)} problem(s))", errors)
+    return ProviderSettings.model_validate({**raw, "provider": provider_id, "params": cleaned})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The resolver
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaggedValue:
+    """A parameter value and the layer it came from: catalog, global, provider, preset:<name> or request."""
+
+    value: Any
+    source: str
+
+
+def describe_source(source: str) -> str:
+    """A layer name in words, for messages and the UI ("the Fast preset")."""
+    if source.startswith(PRESET_SOURCE_PREFIX):
+        return f"the {source.removeprefix(PRESET_SOURCE_PREFIX).title()} preset"
+    return _SOURCE_WORDS.get(source, source)
+
+
+class EffectiveParams(BaseModel):
+    """The parameters one request will run with, each tagged with where it came from. Immutable."""
+
+    model_config = ConfigDict(frozen=True)
+
+    provider: str
+    prompt: str
+    params: dict[str, TaggedValue]
+    timeout: TaggedValue
+    preset: str | None = None
+    notes: tuple[str, ...] = ()
+    """What was adjusted on the way (a global value clamped to this provider's range, a size rendered as
+    the nearest one the provider offers)."""
+
+    def values(self) -> dict[str, Any]:
+        """Parameter name -> value, as an adapter takes them."""
+        return {name: tagged.value for name, tagged in self.params.items()}
+
+    def value_of(self, name: str) -> Any:
+        return self._get(name).value
+
+    def source_of(self, name: str) -> str:
+        return self._get(name).source
+
+    def sources(self) -> dict[str, str]:
+        return {name: tagged.source for name, tagged in self.params.items()}
+
+    @property
+    def request_timeout_s(self) -> float:
+        return float(self.timeout.value)
+
+    def _get(self, name: str) -> TaggedValue:
+        try:
+            return self.params[name]
+        except KeyError:
+            raise KeyError(
+                f"{self.provider} has no parameter {name!r}; its parameters are: {', '.join(self.params)}"
+            ) from None
+
+
+_SKIP = object()
+
+
+def _fit_global(spec: ProviderSpec, p: ParamSpec, value: Any) -> tuple[Any, str | None]:
+    """A global value fitted to this provider's limits: (value or _SKIP, note or None)."""
+    if p.kind in ("int", "float") and value is not None:
+        if p.maximum is not None and value > p.maximum:
+            fitted = int(p.maximum) if p.kind == "int" else float(p.maximum)
+            return fitted, (
+                f"{p.name} {_fmt(value)} from the global settings is above {spec.id}'s maximum of "
+                f"{_fmt(p.maximum)}; using {_fmt(fitted)}"
+            )
+        if p.minimum is not None and value < p.minimum:
+            fitted = int(p.minimum) if p.kind == "int" else float(p.minimum)
+            return fitted, (
+                f"{p.name} {_fmt(value)} from the global settings is below {spec.id}'s minimum of "
+                f"{_fmt(p.minimum)}; using {_fmt(fitted)}"
+            )
+    if p.kind == "size":
+        try:
+            resolve_size(spec, value)
+        except SizeError as exc:
+            return _SKIP, f"global image_size {value!r} does not fit {spec.id} ({exc}); using its own default"
+    return value, None
+
+
+def resolve_effective(
+    provider_id: str,
+    *,
+    global_settings: GlobalSettings | None,
+    provider_settings: ProviderSettings | None,
+    preset: str | None,
+    overrides: Mapping[str, Any] | None,
+    prompt: str,
+) -> EffectiveParams:
+    """Merge catalog defaults -> global -> provider settings -> preset -> request overrides for one provider,
+    and validate the result (prompt included). Raises InvalidInput with every field error; keys are parameter
+    names, `prompt`, `preset` or `provider`."""
+    spec = PROVIDERS.get(provider_id)
+    if spec is None:
+        msg = _unknown_provider(provider_id)
+        raise InvalidInput(msg, {"provider": msg})
+    errors: dict[str, str] = {}
+    notes: list[str] = []
+    global_notes: dict[str, str] = {}
+
+    merged: dict[str, TaggedValue] = {
+        name: TaggedValue(p.default, SOURCE_CATALOG) for name, p in spec.params.items()
+    }
+    timeout = TaggedValue(DEFAULT_REQUEST_TIMEOUT_S, SOURCE_CATALOG)
+
+    if global_settings is not None:
+        for name, value in global_settings.generation_params().items():
+            p = spec.params.get(name)
+            if p is None:  # e.g. sync_mode on the qwen Space: global values apply where they make sense
+                continue
+            fitted, note = _fit_global(spec, p, value)
+            if note:
+                global_notes[name] = note
+            if fitted is not _SKIP:
+                merged[name] = TaggedValue(fitted, SOURCE_GLOBAL)
+        timeout = TaggedValue(global_settings.request_timeout_s, SOURCE_GLOBAL)
+
+    if provider_settings is not None:
+        if provider_settings.provider != provider_id:
+            msg = f"the provider settings given are for {provider_settings.provider!r}, not {provider_id!r}"
+            raise InvalidInput(msg, {"provider": msg})
+        for name, value in provider_settings.params.items():
+            merged[name] = TaggedValue(value, SOURCE_PROVIDER)
+        if provider_settings.request_timeout_s is not None:
+            timeout = TaggedValue(provider_settings.request_timeout_s, SOURCE_PROVIDER)
+
+    preset_key: str | None = None
+    if preset is not None:
+        try:
+            preset_key = normalize_preset(preset)
+        except UnknownPreset as exc:
+            errors["preset"] = str(exc)
+        else:
+            for name, value in preset_params(preset_key, provider_id).items():
+                merged[name] = TaggedValue(value, PRESET_SOURCE_PREFIX + preset_key)
+
+    if overrides:
+        cleaned, override_errors = clean_params(provider_id, overrides)
+        errors.update(override_errors)
+        for name, value in cleaned.items():
+            merged[name] = TaggedValue(value, SOURCE_REQUEST)
+
+    # Everything merged is checked again: stored provider settings may predate a catalog change.
+    final: dict[str, TaggedValue] = {}
+    for name, tagged in merged.items():
+        if name in errors:
+            continue
+        normal, problem = check_param(spec, spec.params[name], tagged.value)
+        if problem is not None:
+            errors[name] = f"{problem} (set by {describe_source(tagged.source)})"
+        else:
+            final[name] = TaggedValue(normal, tagged.source)
+
+    prompt_error = prompt_problem(prompt, field="prompt")
+    if prompt_error is not None:
+        errors["prompt"] = prompt_error
+    if errors:
+        raise InvalidInput(
+            f"the request for {provider_id} is not valid ({len(errors)} problem(s))", dict(sorted(errors.items()))
+        )
+
+    # A note about a global value matters only if a later layer did not replace that value anyway.
+    notes.extend(
+        note
+        for name, note in global_notes.items()
+        if name not in final or final[name].source in (SOURCE_GLOBAL, SOURCE_CATALOG)
+    )
+    size = final.get("image_size")
+    if size is not None:
+        resolved = resolve_size(spec, size.value)
+        if not resolved.exact and resolved.note:
+            notes.append(resolved.note)
+
+    return EffectiveParams(
+        provider=provider_id,
+        prompt=prompt.replace("\r\n", "\n").strip(),
+        params=final,
+        timeout=timeout,
+        preset=preset_key,
+        notes=tuple(notes),
+    )
