@@ -1,0 +1,464 @@
+"""fal.ai's queue API for `fal-ai/qwen-image`, close enough on the wire for unmodified fal-client 1.0.3.
+
+Paths are relative to where the app is mounted (`/fal` in emulator.server):
+
+- `POST /fal-ai/qwen-image`                              submit; 200 with request_id + absolute URLs
+- `GET  /fal-ai/qwen-image/requests/{id}/status?logs=..` IN_QUEUE (202) / IN_PROGRESS (202) / COMPLETED (200)
+- `GET  /fal-ai/qwen-image/requests/{id}`               the model output, `x-fal-billable-units` header
+- `PUT  /fal-ai/qwen-image/requests/{id}/cancel`        202 CANCELLATION_REQUESTED / 400 ALREADY_COMPLETED
+- `GET  /files/{name}`                                    the generated images (fal's CDN stand-in)
+
+A request moves on when it is polled: it answers IN_QUEUE for `queue_steps` status polls, then waits for a
+free slot under `concurrency` (still IN_QUEUE, its position = requests ahead of it), then runs for
+`latency_s` (IN_PROGRESS with growing logs), then COMPLETED. Requests live in memory for the life of the
+process, so a new client (or a restarted adapter) can collect one by id.
+
+Faults (`[[fault:NAME]]` in the prompt, or the board's standing fault for "fal"), decided at submit:
+auth 401 · validation 422 · rate_limit 429 + Retry-After · drop (connection closed mid-answer) at submit;
+server_error (the runner fails: result 503, X-Fal-Error-Type) · hang (stays IN_PROGRESS forever) ·
+malformed (result 200 with a truncated JSON body) · safety (images 0, 2, ... flagged and blanked, when the
+safety checker is on) · image_404 · not_an_image after the queue. Keys starting with "invalid" get a 401.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Literal
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from core.catalog import FAL_SIZE_PRESETS
+from emulator.faults import BOARD, Fault, FaultBoard
+from emulator.images import render_image
+
+PROVIDER = "fal"
+APPS = ("fal-ai/qwen-image",)
+SUPPORTED_FAULTS: frozenset[Fault] = frozenset(
+    {
+        Fault.AUTH,
+        Fault.VALIDATION,
+        Fault.SAFETY,
+        Fault.RATE_LIMIT,
+        Fault.SERVER_ERROR,
+        Fault.HANG,
+        Fault.DROP,
+        Fault.MALFORMED,
+        Fault.IMAGE_404,
+        Fault.NOT_AN_IMAGE,
+    }
+)
+MAX_SIDE = 14142
+MAX_FILES = 512
+"""Generated files kept for download; older ones are dropped (fal's CDN URLs expire too)."""
+
+_SizePreset = Literal["square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"]
+
+
+class ImageSize(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    width: int = Field(gt=0, le=MAX_SIDE)
+    height: int = Field(gt=0, le=MAX_SIDE)
+
+
+class LoraWeight(BaseModel):
+    path: str = Field(min_length=1)
+    scale: float = Field(1.0, ge=0, le=4)
+
+
+class QwenImageInput(BaseModel):
+    """fal-ai/qwen-image's input schema (fal ignores unknown fields, so does this)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(min_length=1)
+    image_size: _SizePreset | ImageSize = "landscape_4_3"
+    num_inference_steps: int = Field(30, ge=2, le=250)
+    guidance_scale: float = Field(2.5, ge=0, le=20)
+    num_images: int = Field(1, ge=1, le=4)
+    seed: int | None = Field(None, ge=0)
+    negative_prompt: str = " "
+    acceleration: Literal["none", "regular", "high"] = "none"
+    enable_safety_checker: bool = True
+    output_format: Literal["jpeg", "png"] = "png"
+    sync_mode: bool = False
+    loras: list[LoraWeight] = Field(default_factory=list, max_length=3)
+    use_turbo: bool = False
+
+    def dimensions(self) -> tuple[int, int]:
+        if isinstance(self.image_size, ImageSize):
+            return self.image_size.width, self.image_size.height
+        return FAL_SIZE_PRESETS[self.image_size]
+
+
+@dataclass
+class FalRequest:
+    id: str
+    app: str
+    input: QwenImageInput
+    fault: Fault | None
+    created: float
+    start_deadline: float | None
+    polls: int = 0
+    state: Literal["queued", "running", "completed"] = "queued"
+    started: float | None = None
+    finished: float | None = None
+    cancelled: bool = False
+    timed_out: bool = False
+    output: dict[str, Any] | None = None
+    billable_units: Decimal = Decimal(0)
+    logs: list[dict[str, str]] = field(default_factory=list)
+
+
+def _detail(loc: list[str | int], msg: str, type_: str) -> dict[str, Any]:
+    return {"loc": loc, "msg": msg, "type": type_}
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
+
+
+class _DropConnection(Exception):
+    """Raised after the response has started: the server closes the socket mid-answer."""
+
+
+class _DroppedResponse(Response):
+    """Promises a body, sends half of it, then fails so the server closes the connection."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"512")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b'{"request_id": "', "more_body": True})
+        raise _DropConnection("emulated dropped connection (fault: drop)")
+
+
+class FalEmulator:
+    """The in-memory queue. One per app instance; thread-safe because tests poke it from other threads."""
+
+    def __init__(self, board: FaultBoard) -> None:
+        self.board = board
+        self.requests: OrderedDict[str, FalRequest] = OrderedDict()
+        self.files: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- queue mechanics -------------------------------------------------------------------------------
+
+    def _advance(self, now: float) -> None:
+        """Finish what has run long enough, then start eligible queued requests, oldest first."""
+        knobs = self.board.get(PROVIDER)
+        running = 0
+        for req in self.requests.values():
+            if req.state == "running" and req.started is not None:
+                if req.fault is not Fault.HANG and now - req.started >= knobs.latency_s:
+                    self._complete(req, now)
+                else:
+                    running += 1
+        for req in self.requests.values():
+            if req.state != "queued":
+                continue
+            if req.start_deadline is not None and now > req.start_deadline:
+                req.timed_out = True
+                req.state, req.finished = "completed", now
+                continue
+            if req.polls >= knobs.queue_steps and running < knobs.concurrency:
+                req.state, req.started = "running", now
+                running += 1
+                self._log(req, "INFO", "Runner acquired; loading Qwen-Image weights")
+
+    def _log(self, req: FalRequest, level: str, message: str) -> None:
+        req.logs.append({"message": message, "level": level, "source": "user", "timestamp": _now_iso()})
+
+    def _running_logs(self, req: FalRequest, now: float) -> None:
+        """One log line per fifth of the run, like a diffusion loop reporting its steps."""
+        latency = max(self.board.get(PROVIDER).latency_s, 1e-6)
+        steps = req.input.num_inference_steps
+        started = req.started if req.started is not None else now
+        fraction = min(1.0, (now - started) / latency) if req.fault is not Fault.HANG else 0.0
+        want = 1 + int(fraction * 5)
+        while len(req.logs) < want:
+            done = round(steps * (len(req.logs)) / 5)
+            self._log(req, "INFO", f"Denoising step {done}/{steps}")
+
+    def _complete(self, req: FalRequest, now: float) -> None:
+        req.state, req.finished = "completed", now
+        if req.fault is Fault.SERVER_ERROR:
+            self._log(req, "ERROR", "Runner crashed while generating")
+            return
+        inp = req.input
+        width, height = req.input.dimensions()
+        seed = inp.seed if inp.seed is not None else random.randint(0, 2**31 - 1)
+        fmt = inp.output_format
+        content_type = f"image/{fmt}"
+        flagged = [
+            req.fault is Fault.SAFETY and inp.enable_safety_checker and i % 2 == 0 for i in range(inp.num_images)
+        ]
+        images = []
+        for i in range(inp.num_images):
+            # fal blanks what its safety checker flags: a black image of the requested size.
+            data = _black(width, height, fmt) if flagged[i] else render_image(inp.prompt, seed + i, width, height, fmt)
+            if req.fault is Fault.NOT_AN_IMAGE:
+                data = b"<html><body>502 Bad Gateway</body></html>"
+            if inp.sync_mode and req.fault is not Fault.IMAGE_404:
+                url = f"data:{content_type};base64," + base64.b64encode(data).decode()
+            else:
+                name = f"{req.id}-{i}.{'jpg' if fmt == 'jpeg' else 'png'}"
+                if req.fault is not Fault.IMAGE_404:
+                    self._store_file(name, data, content_type)
+                url = f"files/{name}"  # made absolute when served
+            images.append({"url": url, "width": width, "height": height, "content_type": content_type})
+        self._log(req, "INFO", f"Generated {inp.num_images} image(s) in {now - (req.started or now):.2f}s")
+        req.billable_units = Decimal(width * height * inp.num_images) / Decimal(1_000_000)
+        req.output = {
+            "images": images,
+            "timings": {"inference": round(now - (req.started or now), 3)},
+            "seed": seed,
+            "has_nsfw_concepts": flagged,
+            "prompt": inp.prompt,
+        }
+
+    def _store_file(self, name: str, data: bytes, content_type: str) -> None:
+        self.files[name] = (data, content_type)
+        while len(self.files) > MAX_FILES:
+            self.files.popitem(last=False)
+
+    def queue_position(self, req: FalRequest) -> int:
+        ahead = 0
+        for other in self.requests.values():
+            if other is req:
+                break
+            if other.state == "queued":
+                ahead += 1
+        remaining_steps = max(0, self.board.get(PROVIDER).queue_steps - req.polls)
+        return ahead + remaining_steps
+
+    # -- HTTP --------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _auth_error(request: Request) -> Response | None:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme != "Key" or not token.strip():
+            return JSONResponse({"detail": "Missing or malformed Authorization header (want 'Key <FAL_KEY>')"}, 401)
+        if token.startswith("invalid"):
+            return JSONResponse({"detail": "Invalid API key"}, 401)
+        return None
+
+    @staticmethod
+    def _base(request: Request) -> str:
+        return f"{request.url.scheme}://{request.url.netloc}{request.scope.get('root_path', '')}"
+
+    def _lookup(self, request: Request) -> FalRequest | Response:
+        app = f"{request.path_params['owner']}/{request.path_params['alias']}"
+        req = self.requests.get(request.path_params["request_id"])
+        if req is None or req.app != app:
+            return JSONResponse({"detail": f"Request {request.path_params['request_id']!r} not found"}, 404)
+        return req
+
+    async def submit(self, request: Request) -> Response:
+        app = f"{request.path_params['owner']}/{request.path_params['alias']}"
+        if app not in APPS:
+            return JSONResponse({"detail": f"Application {app!r} not found"}, 404)
+        if (denied := self._auth_error(request)) is not None:
+            return denied
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"detail": [_detail(["body"], "Request body is not valid JSON", "json_invalid")]}, 422)
+        if not isinstance(body, dict):
+            return JSONResponse({"detail": [_detail(["body"], "Input should be an object", "dict_type")]}, 422)
+        try:
+            inp = QwenImageInput.model_validate(body)
+        except ValidationError as exc:
+            detail = [_detail(["body", *e["loc"]], e["msg"], e["type"]) for e in exc.errors()]
+            return JSONResponse({"detail": detail}, 422)
+
+        fault = self.board.take_fault(PROVIDER, inp.prompt)
+        if fault is not None and fault not in SUPPORTED_FAULTS:
+            fault = None
+        knobs = self.board.get(PROVIDER)
+        if fault is Fault.AUTH:
+            return JSONResponse({"detail": "Invalid API key"}, 401)
+        if fault is Fault.VALIDATION:
+            msg = "Prompt rejected by input validation (emulated fault)"
+            return JSONResponse({"detail": [_detail(["body", "prompt"], msg, "value_error")]}, 422)
+        if fault is Fault.RATE_LIMIT:
+            return JSONResponse(
+                {"detail": "Too many concurrent requests for this account"},
+                429,
+                headers={"Retry-After": str(knobs.retry_after_s)},
+            )
+        if fault is Fault.DROP:
+            return _DroppedResponse()
+
+        timeout_header = request.headers.get("x-fal-request-timeout")
+        now = time.monotonic()
+        start_deadline = None
+        if timeout_header:
+            try:
+                start_deadline = now + float(timeout_header)
+            except ValueError:
+                return JSONResponse({"detail": "X-Fal-Request-Timeout must be a number of seconds"}, 400)
+        request_id = str(uuid.uuid4())
+        with self._lock:
+            req = FalRequest(request_id, app, inp, fault, now, start_deadline)
+            self.requests[request_id] = req
+            self._log(req, "INFO", "Request queued")
+            self._advance(now)
+            position = self.queue_position(req)
+        base = f"{self._base(request)}/{app}/requests/{request_id}"
+        return JSONResponse(
+            {
+                "status": "IN_QUEUE",
+                "request_id": request_id,
+                "response_url": base,
+                "status_url": f"{base}/status",
+                "cancel_url": f"{base}/cancel",
+                "queue_position": position,
+            },
+            headers={"x-fal-request-id": request_id},
+        )
+
+    async def status(self, request: Request) -> Response:
+        if (denied := self._auth_error(request)) is not None:
+            return denied
+        with self._lock:
+            found = self._lookup(request)
+            if isinstance(found, Response):
+                return found
+            req = found
+            now = time.monotonic()
+            self._advance(now)
+            with_logs = request.query_params.get("logs", "false").lower() in ("1", "true")
+            headers = {"x-fal-request-id": req.id}
+            if req.state == "queued":
+                req.polls += 1
+                body: dict[str, Any] = {"status": "IN_QUEUE", "queue_position": self.queue_position(req)}
+                return JSONResponse(body, 202, headers=headers)
+            if req.state == "running":
+                self._running_logs(req, now)
+                body = {"status": "IN_PROGRESS", "logs": list(req.logs) if with_logs else None}
+                return JSONResponse(body, 202, headers=headers)
+            body = {
+                "status": "COMPLETED",
+                "logs": list(req.logs) if with_logs else None,
+                "metrics": {"inference_time": round((req.finished or now) - (req.started or now), 3)}
+                if req.started is not None
+                else {},
+            }
+            if req.cancelled:
+                body["error"], body["error_type"] = "Request was cancelled", "request_cancelled"
+            elif req.timed_out:
+                body["error"], body["error_type"] = "Request timed out before it started", "request_timeout"
+            elif req.fault is Fault.SERVER_ERROR:
+                body["error"], body["error_type"] = "Runner failed while processing", "runner_server_error"
+            return JSONResponse(body, 200, headers=headers)
+
+    async def result(self, request: Request) -> Response:
+        if (denied := self._auth_error(request)) is not None:
+            return denied
+        with self._lock:
+            found = self._lookup(request)
+            if isinstance(found, Response):
+                return found
+            req = found
+            self._advance(time.monotonic())
+            headers = {"x-fal-request-id": req.id}
+            if req.state != "completed":
+                return JSONResponse({"detail": "Request is still in progress"}, 400, headers=headers)
+            if req.cancelled:
+                return JSONResponse(
+                    {"detail": "Request was cancelled", "error_type": "request_cancelled"}, 400, headers=headers
+                )
+            if req.timed_out:
+                return JSONResponse(
+                    {"detail": "Request timed out before it started", "error_type": "request_timeout"},
+                    504,
+                    headers={**headers, "X-Fal-Request-Timeout-Type": "user"},
+                )
+            if req.fault is Fault.SERVER_ERROR or req.output is None:
+                return JSONResponse(
+                    {"detail": "Internal error in the runner"},
+                    503,
+                    headers={**headers, "X-Fal-Error-Type": "runner_server_error"},
+                )
+            if req.fault is Fault.MALFORMED:
+                return Response(b'{"images": [{"url": "', 200, media_type="application/json", headers=headers)
+            output = dict(req.output)
+            base = self._base(request)
+            output["images"] = [
+                {**img, "url": img["url"] if img["url"].startswith("data:") else f"{base}/{img['url']}"}
+                for img in req.output["images"]
+            ]
+            headers["x-fal-billable-units"] = format(req.billable_units.normalize(), "f")
+            if req.input.sync_mode:
+                # sync_mode keeps no request history: the answer can be read once.
+                self.requests.pop(req.id, None)
+            return JSONResponse(output, 200, headers=headers)
+
+    async def cancel(self, request: Request) -> Response:
+        if (denied := self._auth_error(request)) is not None:
+            return denied
+        with self._lock:
+            found = self._lookup(request)
+            if isinstance(found, Response):
+                return found
+            req = found
+            now = time.monotonic()
+            self._advance(now)
+            if req.state == "completed":
+                return JSONResponse({"status": "ALREADY_COMPLETED"}, 400)
+            req.cancelled = True
+            req.state, req.finished = "completed", now
+            self._log(req, "WARNING", "Request cancelled by the user")
+            return JSONResponse({"status": "CANCELLATION_REQUESTED"}, 202)
+
+    async def file(self, request: Request) -> Response:
+        with self._lock:
+            found = self.files.get(request.path_params["name"])
+        if found is None:
+            return JSONResponse({"detail": "File not found"}, 404)
+        data, content_type = found
+        return Response(data, media_type=content_type)
+
+    async def index(self, request: Request) -> Response:
+        return JSONResponse({"emulator": "fal queue API", "apps": list(APPS), "requests": len(self.requests)})
+
+
+def _black(width: int, height: int, fmt: str) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height)).save(out, format={"png": "PNG", "jpeg": "JPEG"}[fmt])
+    return out.getvalue()
+
+
+def create_app(board: FaultBoard = BOARD) -> Starlette:
+    emu = FalEmulator(board)
+    app = Starlette(
+        routes=[
+            Route("/", emu.index, methods=["GET"]),
+            Route("/files/{name}", emu.file, methods=["GET"]),
+            Route("/{owner}/{alias}", emu.submit, methods=["POST"]),
+            Route("/{owner}/{alias}/requests/{request_id}/status", emu.status, methods=["GET"]),
+            Route("/{owner}/{alias}/requests/{request_id}", emu.result, methods=["GET"]),
+            Route("/{owner}/{alias}/requests/{request_id}/cancel", emu.cancel, methods=["PUT"]),
+        ]
+    )
+    app.state.emulator = emu
+    return app
