@@ -273,53 +273,44 @@ def create_app(board: FaultBoard, *, url_ttl_s: float = 3600.0) -> Starlette:
             return _problem(400, "Bad Request", f"could not parse the multipart body: {exc}")
         try:
             raw_prompt = form.get("prompt")
-            prompt_text = raw_prompt if isinstance(raw_prompt, str) else ""
-            fault = board.take_fault(PROVIDER, prompt_text)
-            knobs = board.get(PROVIDER)
-            if fault is Fault.AUTH:
-                return _error(401, "Invalid API key")
-            try:
-                req = _validate(form)
-            except _Invalid as exc:
-                if exc.problem:
-                    return _problem(400, "Bad Request", exc.detail)
-                return _error(400, exc.detail)
+            fault = board.take_fault(PROVIDER, raw_prompt if isinstance(raw_prompt, str) else "")
+            return await _answer(request, form, fault)
         finally:
             await form.close()
-        return await _answer(request, req, fault, knobs.latency_s, knobs.concurrency, knobs.retry_after_s)
 
-    async def _answer(
-        request: Request,
-        req: _GenerateRequest,
-        fault: Fault | None,
-        latency_s: float,
-        concurrency: int,
-        retry_after_s: int,
-    ) -> Response:
-        retry_headers = {"Retry-After": str(retry_after_s)}
-        if fault is Fault.VALIDATION:
-            return _problem(400, "Bad Request", "emulated validation failure: the request was rejected")
-        if fault is Fault.SAFETY:
-            return _problem(422, "Unprocessable Entity", "Prompt failed the safety check")
+    async def _answer(request: Request, form: FormData, fault: Fault | None) -> Response:
+        knobs = board.get(PROVIDER)
+        retry_headers = {"Retry-After": str(knobs.retry_after_s)}
+        # Infrastructure failures come before the body is looked at, as they would in front of the real service.
+        if fault is Fault.AUTH:
+            return _error(401, "Invalid API key")
         if fault is Fault.RATE_LIMIT:
             return _error(429, "Rate limit exceeded; slow down", retry_headers)
         if fault is Fault.SERVER_ERROR:
             return _error(500, "Internal Server Error")
         with state.lock:
-            if state.in_flight >= concurrency:
-                busy = True
-            else:
-                busy = False
+            busy = state.in_flight >= knobs.concurrency
+            if not busy:
                 state.in_flight += 1
         if busy:
-            return _error(429, f"Too many requests in flight (limit {concurrency})", retry_headers)
+            return _error(429, f"Too many requests in flight (limit {knobs.concurrency})", retry_headers)
         try:
             if fault is Fault.HANG:
                 await _hang(request)
                 return _error(504, "emulator: hung request released")
             if fault is Fault.DROP:
                 return _DroppedResponse()
-            await asyncio.sleep(latency_s)
+            try:
+                req = _validate(form)
+            except _Invalid as exc:
+                if exc.problem:
+                    return _problem(400, "Bad Request", exc.detail)
+                return _error(400, exc.detail)
+            if fault is Fault.VALIDATION:
+                return _problem(400, "Bad Request", "emulated validation failure: the request was rejected")
+            if fault is Fault.SAFETY:
+                return _problem(422, "Unprocessable Entity", "Prompt failed the safety check")
+            await asyncio.sleep(knobs.latency_s)
             if fault is Fault.MALFORMED:
                 return Response(b'{"created": "2026-', media_type="application/json")
             return _success(request, req, fault)
