@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import random
 import threading
 import time
@@ -133,6 +134,20 @@ def _now_iso() -> str:
 
 class _DropConnection(Exception):
     """Raised after the response has started: the server closes the socket mid-answer."""
+
+
+class _QuietDrops(logging.Filter):
+    """Keeps the server log free of tracebacks for connections we drop on purpose; real errors still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, _DropConnection)
+
+
+def quiet_emulated_drops() -> None:
+    server_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _QuietDrops) for f in server_log.filters):
+        server_log.addFilter(_QuietDrops())
 
 
 class _DroppedResponse(Response):
@@ -450,6 +465,7 @@ def _black(width: int, height: int, fmt: str) -> bytes:
 
 def create_app(board: FaultBoard = BOARD) -> Starlette:
     emu = FalEmulator(board)
+    quiet_emulated_drops()
     app = Starlette(
         routes=[
             Route("/", emu.index, methods=["GET"]),
