@@ -58,8 +58,7 @@ def usd_to_micros(value: Decimal | str | int, *, rounding: str | None = None) ->
         return int(scaled)
     if rounding is None:
         raise ValueError(
-            f"${dec} has a fraction of a micro-dollar (more than 6 decimal places); "
-            "give a rounding rule to round it"
+            f"${dec} has a fraction of a micro-dollar (more than 6 decimal places); give a rounding rule to round it"
         )
     if rounding not in _ROUNDINGS:
         raise ValueError(f"unknown rounding rule {rounding!r}; use one of the decimal module's ROUND_* modes")

@@ -124,4 +124,3 @@ def presets_for(provider_id: str) -> MappingProxyType[str, dict[str, Any]]:
     """Every preset's values for one provider, for a UI table."""
     get_provider(provider_id)
     return MappingProxyType({name: dict(PRESETS[name].get(provider_id, {})) for name in PRESET_NAMES})
-

@@ -123,9 +123,7 @@ class PriceTier(BaseModel):
     @classmethod
     def _positive_threshold(cls, value: Decimal) -> Decimal:
         if not value.is_finite() or value <= 0:
-            raise ValueError(
-                f"from_units {value} must be above 0 (the base price covers usage from 0 on)"
-            )
+            raise ValueError(f"from_units {value} must be above 0 (the base price covers usage from 0 on)")
         return value
 
     @field_validator("usd_per_unit")
@@ -170,9 +168,7 @@ class ProviderPrice(BaseModel):
     @classmethod
     def _unit(cls, value: Any) -> Any:
         if isinstance(value, str) and value not in {u.value for u in PriceUnit}:
-            raise ValueError(
-                f"unknown price unit {value!r}; units are: {', '.join(u.value for u in PriceUnit)}"
-            )
+            raise ValueError(f"unknown price unit {value!r}; units are: {', '.join(u.value for u in PriceUnit)}")
         return value
 
     @field_validator("key_param")
@@ -188,8 +184,7 @@ class ProviderPrice(BaseModel):
             if p is None or p.kind != "enum":
                 enums = [n for n, ps in spec.params.items() if ps.kind == "enum"]
                 raise ValueError(
-                    f"key_param {value!r} is not a choice parameter of {spec.id}; "
-                    f"it has: {', '.join(enums) or 'none'}"
+                    f"key_param {value!r} is not a choice parameter of {spec.id}; it has: {', '.join(enums) or 'none'}"
                 )
         return value
 
@@ -213,10 +208,8 @@ class ProviderPrice(BaseModel):
         if missing:
             problems.append("no price for " + ", ".join(f"{key_param}={c}" for c in missing))
         if unknown:
-            problems.append(
-                f"{', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not "
-                f"{key_param} values of {spec.id} ({', '.join(choices)})"
-            )
+            what = f"is not a {key_param} value" if len(unknown) == 1 else f"are not {key_param} values"
+            problems.append(f"{', '.join(map(repr, unknown))} {what} of {spec.id} ({', '.join(choices)})")
         if problems:
             raise ValueError("; ".join(problems))
         return value
@@ -375,8 +368,7 @@ def _units_for(price: ProviderPrice, spec: ProviderSpec, params: Mapping[str, An
         per_image = rendered.megapixels
         units = per_image * num_images
         lines.append(
-            f"{rendered.width}x{rendered.height} = {_show(per_image)} MP x {num_images} {images} "
-            f"= {_show(units)} MP"
+            f"{rendered.width}x{rendered.height} = {_show(per_image)} MP x {num_images} {images} = {_show(units)} MP"
         )
         return units, lines
     if price.unit is PriceUnit.GPU_SECOND:

@@ -17,8 +17,7 @@ from core.errors import InvalidInput
 _ALLOWED_CONTROLS = {"\n", "\t"}
 
 _C0_NAMES = (
-    "NUL SOH STX ETX EOT ENQ ACK BEL BS HT LF VT FF CR SO SI "
-    "DLE DC1 DC2 DC3 DC4 NAK SYN ETB CAN EM SUB ESC FS GS RS US"
+    "NUL SOH STX ETX EOT ENQ ACK BEL BS HT LF VT FF CR SO SI DLE DC1 DC2 DC3 DC4 NAK SYN ETB CAN EM SUB ESC FS GS RS US"
 ).split()
 
 
@@ -37,11 +36,14 @@ def _describe(ch: str) -> str:
 
 def _check(text: object, *, field: str, allow_empty: bool) -> str:
     if not isinstance(text, str):
-        raise InvalidInput(
-            f"{field} must be text", {field: f"{field} must be text, not {type(text).__name__}"}
-        )
-    text = text.replace("\r\n", "\n")
-    bad = [(i, ch) for i, ch in enumerate(text) if unicodedata.category(ch) == "Cc" and ch not in _ALLOWED_CONTROLS]
+        raise InvalidInput(f"{field} must be text", {field: f"{field} must be text, not {type(text).__name__}"})
+    bad = [
+        (i, ch)
+        for i, ch in enumerate(text)
+        if unicodedata.category(ch) == "Cc"
+        and ch not in _ALLOWED_CONTROLS
+        and not (ch == "\r" and text[i + 1 : i + 2] == "\n")
+    ]
     if bad:
         pos, ch = bad[0]
         # Positions are 1-based and counted in the text as given, so a person can find the character.
@@ -50,7 +52,7 @@ def _check(text: object, *, field: str, allow_empty: bool) -> str:
             msg += f" (and {len(bad) - 1} more)"
         msg += "; only line breaks and tabs are allowed"
         raise InvalidInput(msg, {field: msg})
-    cleaned = text.strip()
+    cleaned = text.replace("\r\n", "\n").strip()
     if not cleaned and not allow_empty:
         msg = f"{field} is empty; describe the image to generate"
         raise InvalidInput(msg, {field: msg})

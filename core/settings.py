@@ -570,9 +570,7 @@ def resolve_effective(
     notes: list[str] = []
     global_notes: dict[str, str] = {}
 
-    merged: dict[str, TaggedValue] = {
-        name: TaggedValue(p.default, SOURCE_CATALOG) for name, p in spec.params.items()
-    }
+    merged: dict[str, TaggedValue] = {name: TaggedValue(p.default, SOURCE_CATALOG) for name, p in spec.params.items()}
     timeout = TaggedValue(DEFAULT_REQUEST_TIMEOUT_S, SOURCE_CATALOG)
 
     if global_settings is not None:
