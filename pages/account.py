@@ -1,0 +1,41 @@
+"""Account: who you are, what your role may do, and changing your own password."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from core.errors import InvalidInput, PermissionDenied
+from core.security import Role
+from core.users import change_own_password
+from db.engine import transaction
+from ui import state
+
+user = state.current_user()
+if user is None:
+    st.stop()
+
+st.title("Your account")
+st.text(f"username: {user.username}")
+st.text(f"role: {user.role.value}")
+if user.role is Role.USER:
+    st.info("Your role may use the playground within your budget and see your own usage.")
+else:
+    st.info(f"Your role ({user.role.value}) may view and change provider settings, prices and budgets.")
+
+st.subheader("Change password")
+with st.form("change_password", clear_on_submit=False):
+    current = st.text_input("Current password", type="password")
+    new = st.text_input("New password", type="password", help="At least 10 characters.")
+    repeat = st.text_input("Repeat the new password", type="password")
+    submitted = st.form_submit_button("Change password")
+if submitted:
+    if new != repeat:
+        st.error("The two new passwords differ.")
+    else:
+        try:
+            with transaction(state.runtime().sessions) as session:
+                change_own_password(session, user.actor(), current, new)
+        except (InvalidInput, PermissionDenied) as exc:
+            st.error(str(exc))
+        else:
+            st.success("Password changed.")
