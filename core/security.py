@@ -28,6 +28,7 @@ __all__ = [
     "password_problem",
     "require_role",
     "set_password_hasher",
+    "verify_dummy",
     "verify_password",
 ]
 
@@ -40,6 +41,7 @@ SETTINGS_EDITORS: tuple[Role, ...] = (Role.ADMIN, Role.HERO)
 
 # argon2-cffi's defaults follow RFC 9106's low-memory profile (argon2id, 64 MiB, 3 passes).
 _hasher = PasswordHasher()
+_dummy_hash: str | None = None
 
 
 def set_password_hasher(hasher: PasswordHasher) -> PasswordHasher:
@@ -48,8 +50,9 @@ def set_password_hasher(hasher: PasswordHasher) -> PasswordHasher:
     Hashes made with other parameters keep verifying and are upgraded at the next successful sign-in
     (`verify_password` reports that a rehash is due).
     """
-    global _hasher
+    global _hasher, _dummy_hash
     previous, _hasher = _hasher, hasher
+    _dummy_hash = None
     return previous
 
 
@@ -66,6 +69,15 @@ def verify_password(password_hash: str, password: str) -> tuple[bool, str | None
     if _hasher.check_needs_rehash(password_hash):
         return True, _hasher.hash(password)
     return True, None
+
+
+def verify_dummy(password: str) -> None:
+    """Spend the time of one verification, for an unknown username: "no such user" then takes as long as
+    "wrong password", so response times do not reveal which usernames exist."""
+    global _dummy_hash
+    if _dummy_hash is None:
+        _dummy_hash = _hasher.hash("imagegate-dummy-password-for-timing")
+    verify_password(_dummy_hash, password)
 
 
 def password_problem(password: str, username: str) -> str | None:

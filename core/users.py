@@ -26,6 +26,7 @@ from core.security import (
     check_password_policy,
     hash_password,
     require_role,
+    verify_dummy,
     verify_password,
 )
 from db.engine import transaction
@@ -149,25 +150,13 @@ def list_users(session: Session, actor: Actor, *, include_inactive: bool = True)
     return [_view(u) for u in session.scalars(query)]
 
 
-# Verifying against this when a username is unknown makes "no such user" take as long as "wrong password",
-# so response times do not reveal which usernames exist. Built lazily with the current hasher's parameters.
-_dummy_hash: str | None = None
-
-
-def _dummy() -> str:
-    global _dummy_hash
-    if _dummy_hash is None:
-        _dummy_hash = hash_password("imagegate-dummy-password-for-timing")
-    return _dummy_hash
-
-
 def authenticate(session: Session, username: str, password: str) -> UserView | None:
     """The user, if the username and password match an active account; else None (never says which part
     was wrong). Records the sign-in time and upgrades an outdated hash; the caller commits."""
     name = username.strip().lower() if isinstance(username, str) else ""
     user = session.scalar(select(User).where(User.username == name)) if name else None
     if user is None:
-        verify_password(_dummy(), password if isinstance(password, str) else "")
+        verify_dummy(password if isinstance(password, str) else "")
         return None
     ok, new_hash = verify_password(user.password_hash, password if isinstance(password, str) else "")
     if not ok or not user.active:
