@@ -13,7 +13,9 @@ fal-client is used unmodified, but its HTTP client is ours (a subclass overrides
 - a connection refused before the provider ever answered is UNAVAILABLE at once (fal-client would retry for
   about 44 s): nothing was submitted, so failing over is safe. Once a request exists, polls keep fal-client's
   retries, bounded by the request's deadline.
-The whole attempt is bounded by `AdapterRequest.timeout_s`; on expiry the fal request is cancelled.
+The whole attempt is bounded by `AdapterRequest.timeout_s`; on expiry the fal request is cancelled. Cancelling
+the asyncio task instead (shutdown, a page rerun) only stops waiting: the request id was already handed out, so
+the paid request is left for `resume()` to collect; stopping it at fal is an explicit `cancel()`.
 """
 
 from __future__ import annotations
@@ -514,10 +516,6 @@ class FalQwenAdapter(ProviderAdapter):
             async with asyncio.timeout(timeout_s) as scope:
                 result: ProviderResult = await attempt()
                 return result
-        except asyncio.CancelledError:
-            if progress.handle is not None and cancel_on_timeout:
-                await self._cancel_quietly(progress.handle)
-            raise
         except TimeoutError as exc:
             if not scope.expired():
                 raise self._map(exc, progress.request_id, transport) from exc
