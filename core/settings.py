@@ -51,6 +51,9 @@ MAX_ROUTING_ATTEMPTS = 10
 _STR_PARAM_MAX_CHARS = 2000
 """Free-text parameters other than the negative prompt (a model id or an endpoint URL)."""
 
+NO_PRESET = frozenset({"", "none"})
+"""Preset values that mean "no preset", also when the global settings name a default one."""
+
 SOURCE_CATALOG = "catalog"
 SOURCE_GLOBAL = "global"
 SOURCE_PROVIDER = "provider"
@@ -288,7 +291,7 @@ class GlobalSettings(BaseModel):
     default_provider: str | None = None
     """Used when a request names no provider and automatic routing is off. None = highest priority."""
     default_preset: str | None = None
-    """Quality preset applied when a request names none (None = no preset)."""
+    """Quality preset `resolve_effective` applies when a request names none (None = no preset)."""
     fallback_enabled: StrictBool = True
     """On a retryable failure, try the next candidate provider."""
     max_attempts: StrictInt = Field(3, ge=1, le=MAX_ROUTING_ATTEMPTS)
@@ -560,8 +563,9 @@ def resolve_effective(
     prompt: str,
 ) -> EffectiveParams:
     """Merge catalog defaults -> global -> provider settings -> preset -> request overrides for one provider,
-    and validate the result (prompt included). Raises InvalidInput with every field error; keys are parameter
-    names, `prompt`, `preset` or `provider`."""
+    and validate the result (prompt included). `preset` None takes the global settings' `default_preset`;
+    "none" (or "") asks for no preset even then. Raises InvalidInput with every field error; keys are
+    parameter names, `prompt`, `preset` or `provider`."""
     spec = PROVIDERS.get(provider_id)
     if spec is None:
         msg = _unknown_provider(provider_id)
@@ -595,6 +599,10 @@ def resolve_effective(
             timeout = TaggedValue(provider_settings.request_timeout_s, SOURCE_PROVIDER)
 
     preset_key: str | None = None
+    if preset is None and global_settings is not None:
+        preset = global_settings.default_preset
+    elif isinstance(preset, str) and preset.strip().lower() in NO_PRESET:
+        preset = None
     if preset is not None:
         try:
             preset_key = normalize_preset(preset)

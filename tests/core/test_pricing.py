@@ -100,6 +100,7 @@ def test_the_one_rounding_rule_is_half_up(amount, micros):
     assert round_half_up_micros(amount) == micros
 
 
+@settings(deadline=None)
 @given(st.integers(-(10**15), 10**15))
 def test_micros_round_trip(micros):
     assert usd_to_micros(micros_to_usd(micros)) == micros

@@ -509,6 +509,16 @@ def test_effective_params_are_immutable_and_serialisable():
         eff.source_of("rendering_speed")
 
 
+def test_global_default_preset_applies_unless_the_request_says_otherwise():
+    g = GlobalSettings(default_preset="fast")
+    eff = resolve("ideogram", g=g)
+    assert (eff.value_of("rendering_speed"), eff.source_of("rendering_speed")) == ("TURBO", "preset:fast")
+    assert eff.preset == "fast"
+    assert resolve("ideogram", g=g, preset="ultra").value_of("rendering_speed") == "QUALITY"
+    eff = resolve("ideogram", g=g, preset="none")
+    assert eff.preset is None and eff.source_of("rendering_speed") == "catalog"
+
+
 def test_source_descriptions():
     assert describe_source("preset:ultra") == "the Ultra preset"
     assert describe_source("request") == "the request"
