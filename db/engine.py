@@ -68,8 +68,9 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
         }
     elif backend == "postgresql":
         options["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
-        options["pool_size"] = 5
-        options["max_overflow"] = 10
+        if "poolclass" not in kwargs:
+            options["pool_size"] = 5
+            options["max_overflow"] = 10
     options.update(kwargs)
     engine = create_engine(resolved, **options)
     if backend == "sqlite":

@@ -22,8 +22,9 @@ import pytest
 from argon2 import PasswordHasher
 from argon2.profiles import CHEAPEST
 from psycopg import sql
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from core import security
 from db import migrate
@@ -115,9 +116,8 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-_TRUNCATE = "TRUNCATE {} RESTART IDENTITY CASCADE".format(
-    ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
-)
+# DELETE, children first: on tables this small it is far cheaper than TRUNCATE, which recreates every file.
+_EMPTY_ALL = "; ".join(f'DELETE FROM "{t.name}"' for t in reversed(Base.metadata.sorted_tables))
 
 
 def _fresh_sqlite(template: Path, directory: Path) -> str:
@@ -127,10 +127,10 @@ def _fresh_sqlite(template: Path, directory: Path) -> str:
 
 
 def _fresh_pg(url: str) -> str:
-    engine = make_engine(url)
+    engine = make_engine(url, poolclass=NullPool)
     try:
         with engine.begin() as conn:
-            conn.execute(text(_TRUNCATE))
+            conn.exec_driver_sql(_EMPTY_ALL)
     finally:
         engine.dispose()
     return url
