@@ -320,7 +320,11 @@ class IdeogramAdapter(ProviderAdapter):
         if answer.status >= 400:
             raise self._http_error(answer)
         parsed = self._parse(answer)
-        safe = [image for image in parsed.data if image.is_image_safe and image.url]
+        if any(image.is_image_safe and not image.url for image in parsed.data):
+            raise self._fail(
+                ErrorClass.BAD_RESPONSE, "an image marked safe came without a URL", status_code=answer.status
+            )
+        safe = [image for image in parsed.data if image.is_image_safe]
         if not safe:
             raise self._fail(
                 ErrorClass.SAFETY_REJECTED,

@@ -9,6 +9,7 @@ import pytest
 from huggingface_hub import constants as hf_constants
 from PIL import Image
 from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from core.errors import ErrorClass, ProviderError
 from core.providers.base import AdapterConfig, AdapterRequest, ConnectionMode, EventKind, ProgressEvent
@@ -123,6 +124,15 @@ async def test_one_failed_call_of_several_keeps_the_others(server: BackgroundSer
     assert len(result.images) == 1
     [failed] = result.raw_metadata["failed_calls"]
     assert failed["error_class"] == "unavailable"
+
+
+async def test_works_with_the_emulator_mounted_under_a_prefix() -> None:
+    app = Starlette(routes=[Mount("/hf", app=create_app(BOARD))])
+    with serve_in_thread(app) as mounted:
+        hf = HuggingFaceAdapter(AdapterConfig(api_key=TOKEN, base_url=mounted.url + "/hf"))
+        result = await hf.generate(req(image_size="256x256", seed=2))
+        assert (result.images[0].width, result.images[0].height) == (256, 256)
+        assert (await hf.health_probe()).ok
 
 
 def test_translate_refuses_bad_values_before_calling() -> None:

@@ -11,6 +11,7 @@ import pytest
 import requests
 from PIL import Image
 from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from core.errors import ErrorClass, ProviderError
 from core.providers.base import AdapterConfig, AdapterRequest, ConnectionMode, EventKind, ProgressEvent
@@ -257,6 +258,27 @@ def test_415_is_reported_as_our_bug_not_the_users(server: BackgroundServer) -> N
     assert "Imagegate bug" in err.message
 
 
+@pytest.mark.parametrize(
+    ("status", "error_class"),
+    [
+        (402, ErrorClass.QUOTA_EXCEEDED),
+        (403, ErrorClass.AUTH),
+        (404, ErrorClass.BAD_RESPONSE),
+        (409, ErrorClass.VALIDATION),
+        (503, ErrorClass.UNAVAILABLE),
+    ],
+)
+def test_statuses_the_emulator_does_not_send_still_map(
+    server: BackgroundServer, status: int, error_class: ErrorClass
+) -> None:
+    answer = _HttpAnswer(status, {"Retry-After": "3"}, b'{"title": "Nope", "detail": "no", "status": 1}')
+    err = adapter(server)._http_error(answer)
+    assert err.error_class is error_class
+    assert err.status_code == status
+    if status == 503:
+        assert err.retry_after_s == 3.0
+
+
 def test_retry_after_accepts_seconds_and_http_dates() -> None:
     assert retry_after_seconds("12") == 12.0
     assert retry_after_seconds(None) is None
@@ -290,6 +312,18 @@ def test_emulator_image_urls_are_signed(server: BackgroundServer) -> None:
     url = answer.json()["data"][0]["url"]
     assert requests.get(url, timeout=5).status_code == 200
     assert requests.get(url.replace("sig=", "sig=0"), timeout=5).status_code == 403
+
+
+def test_emulator_mounted_under_a_prefix_serves_images_under_it() -> None:
+    app = Starlette(routes=[Mount("/ideogram", app=create_app(BOARD))])
+    with serve_in_thread(app) as mounted:
+        parts = {"prompt": (None, "a cat"), "seed": (None, "1")}
+        answer = requests.post(
+            mounted.url + "/ideogram" + GENERATE_PATH, headers={"Api-Key": KEY}, files=parts, timeout=5
+        )
+        url = answer.json()["data"][0]["url"]
+        assert url.startswith(mounted.url + "/ideogram/")
+        assert requests.get(url, timeout=5).status_code == 200
 
 
 # -- health ------------------------------------------------------------------------------------------------
