@@ -1,0 +1,457 @@
+"""`imagegate`: the operator's command line. Every command calls core; nothing here decides anything.
+
+The CLI runs with the machine's access to the database, which already bypasses the console's roles, so its
+actions are made (and audited) as `cli:<os user>` with the ADMIN role.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from core.config import disable_telemetry
+from core.errors import ImagegateError, InvalidInput, NotFound, PermissionDenied, ProviderError
+from core.runtime import Runtime, open_runtime
+from core.security import Actor, Role
+from db.engine import DatabaseUnavailable, transaction
+
+app = typer.Typer(help="Imagegate: AI image providers behind one gate.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+users_app = typer.Typer(help="Local user accounts.", no_args_is_help=True)
+settings_app = typer.Typer(help="Provider settings and prices as JSON.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(users_app, name="users")
+app.add_typer(settings_app, name="settings")
+
+
+def _cli_actor() -> Actor:
+    try:
+        who = getpass.getuser()
+    except (KeyError, OSError):
+        who = "unknown"
+    return Actor(user_id=None, username=f"cli:{who}", role=Role.ADMIN)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def _runtime(prepare: bool = False) -> Runtime:
+    try:
+        return open_runtime(prepare=prepare)
+    except DatabaseUnavailable as exc:
+        raise _fail(str(exc)) from None
+
+
+def _report_field_errors(exc: InvalidInput) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    for field, message in exc.field_errors.items():
+        typer.secho(f"  {field}: {message}", fg=typer.colors.RED, err=True)
+
+
+# --- db -----------------------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Migrate the database (DATABASE_URL, else the SQLite file in the data directory) to `revision`."""
+    from core.config import database_url
+    from db import migrate
+    from db.engine import safe_url
+
+    try:
+        migrate.upgrade(None, revision)
+    except DatabaseUnavailable as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"database {safe_url(database_url())} is at {migrate.current_revision() or 'base'}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, e.g. base or -1.")]) -> None:
+    """Migrate the database down to `revision`."""
+    from db import migrate
+
+    migrate.downgrade(None, revision)
+    typer.echo(f"database is at {migrate.current_revision() or 'base'}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Show the database's revision and the newest one available."""
+    from db import migrate
+
+    typer.echo(f"current: {migrate.current_revision() or 'base (empty)'}; head: {migrate.head_revision()}")
+
+
+# --- seed & debug-config ------------------------------------------------------------------------------------
+
+
+@app.command()
+def seed() -> None:
+    """Create the default settings, presets and prices that are missing (idempotent)."""
+    from core.seed import seed_defaults
+
+    runtime = _runtime()
+    report = seed_defaults(runtime.sessions)
+    if not report.created_anything:
+        typer.echo("nothing to seed: defaults already present")
+        return
+    if report.provider_settings:
+        typer.echo(f"provider settings created: {', '.join(report.provider_settings)}")
+    if report.global_settings:
+        typer.echo("global settings created")
+    if report.prices:
+        typer.echo(f"prices stored: {', '.join(report.prices)}")
+
+
+@app.command("debug-config")
+def debug_config(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Effective settings per provider, where each value comes from, the price, and whether a key is set
+    (masked: keys are never printed)."""
+    from core.overview import provider_overviews
+
+    runtime = _runtime()
+    with runtime.sessions() as session:
+        overviews = provider_overviews(session)
+    if as_json:
+        out = [
+            {
+                "provider": o.provider,
+                "mode": o.connection.mode.value,
+                "connection": o.connection.reason,
+                "key": o.key.masked,
+                "settings_version": o.settings_version,
+                "priority": o.settings.priority if o.settings else None,
+                "active": o.settings.active if o.settings else None,
+                "default": o.settings.is_default if o.settings else None,
+                "price": o.price_description,
+                "one_image_usd": o.one_image.formatted if o.one_image else None,
+                "effective": o.effective_rows(),
+                "problems": o.problems,
+            }
+            for o in overviews
+        ]
+        typer.echo(json.dumps(out, indent=2, default=str))
+        return
+    typer.echo(f"database: {runtime.display_url}")
+    for o in overviews:
+        typer.secho(f"\n{o.spec.label} ({o.provider})", bold=True)
+        typer.echo(f"  mode: {o.connection.mode.value} — {o.connection.reason}")
+        typer.echo(f"  key: {o.key.masked}")
+        if o.settings:
+            typer.echo(
+                f"  settings v{o.settings_version}: priority {o.settings.priority}, "
+                f"{'active' if o.settings.active else 'inactive'}, "
+                f"{'default' if o.settings.is_default else 'not default'}"
+            )
+        typer.echo(f"  price: {o.price_description or 'none'}")
+        if o.one_image:
+            typer.echo(f"  one image at these settings: {o.one_image.formatted}")
+        for row in o.effective_rows():
+            typer.echo(f"    {row['parameter']:<24} {row['value']!s:<20} from {row['from']}")
+        for problem in o.problems:
+            typer.secho(f"  ! {problem}", fg=typer.colors.YELLOW)
+
+
+# --- users --------------------------------------------------------------------------------------------------
+
+
+def _find_user_id(runtime: Runtime, username: str) -> int:
+    from core.users import list_users, normalize_username
+
+    try:
+        wanted = normalize_username(username)
+    except InvalidInput as exc:
+        raise _fail(str(exc)) from None
+    with runtime.sessions() as session:
+        for user in list_users(session, _cli_actor()):
+            if user.username == wanted:
+                return user.id
+    raise _fail(f"no user named {wanted!r}")
+
+
+def _read_password(given: str | None, *, confirm: bool = True) -> str:
+    if given is not None:
+        return given
+    if not sys.stdin.isatty():
+        line = sys.stdin.readline().rstrip("\n")
+        if not line:
+            raise _fail("no password given (use --password-stdin with the password on standard input)")
+        return line
+    return str(typer.prompt("Password", hide_input=True, confirmation_prompt=confirm))
+
+
+@users_app.command("create")
+def users_create(
+    username: str,
+    role: Annotated[Role, typer.Option(help="ADMIN, HERO or USER.", case_sensitive=False)] = Role.USER,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+    ] = False,
+) -> None:
+    """Create a local account (asks for the password; it is stored as an argon2 hash)."""
+    from core.users import create_user
+
+    runtime = _runtime()
+    password = _read_password(None) if not password_stdin else sys.stdin.readline().rstrip("\n")
+    try:
+        with transaction(runtime.sessions) as session:
+            user = create_user(session, _cli_actor(), username, password, role)
+    except InvalidInput as exc:
+        _report_field_errors(exc)
+        raise typer.Exit(1) from None
+    typer.echo(f"created {user.username} ({user.role.value})")
+
+
+@users_app.command("set-role")
+def users_set_role(
+    username: str, role: Annotated[Role, typer.Argument(help="ADMIN, HERO or USER.", case_sensitive=False)]
+) -> None:
+    """Change a user's role."""
+    from core.users import set_role
+
+    runtime = _runtime()
+    user_id = _find_user_id(runtime, username)
+    try:
+        with transaction(runtime.sessions) as session:
+            user = set_role(session, _cli_actor(), user_id, role)
+    except (InvalidInput, PermissionDenied) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"{user.username} is now {user.role.value}")
+
+
+@users_app.command("reset-password")
+def users_reset_password(
+    username: str,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the new password from standard input.")
+    ] = False,
+) -> None:
+    """Set a new password for a user."""
+    from core.users import reset_password
+
+    runtime = _runtime()
+    user_id = _find_user_id(runtime, username)
+    password = _read_password(None) if not password_stdin else sys.stdin.readline().rstrip("\n")
+    try:
+        with transaction(runtime.sessions) as session:
+            user = reset_password(session, _cli_actor(), user_id, password)
+    except InvalidInput as exc:
+        _report_field_errors(exc)
+        raise typer.Exit(1) from None
+    typer.echo(f"password of {user.username} reset")
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """List accounts."""
+    from core.users import list_users
+
+    runtime = _runtime()
+    with runtime.sessions() as session:
+        users = list_users(session, _cli_actor())
+    for u in users:
+        state = "active" if u.active else "deactivated"
+        typer.echo(f"{u.username:<24} {u.role.value:<6} {state}")
+
+
+# --- settings export / import -------------------------------------------------------------------------------
+
+
+@settings_app.command("export")
+def settings_export(
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="File to write; default stdout.")] = None,
+) -> None:
+    """Export every provider's current settings, the global settings and the prices as JSON (no secrets)."""
+    from core.transfer import export_json
+
+    runtime = _runtime()
+    with runtime.sessions() as session:
+        text = export_json(session, _cli_actor())
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        output.write_text(text)
+        typer.echo(f"wrote {output}")
+
+
+@settings_app.command("import")
+def settings_import(
+    path: Annotated[Path, typer.Argument(help="A file made by `imagegate settings export`.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would change; change nothing.")] = False,
+) -> None:
+    """Import settings and prices: validated whole, applied all-or-nothing as new versions with audit rows."""
+    from core.transfer import MAX_IMPORT_BYTES, apply_import, plan_import
+
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise _fail(f"cannot read {path}: {exc.strerror}") from None
+    if size > MAX_IMPORT_BYTES:
+        raise _fail(f"{path} is {size} bytes, over the {MAX_IMPORT_BYTES} byte import limit")
+    raw = path.read_bytes()
+    runtime = _runtime()
+    try:
+        if dry_run:
+            with runtime.sessions() as session:
+                plan = plan_import(session, _cli_actor(), raw)
+            typer.echo("dry run, nothing changed:")
+        else:
+            with transaction(runtime.sessions) as session:
+                plan = apply_import(session, _cli_actor(), raw)
+            typer.echo("imported:")
+    except InvalidInput as exc:
+        _report_field_errors(exc)
+        typer.secho("nothing was changed", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(plan.summary())
+
+
+# --- emulator & test-provider ---------------------------------------------------------------------------------
+
+
+@app.command()
+def emulator(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8787,
+) -> None:
+    """Run the local provider emulator (fal, Ideogram, HF Inference, the Qwen Space) with fault injection."""
+    disable_telemetry()
+    from emulator.server import run
+
+    run(host, port)
+
+
+def _parse_param(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise _fail(f"--param takes NAME=VALUE, not {text!r}")
+    name, raw = text.split("=", 1)
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return name.strip(), value
+
+
+@app.command("test-provider")
+def test_provider(
+    name: Annotated[str, typer.Argument(help="fal-qwen, ideogram, huggingface, qwen or sandbox.")],
+    prompt: Annotated[str, typer.Option(help="The prompt.")] = "a lighthouse on a cliff at dawn, watercolor",
+    preset: Annotated[str | None, typer.Option(help="Fast, Standard, High or Ultra.")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="NAME=VALUE override.")] = None,
+    emulator_url: Annotated[
+        str | None, typer.Option("--emulator", help="Run against this emulator URL (no key needed).")
+    ] = None,
+    timeout: Annotated[float | None, typer.Option(help="Deadline in seconds for the whole attempt.")] = None,
+) -> None:
+    """One real call through the provider's adapter: progress, timings, cost, and the error class on failure.
+
+    With a key in the environment this reaches the real provider and may cost money."""
+    from core import price_store, settings_service
+    from core.pricing import estimate_cost
+    from core.providers.base import AdapterRequest, ConnectionMode, ProgressEvent
+    from core.providers.registry import EMULATOR_URL_ENV, build_adapter, connection_for
+    from core.settings import resolve_effective
+
+    if emulator_url:
+        os.environ[EMULATOR_URL_ENV] = emulator_url
+    runtime = _runtime(prepare=True)
+    overrides = dict(_parse_param(p) for p in (param or []))
+    with runtime.sessions() as session:
+        global_settings = settings_service.get_global_settings(session).settings
+        try:
+            provider_settings = settings_service.get_provider_settings(session, name).settings
+        except (NotFound, ImagegateError):
+            provider_settings = None
+        price = price_store.active_price(session, name)
+    try:
+        effective = resolve_effective(
+            name,
+            global_settings=global_settings,
+            provider_settings=provider_settings,
+            preset=preset,
+            overrides=overrides,
+            prompt=prompt,
+        )
+    except InvalidInput as exc:
+        _report_field_errors(exc)
+        raise typer.Exit(2) from None
+
+    connection = connection_for(name)
+    typer.echo(f"{name}: {connection.mode.value} ({connection.reason})")
+    for note in effective.notes:
+        typer.echo(f"  note: {note}")
+    estimate = None
+    if price is not None:
+        estimate = estimate_cost(price.price, provider_id=name, params=effective.values())
+        typer.echo(f"estimate: {estimate.formatted}  ({'; '.join(estimate.breakdown)})")
+    else:
+        typer.secho("no price in force for this provider: no estimate", fg=typer.colors.YELLOW)
+
+    adapter = build_adapter(name)
+    request = AdapterRequest(
+        prompt=effective.prompt, params=effective.values(), timeout_s=timeout or effective.request_timeout_s
+    )
+    translation = adapter.translate(request)
+    typer.echo(f"wire parameters: {json.dumps(translation.wire_params, default=str)}")
+    for note in translation.notes:
+        typer.echo(f"  changed: {note}")
+
+    def on_event(event: ProgressEvent) -> None:
+        parts = [event.kind.value]
+        if event.queue_position is not None:
+            parts.append(f"position {event.queue_position}")
+        if event.progress is not None:
+            parts.append(f"{event.progress:.0%}")
+        if event.message:
+            parts.append(event.message)
+        parts.extend(event.logs)
+        typer.echo("  " + " · ".join(parts))
+
+    def on_request_id(request_id: str) -> None:
+        typer.echo(f"  provider request id: {request_id}")
+
+    try:
+        result = asyncio.run(adapter.generate(request, on_event=on_event, on_request_id=on_request_id))
+    except ProviderError as exc:
+        traits = exc.traits
+        typer.secho(f"FAILED: {exc.error_class.value}: {exc.message}", fg=typer.colors.RED, err=True)
+        typer.echo(
+            f"  retryable: {traits.retryable}; billable: {traits.billable}"
+            + (f"; retry after {exc.retry_after_s:g}s" if exc.retry_after_s is not None else "")
+            + (f"; quota back at {exc.reset_at.isoformat()}" if exc.reset_at is not None else "")
+        )
+        raise typer.Exit(1) from None
+    t = result.timings
+    typer.echo(
+        f"timings: submit {t.submit_s:.3f}s, queue {t.queue_s:.3f}s, run {t.run_s:.3f}s, "
+        f"download {t.download_s:.3f}s, total {t.total_s:.3f}s"
+    )
+    typer.echo(f"seed: {result.seed}; mode: {result.mode.value}")
+    if result.billed_units is not None:
+        typer.echo(f"billed units reported by the provider: {result.billed_units}")
+    if estimate is not None:
+        if result.mode is ConnectionMode.LIVE:
+            typer.echo(f"cost (estimate): {estimate.formatted}")
+        else:
+            typer.echo(f"cost: $0 ({result.mode.value}; live, this would be about {estimate.formatted})")
+    for image in result.images:
+        typer.echo(f"image: {image.path} ({image.width}x{image.height} {image.format}, {image.size_bytes} bytes)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
