@@ -8,8 +8,9 @@ Paths are relative to where the app is mounted (`/fal` in emulator.server):
 - `PUT  /fal-ai/qwen-image/requests/{id}/cancel`        202 CANCELLATION_REQUESTED / 400 ALREADY_COMPLETED
 - `GET  /files/{name}`                                    the generated images (fal's CDN stand-in)
 
-A request moves on when it is polled: it answers IN_QUEUE for `queue_steps` status polls, then waits for a
-free slot under `concurrency` (still IN_QUEUE, its position = requests ahead of it), then runs for
+A request moves on as it is polled: it answers IN_QUEUE for `queue_steps` status polls (or QUEUE_STEP_S seconds
+per step if nobody polls), then waits for a free slot under `concurrency` (still IN_QUEUE, its position =
+requests queued ahead of it), then runs for
 `latency_s` (IN_PROGRESS with growing logs), then COMPLETED. Requests live in memory for the life of the
 process, so a new client (or a restarted adapter) can collect one by id.
 
@@ -63,6 +64,9 @@ SUPPORTED_FAULTS: frozenset[Fault] = frozenset(
     }
 )
 MAX_SIDE = 14142
+QUEUE_STEP_S = 0.5
+"""A queued request also moves on one step per this many seconds, polled or not: an abandoned request must
+run (and leave the queue) like on fal, not hold everyone's position forever."""
 MAX_FILES = 512
 """Generated files kept for download; older ones are dropped (fal's CDN URLs expire too)."""
 
@@ -193,7 +197,7 @@ class FalEmulator:
                 req.timed_out = True
                 req.state, req.finished = "completed", now
                 continue
-            if req.polls >= knobs.queue_steps and running < knobs.concurrency:
+            if self._steps_done(req, now) >= knobs.queue_steps and running < knobs.concurrency:
                 req.state, req.started = "running", now
                 running += 1
                 self._log(req, "INFO", "Runner acquired; loading Qwen-Image weights")
@@ -254,14 +258,18 @@ class FalEmulator:
         while len(self.files) > MAX_FILES:
             self.files.popitem(last=False)
 
-    def queue_position(self, req: FalRequest) -> int:
+    @staticmethod
+    def _steps_done(req: FalRequest, now: float) -> int:
+        return max(req.polls, int((now - req.created) / QUEUE_STEP_S))
+
+    def queue_position(self, req: FalRequest, now: float) -> int:
         ahead = 0
         for other in self.requests.values():
             if other is req:
                 break
             if other.state == "queued":
                 ahead += 1
-        remaining_steps = max(0, self.board.get(PROVIDER).queue_steps - req.polls)
+        remaining_steps = max(0, self.board.get(PROVIDER).queue_steps - self._steps_done(req, now))
         return ahead + remaining_steps
 
     # -- HTTP --------------------------------------------------------------------------------------------
@@ -337,7 +345,7 @@ class FalEmulator:
             self.requests[request_id] = req
             self._log(req, "INFO", "Request queued")
             self._advance(now)
-            position = self.queue_position(req)
+            position = self.queue_position(req, now)
         base = f"{self._base(request)}/{app}/requests/{request_id}"
         return JSONResponse(
             {
@@ -365,7 +373,7 @@ class FalEmulator:
             headers = {"x-fal-request-id": req.id}
             if req.state == "queued":
                 req.polls += 1
-                body: dict[str, Any] = {"status": "IN_QUEUE", "queue_position": self.queue_position(req)}
+                body: dict[str, Any] = {"status": "IN_QUEUE", "queue_position": self.queue_position(req, now)}
                 return JSONResponse(body, 202, headers=headers)
             if req.state == "running":
                 self._running_logs(req, now)

@@ -179,6 +179,8 @@ def create_emulator_app(board: FaultBoard = BOARD) -> Starlette:
     )
     app.state.board = board
     app.state.mounted = dict(mounted)
+    app.state.apps = dict(zip(mounted, sub_apps, strict=True))
+    """provider -> its mounted ASGI app, for tests and tools that need to look inside one."""
     app.state.not_mounted = dict(skipped)
     return app
 
