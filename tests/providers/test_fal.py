@@ -452,3 +452,52 @@ async def test_downloader_refuses_what_is_not_a_fetchable_image(tmp_path: Any) -
         assert caught.value.error_class is ErrorClass.BAD_RESPONSE
     with pytest.raises(ValueError, match="more than"):
         decode_data_uri("data:image/png;base64," + "A" * 400, max_bytes=100)
+
+
+def _http_error(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Exception:
+    import fal_client
+
+    response = httpx.Response(status, json=body, headers=headers, request=httpx.Request("GET", "https://x/"))
+    return fal_client.FalClientHTTPError(
+        body.get("detail", ""), status, dict(response.headers), response=response, error_type=body.get("error_type")
+    )
+
+
+@pytest.mark.parametrize(
+    ("exc", "error_class"),
+    [
+        (_http_error(403, {"detail": "forbidden"}), ErrorClass.AUTH),
+        (_http_error(504, {"detail": "timed out", "error_type": "request_timeout"}), ErrorClass.TIMEOUT),
+        (_http_error(504, {"detail": "x"}, {"X-Fal-Request-Timeout-Type": "user"}), ErrorClass.TIMEOUT),
+        (_http_error(502, {"detail": "bad gateway"}), ErrorClass.UNAVAILABLE),
+        (_http_error(400, {"detail": "cancelled", "error_type": "request_cancelled"}), ErrorClass.CANCELLED),
+        (_http_error(418, {"detail": "teapot"}), ErrorClass.BAD_RESPONSE),
+        (ValueError("Unknown status: EXPLODED"), ErrorClass.BAD_RESPONSE),
+        (KeyError("request_id"), ErrorClass.BAD_RESPONSE),
+        (httpx.ReadTimeout("slow"), ErrorClass.TIMEOUT),
+        (httpx.RemoteProtocolError("eof"), ErrorClass.UNAVAILABLE),
+    ],
+)
+def test_every_failure_maps_to_one_error_class(exc: Exception, error_class: ErrorClass) -> None:
+    from fal_client.auth import MissingCredentialsError
+
+    adapter = make_adapter("http://127.0.0.1:1/fal")
+    mapped = adapter._map(exc, "rid")
+    assert mapped.error_class is error_class, mapped
+    assert mapped.provider_request_id == "rid"
+    assert adapter._map(MissingCredentialsError("none"), None).error_class is ErrorClass.AUTH
+
+
+def test_validation_message_lists_each_field_of_a_422() -> None:
+    exc = _http_error(
+        422,
+        {
+            "detail": [
+                {"loc": ["body", "image_size", "width"], "msg": "too big", "type": "less_than_equal"},
+                {"loc": ["body", "num_images"], "msg": "too many", "type": "less_than_equal"},
+            ]
+        },
+    )
+    mapped = make_adapter("http://127.0.0.1:1/fal")._map(exc, None)
+    assert mapped.error_class is ErrorClass.VALIDATION
+    assert mapped.message == "fal rejected the input: image_size.width: too big; num_images: too many"
