@@ -11,7 +11,7 @@ from core.users import authenticate, create_first_admin, needs_first_admin
 from db.engine import transaction
 from ui import state
 
-st.set_page_config(page_title="Imagegate", page_icon="🖼️", layout="wide")
+st.set_page_config(page_title="Imagegate", page_icon=":material/image:", layout="wide")
 
 
 def first_run_page() -> None:
@@ -70,15 +70,15 @@ def main() -> None:
     with runtime.sessions() as session:
         fresh = needs_first_admin(session)
     if fresh:
-        st.navigation([st.Page(first_run_page, title="First run", icon="🔑")], position="hidden").run()
+        st.navigation([st.Page(first_run_page, title="First run", icon=":material/key:")], position="hidden").run()
         return
     user = state.current_user()
     if user is None:
-        st.navigation([st.Page(sign_in_page, title="Sign in", icon="🔑")], position="hidden").run()
+        st.navigation([st.Page(sign_in_page, title="Sign in", icon=":material/key:")], position="hidden").run()
         return
 
-    settings = st.Page("pages/settings.py", title="Settings", icon="⚙️", default=True)
-    account = st.Page("pages/account.py", title="Account", icon="👤")
+    settings = st.Page("pages/settings.py", title="Settings", icon=":material/tune:", default=True)
+    account = st.Page("pages/account.py", title="Account", icon=":material/person:")
     staff = user.role in (Role.ADMIN, Role.HERO)
     # A page left out of a role's list cannot be reached, by link or by URL.
     pages = [settings, account] if staff else [account]

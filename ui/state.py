@@ -101,5 +101,5 @@ def offline_banner() -> None:
         st.warning(
             f"**Sandbox mode** — these providers are not live, so nothing here is a real generation or a "
             f"real charge: {lines}. Set a provider's API key to go live.",
-            icon="🧪",
+            icon=":material/science:",
         )

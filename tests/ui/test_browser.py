@@ -78,6 +78,9 @@ def test_first_run_sign_in_and_roles(console: Console, browser: object) -> None:
     # so he lands on his own page instead.
     user_page.goto(f"{console.url}/settings")
     wait_for_app(user_page)
+    assert user_page.get_by_text("Page not found").is_visible()
+    user_page.keyboard.press("Escape")
+    user_page.get_by_text("Page not found").wait_for(state="hidden", timeout=10_000)
     _fill(user_page, "Username", "bob")
     _fill(user_page, "Password", PASSWORD)
     user_page.get_by_role("button", name="Sign in").click()
