@@ -29,6 +29,8 @@ class Fault(StrEnum):
 
 
 PROVIDERS = ("fal", "ideogram", "hf", "qwen")
+# Ideogram's default account limit is 10 requests in flight; the others get a small number that queues visibly.
+DEFAULT_CONCURRENCY = {"fal": 4, "ideogram": 10, "hf": 4, "qwen": 4}
 _MARKER = re.compile(r"\[\[fault:([a-z0-9_]+)\]\]")
 
 
@@ -56,9 +58,13 @@ class ProviderKnobs:
     """How many more requests get `fault`; None = every request until cleared."""
 
 
+def _default_knobs() -> dict[str, ProviderKnobs]:
+    return {p: ProviderKnobs(concurrency=DEFAULT_CONCURRENCY[p]) for p in PROVIDERS}
+
+
 @dataclass
 class FaultBoard:
-    knobs: dict[str, ProviderKnobs] = field(default_factory=lambda: {p: ProviderKnobs() for p in PROVIDERS})
+    knobs: dict[str, ProviderKnobs] = field(default_factory=lambda: _default_knobs())
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def get(self, provider: str) -> ProviderKnobs:
@@ -80,7 +86,7 @@ class FaultBoard:
 
     def reset(self) -> None:
         with self._lock:
-            self.knobs = {p: ProviderKnobs() for p in PROVIDERS}
+            self.knobs = _default_knobs()
 
     def take_fault(self, provider: str, prompt: str) -> Fault | None:
         """The fault for this request: the prompt's marker wins, else the provider's standing fault."""

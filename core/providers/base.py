@@ -9,6 +9,7 @@ routing or the database: the generation service (core.generation) does that arou
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
@@ -19,6 +20,8 @@ from typing import Any
 
 from core.errors import ErrorClass, ProviderError
 from core.images import StoredImage
+
+log = logging.getLogger(__name__)
 
 
 class ConnectionMode(StrEnum):
@@ -64,6 +67,7 @@ class ProgressEvent:
     provider: str
     provider_request_id: str | None = None
     queue_position: int | None = None
+    """1 = next to run (providers counting from 0 are shifted by their adapter)."""
     queue_size: int | None = None
     eta_s: float | None = None
     progress: float | None = None
@@ -121,13 +125,27 @@ class HealthReport:
     error_class: ErrorClass | None = None
 
 
-async def emit(callback: EventCallback | RequestIdCallback | None, value: Any) -> None:
-    """Call a progress/request-id callback that may be sync or async; a failing callback never kills a run."""
+async def emit(callback: RequestIdCallback | None, value: str) -> None:
+    """Hand the provider's request id to the caller (sync or async callback). Its failure propagates: a request
+    whose id could not be recorded must not go on unnoticed (the adapter cancels it)."""
     if callback is None:
         return
     result = callback(value)
     if inspect.isawaitable(result):
         await result
+
+
+async def emit_event(callback: EventCallback | None, event: ProgressEvent) -> None:
+    """Report progress (sync or async callback). A failing progress display never kills a paid run: the error
+    is logged and the run goes on."""
+    if callback is None:
+        return
+    try:
+        result = callback(event)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        log.exception("progress callback failed for %s (%s); the run continues", event.provider, event.kind.value)
 
 
 class ProviderAdapter(ABC):
@@ -162,6 +180,10 @@ class ProviderAdapter(ABC):
     @abstractmethod
     async def health_probe(self) -> HealthReport:
         """A cheap check that generates nothing billable."""
+
+    async def aclose(self) -> None:
+        """Release what the adapter holds (clients, temp files). Adapters holding nothing keep this default."""
+        return None
 
     async def cancel(self, provider_request_id: str) -> None:
         raise ProviderError(

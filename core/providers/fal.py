@@ -54,6 +54,7 @@ from core.providers.base import (
     Timings,
     Translation,
     emit,
+    emit_event,
 )
 from core.providers.http_download import download_images
 from core.sizes import SizeError, resolve_size
@@ -427,13 +428,6 @@ class FalQwenAdapter(ProviderAdapter):
             return self._error(ErrorClass.VALIDATION, f"fal refused the request: {message}", request_id, status)
         return self._error(ErrorClass.BAD_RESPONSE, f"unexpected HTTP {status} from fal: {message}", request_id, status)
 
-    async def _notify(self, on_event: EventCallback | None, event: ProgressEvent) -> None:
-        try:
-            await emit(on_event, event)
-        except Exception:
-            # A broken progress display must not lose a paid image.
-            log.exception("progress callback failed for %s", event.provider_request_id)
-
     async def _cancel_quietly(self, handle: fal_client.AsyncRequestHandle) -> None:
         try:
             await asyncio.wait_for(handle.cancel(), timeout=CANCEL_GRACE_S)
@@ -466,7 +460,7 @@ class FalQwenAdapter(ProviderAdapter):
                     # The caller could not record the id: cancel rather than pay for an image nobody tracks.
                     await self._cancel_quietly(handle)
                     raise _CallerFailed(exc) from exc
-                await self._notify(on_event, ProgressEvent(EventKind.SUBMITTED, self.provider_id, handle.request_id))
+                await emit_event(on_event, ProgressEvent(EventKind.SUBMITTED, self.provider_id, handle.request_id))
                 return await self._follow(handle, transport, translation, watch, submit_s, on_event)
 
             return await self._bounded(attempt, request.timeout_s, progress, transport)
@@ -567,9 +561,12 @@ class FalQwenAdapter(ProviderAdapter):
             if isinstance(status, fal_client.Queued):
                 if status.position != last_position:
                     last_position = status.position
-                    await self._notify(
+                    await emit_event(
                         on_event,
-                        ProgressEvent(EventKind.QUEUED, self.provider_id, request_id, queue_position=status.position),
+                        # fal counts from 0 (= next to run); the product counts from 1.
+                        ProgressEvent(
+                            EventKind.QUEUED, self.provider_id, request_id, queue_position=status.position + 1
+                        ),
                     )
             elif isinstance(status, fal_client.InProgress):
                 lines = new_lines(status.logs)
@@ -577,7 +574,7 @@ class FalQwenAdapter(ProviderAdapter):
                 if first:
                     running, queue_s = True, watch.lap()
                 if first or lines:
-                    await self._notify(
+                    await emit_event(
                         on_event, ProgressEvent(EventKind.RUNNING, self.provider_id, request_id, logs=lines)
                     )
             elif isinstance(status, fal_client.Completed):
@@ -601,7 +598,7 @@ class FalQwenAdapter(ProviderAdapter):
             )
         keep = [url for url, flagged in zip(urls, flags, strict=True) if not flagged]
         watch.lap()
-        await self._notify(
+        await emit_event(
             on_event,
             ProgressEvent(EventKind.DOWNLOADING, self.provider_id, request_id, message=f"{len(keep)} image(s)"),
         )
@@ -617,7 +614,7 @@ class FalQwenAdapter(ProviderAdapter):
                 billed = Decimal(raw_units)
             except InvalidOperation:
                 log.warning("fal sent an unreadable x-fal-billable-units %r for %s", raw_units, request_id)
-        await self._notify(
+        await emit_event(
             on_event,
             ProgressEvent(EventKind.COMPLETED, self.provider_id, request_id, logs=new_lines(completed.logs)),
         )

@@ -47,7 +47,7 @@ from core.providers.base import (
     Stopwatch,
     Timings,
     Translation,
-    emit,
+    emit_event,
 )
 from core.providers.ideogram import retry_after_seconds
 from core.sizes import SizeError, resolve_size
@@ -302,8 +302,7 @@ class HuggingFaceAdapter(ProviderAdapter):
         if first_seed is None:
             first_seed = secrets.randbelow(_SEED_SPAN)
         seeds = [(int(first_seed) + i) % _SEED_SPAN for i in range(count)]
-        await emit(
-            on_event,
+        await emit_event(on_event,
             ProgressEvent(
                 EventKind.RUNNING,
                 self.provider_id,
@@ -327,8 +326,7 @@ class HuggingFaceAdapter(ProviderAdapter):
                 index = tasks.index(task)
                 exc = task.exception()
                 outcomes[index] = self._map_error(exc, self._where(wire)) if exc else task.result()
-            await emit(
-                on_event,
+            await emit_event(on_event,
                 ProgressEvent(EventKind.RUNNING, self.provider_id, progress=len(outcomes) / count),
             )
         for task in pending:
@@ -340,7 +338,7 @@ class HuggingFaceAdapter(ProviderAdapter):
         failures = [(seeds[i], o) for i, o in sorted(outcomes.items()) if isinstance(o, ProviderError)]
         if not images:
             raise failures[0][1]
-        await emit(on_event, ProgressEvent(EventKind.COMPLETED, self.provider_id, progress=1.0))
+        await emit_event(on_event, ProgressEvent(EventKind.COMPLETED, self.provider_id, progress=1.0))
         run_s = watch.lap()
         return ProviderResult(
             provider=self.provider_id,

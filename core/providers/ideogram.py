@@ -39,7 +39,7 @@ from core.providers.base import (
     Stopwatch,
     Timings,
     Translation,
-    emit,
+    emit_event,
 )
 from core.providers.http_download import download_images
 from core.sizes import SizeError, resolve_size
@@ -311,8 +311,7 @@ class IdeogramAdapter(ProviderAdapter):
             raise self._fail(ErrorClass.AUTH, "no Ideogram API key configured (IDEOGRAM_API_KEY)")
         fields = {"prompt": request.prompt, **translation.wire_params}
         # Ideogram gives no request id and no queue: the one call below is the whole run.
-        await emit(
-            on_event,
+        await emit_event(on_event,
             ProgressEvent(EventKind.RUNNING, self.provider_id, message="Ideogram is generating (synchronous call)"),
         )
         answer = await self._bounded(asyncio.to_thread(self._post, fields, request.timeout_s), deadline)
@@ -331,8 +330,7 @@ class IdeogramAdapter(ProviderAdapter):
                 f"Ideogram marked all {len(parsed.data)} image(s) unsafe",
                 status_code=answer.status,
             )
-        await emit(
-            on_event,
+        await emit_event(on_event,
             ProgressEvent(
                 EventKind.DOWNLOADING, self.provider_id, message=f"downloading {len(safe)} image(s) before they expire"
             ),
@@ -343,7 +341,7 @@ class IdeogramAdapter(ProviderAdapter):
             timeout_s=max(0.0, deadline - time.monotonic()),
         )
         download_s = watch.lap()
-        await emit(on_event, ProgressEvent(EventKind.COMPLETED, self.provider_id))
+        await emit_event(on_event, ProgressEvent(EventKind.COMPLETED, self.provider_id))
         unsafe = len(parsed.data) - len(safe)
         return ProviderResult(
             provider=self.provider_id,

@@ -55,6 +55,7 @@ from core.providers.base import (
     Timings,
     Translation,
     emit,
+    emit_event,
 )
 from core.sizes import SizeError, resolve_size
 
@@ -498,7 +499,7 @@ class QwenSpaceAdapter(ProviderAdapter):
         try:
             if event_id:
                 await emit(on_request_id, request_id)
-                await emit(on_event, ProgressEvent(EventKind.SUBMITTED, PROVIDER_ID, request_id))
+                await emit_event(on_event, ProgressEvent(EventKind.SUBMITTED, PROVIDER_ID, request_id))
             submit_s = watch.lap()
             queue_s, running = 0.0, False
             last: ProgressEvent | None = None
@@ -518,7 +519,7 @@ class QwenSpaceAdapter(ProviderAdapter):
                     if event.kind is EventKind.RUNNING and not running:
                         running, queue_s = True, watch.lap()
                     last = event
-                    await emit(on_event, event)
+                    await emit_event(on_event, event)
                 await asyncio.sleep(min(self.config.poll_interval_s, max(0.0, deadline - time.monotonic())))
             if flight.cancelled:
                 raise ProviderError(
@@ -538,10 +539,10 @@ class QwenSpaceAdapter(ProviderAdapter):
                 raise mapped from exc
             reusable = True
             run_s = watch.lap()
-            await emit(on_event, ProgressEvent(EventKind.DOWNLOADING, PROVIDER_ID, request_id))
+            await emit_event(on_event, ProgressEvent(EventKind.DOWNLOADING, PROVIDER_ID, request_id))
             image, seed = await self._collect(output, event_id)
             download_s = watch.lap()
-            await emit(on_event, ProgressEvent(EventKind.COMPLETED, PROVIDER_ID, request_id, progress=1.0))
+            await emit_event(on_event, ProgressEvent(EventKind.COMPLETED, PROVIDER_ID, request_id, progress=1.0))
         finally:
             self._flights.pop(request_id, None)
             if not job.done() or flight.cancelled:

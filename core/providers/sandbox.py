@@ -36,6 +36,7 @@ from core.providers.base import (
     Timings,
     Translation,
     emit,
+    emit_event,
 )
 from core.render import RenderSpec, render_placeholder
 from core.sizes import SizeError, resolve_size
@@ -200,15 +201,14 @@ class SandboxAdapter(ProviderAdapter):
         self._flights[request_id] = flight
         try:
             await emit(on_request_id, request_id)
-            await emit(on_event, ProgressEvent(EventKind.SUBMITTED, PROVIDER_ID, request_id))
+            await emit_event(on_event, ProgressEvent(EventKind.SUBMITTED, PROVIDER_ID, request_id))
             submit_s = watch.lap()
 
             steps: int = wire["num_inference_steps"]
             queue_time = self.latency_s * QUEUE_SHARE if self.queue_length else 0.0
             per_position = queue_time / self.queue_length if self.queue_length else 0.0
             for position in range(self.queue_length, 0, -1):
-                await emit(
-                    on_event,
+                await emit_event(on_event,
                     ProgressEvent(
                         EventKind.QUEUED,
                         PROVIDER_ID,
@@ -223,8 +223,7 @@ class SandboxAdapter(ProviderAdapter):
 
             per_step = (self.latency_s - queue_time) / steps
             for step in range(steps):
-                await emit(
-                    on_event,
+                await emit_event(on_event,
                     ProgressEvent(
                         EventKind.RUNNING,
                         PROVIDER_ID,
@@ -248,15 +247,15 @@ class SandboxAdapter(ProviderAdapter):
                 for s in seeds
             ]
             images = await asyncio.to_thread(lambda: [render_placeholder(spec) for spec in specs])
-            await emit(on_event, ProgressEvent(EventKind.RUNNING, PROVIDER_ID, request_id, progress=1.0))
+            await emit_event(on_event, ProgressEvent(EventKind.RUNNING, PROVIDER_ID, request_id, progress=1.0))
             run_s = watch.lap()
 
-            await emit(on_event, ProgressEvent(EventKind.DOWNLOADING, PROVIDER_ID, request_id))
+            await emit_event(on_event, ProgressEvent(EventKind.DOWNLOADING, PROVIDER_ID, request_id))
             stored: list[StoredImage] = []
             for data in images:
                 stored.append(await asyncio.to_thread(store_image, data))
             download_s = watch.lap()
-            await emit(on_event, ProgressEvent(EventKind.COMPLETED, PROVIDER_ID, request_id, progress=1.0))
+            await emit_event(on_event, ProgressEvent(EventKind.COMPLETED, PROVIDER_ID, request_id, progress=1.0))
         finally:
             self._flights.pop(request_id, None)
 
