@@ -18,8 +18,10 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
+from core.catalog import ProviderSpec
 from core.errors import ErrorClass, ProviderError
 from core.images import StoredImage
+from core.settings import check_param
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +148,15 @@ async def emit_event(callback: EventCallback | None, event: ProgressEvent) -> No
             await result
     except Exception:
         log.exception("progress callback failed for %s (%s); the run continues", event.provider, event.kind.value)
+
+
+def checked_value(spec: ProviderSpec, name: str, value: Any) -> Any:
+    """A canonical value checked by the one parameter validator (core.settings), so an adapter handed a bad
+    value fails before anything is sent. Raises ValueError with the validator's message."""
+    normal, problem = check_param(spec, spec.params[name], value)
+    if problem is not None:
+        raise ValueError(problem)
+    return normal
 
 
 class ProviderAdapter(ABC):

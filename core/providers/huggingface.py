@@ -31,7 +31,7 @@ from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError, Offlin
 from huggingface_hub.utils._http import parse_ratelimit_headers
 from PIL import Image
 
-from core.catalog import HUGGINGFACE, SEED_MAX, ParamSpec
+from core.catalog import HUGGINGFACE, SEED_MAX
 from core.config import disable_telemetry
 from core.errors import ErrorClass, ProviderError
 from core.images import MAX_IMAGE_PIXELS, InvalidImage, StoredImage, store_image
@@ -47,6 +47,7 @@ from core.providers.base import (
     Stopwatch,
     Timings,
     Translation,
+    checked_value,
     emit_event,
 )
 from core.providers.ideogram import retry_after_seconds
@@ -72,19 +73,6 @@ class _Target:
     """The inference provider for a model id; None for URLs (huggingface_hub uses hf-inference for them)."""
     hub_model_id: str | None
     """The Hub model id behind the call, when there is one (for the health probe's model lookup)."""
-
-
-def _checked(spec: ParamSpec, value: Any) -> Any:
-    """A canonical value checked against the catalog, so a bad value fails before any call is made."""
-    if spec.kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{spec.name} must be an integer, got {value!r}")
-    elif spec.kind == "float" and (isinstance(value, bool) or not isinstance(value, int | float)):
-        raise ValueError(f"{spec.name} must be a number, got {value!r}")
-    low, high = spec.minimum, spec.maximum
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{spec.name} must be between {low:g} and {high:g}, got {value}")
-    return value
 
 
 def _server_message(exc: HfHubHTTPError) -> str:
@@ -181,7 +169,7 @@ class HuggingFaceAdapter(ProviderAdapter):
             if value is None:
                 continue
             try:
-                wire[name] = _checked(HUGGINGFACE.params[name], value)
+                wire[name] = checked_value(HUGGINGFACE, name, value)
             except ValueError as exc:
                 raise self._fail(ErrorClass.VALIDATION, str(exc)) from None
         negative = params.get("negative_prompt")

@@ -25,7 +25,7 @@ import requests
 from pydantic import BaseModel, ConfigDict, ValidationError
 from requests.structures import CaseInsensitiveDict
 
-from core.catalog import IDEOGRAM, ParamSpec
+from core.catalog import IDEOGRAM
 from core.errors import ErrorClass, ProviderError
 from core.providers.base import (
     AdapterRequest,
@@ -39,6 +39,7 @@ from core.providers.base import (
     Stopwatch,
     Timings,
     Translation,
+    checked_value,
     emit_event,
 )
 from core.providers.http_download import download_images
@@ -77,27 +78,6 @@ class _HttpAnswer:
     status: int
     headers: Mapping[str, str]
     body: bytes
-
-
-def _checked(spec: ParamSpec, value: Any) -> Any:
-    """A canonical value checked against the catalog, so a bad value fails here, before anything is sent."""
-    if spec.kind == "enum":
-        if value not in spec.choices:
-            raise ValueError(f"{spec.name} must be one of {', '.join(spec.choices)}, got {value!r}")
-        return value
-    if spec.kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{spec.name} must be an integer, got {value!r}")
-        if (spec.minimum is not None and value < spec.minimum) or (
-            spec.maximum is not None and value > spec.maximum
-        ):
-            raise ValueError(f"{spec.name} must be between {spec.minimum:g} and {spec.maximum:g}, got {value}")
-        return value
-    if spec.kind == "str":
-        if not isinstance(value, str):
-            raise ValueError(f"{spec.name} must be text, got {value!r}")
-        return value
-    raise ValueError(f"{spec.name}: unexpected parameter kind {spec.kind!r}")
 
 
 def error_message(body: bytes) -> str:
@@ -176,7 +156,7 @@ class IdeogramAdapter(ProviderAdapter):
             if value is None:
                 continue
             try:
-                wire[name] = _checked(IDEOGRAM.params[name], value)
+                wire[name] = checked_value(IDEOGRAM, name, value)
             except ValueError as exc:
                 raise self._fail(ErrorClass.VALIDATION, str(exc)) from None
         negative = params.get("negative_prompt")
