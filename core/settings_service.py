@@ -104,7 +104,8 @@ def _flatten(data: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]
     out: dict[str, Any] = {}
     for key, value in (data or {}).items():
         path = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
+        if isinstance(value, Mapping):
+            # An empty mapping sets nothing (no params = all inherited), so it contributes no fields.
             out.update(_flatten(value, path + "."))
         else:
             out[path] = value

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -211,10 +213,27 @@ def _check_text(text: str, path: str) -> None:
         raise _refuse(f"the text at {path} is longer than {MAX_STRING_CHARS} characters", path or "file")
     for char in text:
         code = ord(char)
-        if (code < 32 and char not in _CONTROL_OK) or code == 127:
+        if unicodedata.category(char) == "Cc" and char not in _CONTROL_OK:
             raise _refuse(f"the text at {path} contains the control character U+{code:04X}", path or "file")
         if 0xD800 <= code <= 0xDFFF:
             raise _refuse(f"the text at {path} contains an unpaired surrogate (U+{code:04X})", path or "file")
+
+
+_TOKENS = re.compile(r'"(?:\\.|[^"\\])*"|[\[\]{}]')
+
+
+def _check_depth(text: str) -> None:
+    """Refuse deep nesting before json.loads sees it: its C parser recurses once per level, and a recursion
+    error raised deep inside it can leave CPython 3.11's recursion accounting off for the rest of the process."""
+    depth = 0
+    for token in _TOKENS.finditer(text):
+        char = token.group()
+        if char in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _refuse(f"the data is nested more than {MAX_DEPTH} levels deep")
+        elif char in "]}":
+            depth -= 1
 
 
 def _loads(raw: bytes | str) -> Any:
@@ -230,6 +249,7 @@ def _loads(raw: bytes | str) -> Any:
             raise _refuse(f"it is not UTF-8 text (byte {error.start})") from None
     else:
         text = raw
+    _check_depth(text)
     try:
         document = json.loads(
             text,

@@ -120,8 +120,8 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 _EMPTY_ALL = "; ".join(f'DELETE FROM "{t.name}"' for t in reversed(Base.metadata.sorted_tables))
 
 
-def _fresh_sqlite(template: Path, directory: Path) -> str:
-    target = directory / "imagegate.db"
+def _fresh_sqlite(template: Path, directory: Path, name: str = "imagegate.db") -> str:
+    target = directory / name
     shutil.copyfile(template, target)
     return f"sqlite:///{target}"
 
@@ -158,7 +158,7 @@ def db_session_factory(db_engine: Engine) -> sessionmaker[Session]:
 
 @pytest.fixture
 def sqlite_session_factory(sqlite_template: Path, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(_fresh_sqlite(sqlite_template, tmp_path))
+    engine = make_engine(_fresh_sqlite(sqlite_template, tmp_path, "sqlite-only.db"))
     yield session_factory(engine)
     engine.dispose()
 
