@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from decimal import Decimal
+from enum import Enum
 from typing import Any
 
 from sqlalchemy import func, select
@@ -55,15 +57,29 @@ def _view(row: PriceVersion) -> PriceVersionView:
     )
 
 
+def _canonical(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return format(value.normalize(), "f")  # 0.020 and 0.02 are one price, stored one way
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value
+
+
 def price_json(price: ProviderPrice) -> dict[str, Any]:
-    """The stored form: exact decimal strings, never floats."""
-    return price.model_dump(mode="json")
+    """The stored form: exact decimal strings (never floats), written canonically so equal prices compare
+    equal as JSON."""
+    result: dict[str, Any] = _canonical(price.model_dump(mode="python"))
+    return result
 
 
 def _latest(session: Session, provider: str) -> PriceVersion | None:
-    query = (
-        select(PriceVersion).where(PriceVersion.provider == provider).order_by(PriceVersion.version.desc()).limit(1)
-    )
+    query = select(PriceVersion).where(PriceVersion.provider == provider).order_by(PriceVersion.version.desc()).limit(1)
     return session.scalar(query)
 
 

@@ -121,6 +121,4 @@ def require_role(actor: Actor, *roles: Role, action: str = "do this") -> None:
         raise ValueError("require_role needs at least one role")
     if actor.role not in roles:
         allowed = " or ".join(r.value for r in roles)
-        raise PermissionDenied(
-            f"{actor.username} ({actor.role.value}) may not {action}: this needs the {allowed} role"
-        )
+        raise PermissionDenied(f"{actor.username} ({actor.role.value}) may not {action}: this needs the {allowed} role")

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from pydantic import ValidationError
@@ -140,8 +141,13 @@ def _comment(comment: str | None) -> str | None:
     return text or None
 
 
-def _as_json(settings: ProviderSettings | GlobalSettings) -> dict[str, Any]:
-    return settings.model_dump(mode="json")
+def settings_json(settings: ProviderSettings | GlobalSettings) -> dict[str, Any]:
+    """The stored form. Amounts are written canonically ("5" for 5.00) so equal settings compare equal."""
+    data = settings.model_dump(mode="json")
+    for key, value in settings.model_dump().items():
+        if isinstance(value, Decimal):
+            data[key] = format(value.normalize(), "f")
+    return data
 
 
 def _known_provider(provider: str) -> None:
@@ -151,7 +157,7 @@ def _known_provider(provider: str) -> None:
 
 
 def validate_settings(provider: str, data: Mapping[str, Any] | ProviderSettings) -> ProviderSettings:
-    raw = _as_json(data) if isinstance(data, ProviderSettings) else data
+    raw = settings_json(data) if isinstance(data, ProviderSettings) else data
     settings = validate_provider_settings(provider, raw)
     if settings.is_default and not settings.active:
         msg = "the default provider must be active; activate it, or make another provider the default"
@@ -312,7 +318,7 @@ def _write_provider(
             {"version": f"version {current_version} is current now"},
         )
     before = _current_row(session, pointer).settings if pointer is not None else None
-    after = _as_json(settings)
+    after = settings_json(settings)
     was_deleted = pointer is not None and pointer.deleted
     if before == after and was_deleted == deleted:
         return SaveResult(changed=False, version=current_version, changes=())
@@ -404,10 +410,8 @@ def update_provider_settings(
     """Change some fields of the current settings; `params` given here replace the params mapping whole."""
     require_role(actor, *SETTINGS_EDITORS, action=f"change {provider} settings")
     current = get_provider_settings(session, provider).settings
-    merged = {**_as_json(current), **dict(changes)}
-    return save_provider_settings(
-        session, actor, provider, merged, comment=comment, expected_version=expected_version
-    )
+    merged = {**settings_json(current), **dict(changes)}
+    return save_provider_settings(session, actor, provider, merged, comment=comment, expected_version=expected_version)
 
 
 def _modify(
@@ -415,7 +419,7 @@ def _modify(
 ) -> SaveResult:
     require_role(actor, *SETTINGS_EDITORS, action=f"change {provider} settings")
     current = get_provider_settings(session, provider).settings
-    settings = validate_settings(provider, {**_as_json(current), **update})
+    settings = validate_settings(provider, {**settings_json(current), **update})
     return _write_provider(session, actor, settings, action=action, comment=_comment(comment))
 
 
@@ -527,7 +531,7 @@ def _write_global(
             {"version": f"version {current_version} is current now"},
         )
     before = latest.settings if latest is not None else None
-    after = _as_json(settings)
+    after = settings_json(settings)
     if before == after:
         return SaveResult(changed=False, version=current_version, changes=())
     version = current_version + 1
@@ -555,7 +559,7 @@ def save_global_settings(
     expected_version: int | None = None,
 ) -> SaveResult:
     require_role(actor, *SETTINGS_EDITORS, action="change the global settings")
-    settings = validate_global_settings(_as_json(data) if isinstance(data, GlobalSettings) else data)
+    settings = validate_global_settings(settings_json(data) if isinstance(data, GlobalSettings) else data)
     action = "global_settings.update" if _latest_global(session) is not None else "global_settings.create"
     return _write_global(
         session, actor, settings, action=action, comment=_comment(comment), expected_version=expected_version

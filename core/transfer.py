@@ -130,7 +130,7 @@ def _configured_secrets() -> list[str]:
 def export_document(session: Session, actor: Actor) -> dict[str, Any]:
     require_role(actor, *SETTINGS_EDITORS, action="export settings")
     providers = {
-        view.provider: view.settings.model_dump(mode="json")
+        view.provider: settings_service.settings_json(view.settings)
         for view in settings_service.list_provider_settings(session)
     }
     prices: dict[str, Any] = {}
@@ -142,7 +142,7 @@ def export_document(session: Session, actor: Actor) -> dict[str, Any]:
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "exported_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-        "global_settings": settings_service.get_global_settings(session).settings.model_dump(mode="json"),
+        "global_settings": settings_service.settings_json(settings_service.get_global_settings(session).settings),
         "providers": dict(sorted(providers.items())),
         "prices": prices,
     }
@@ -281,8 +281,7 @@ def parse_import(raw: bytes | str) -> ImportDocument:
         raise _refuse(f"this is not an Imagegate settings export (format must be {FORMAT_NAME!r})", "format")
     if document.get("format_version") != FORMAT_VERSION:
         raise _refuse(
-            f"format_version {document.get('format_version')!r} is not supported (this version reads "
-            f"{FORMAT_VERSION})",
+            f"format_version {document.get('format_version')!r} is not supported (this version reads {FORMAT_VERSION})",
             "format_version",
         )
     try:
@@ -302,9 +301,7 @@ def parse_import(raw: bytes | str) -> ImportDocument:
     providers: dict[str, ProviderSettings] = {}
     for provider, data in shape.providers.items():
         if provider not in PROVIDERS:
-            errors[f"providers.{provider}"] = (
-                f"unknown provider {provider!r}; known providers: {', '.join(PROVIDERS)}"
-            )
+            errors[f"providers.{provider}"] = f"unknown provider {provider!r}; known providers: {', '.join(PROVIDERS)}"
             continue
         try:
             providers[provider] = settings_service.validate_settings(provider, data)
@@ -343,8 +340,8 @@ def _plan(session: Session, doc: ImportDocument) -> ImportPlan:
     items: list[PlanItem] = []
     if doc.global_settings is not None:
         current = settings_service.get_global_settings(session)
-        before = current.settings.model_dump(mode="json") if current.version else None
-        changes = diff_settings(before, doc.global_settings.model_dump(mode="json"))
+        before = settings_service.settings_json(current.settings) if current.version else None
+        changes = diff_settings(before, settings_service.settings_json(doc.global_settings))
         action: Literal["create", "update", "unchanged"] = (
             "create" if before is None else ("update" if changes else "unchanged")
         )
@@ -354,12 +351,11 @@ def _plan(session: Session, doc: ImportDocument) -> ImportPlan:
     new_default = next((p for p, s in doc.providers.items() if s.is_default), None)
     for provider, settings in sorted(doc.providers.items()):
         try:
-            existing: dict[str, Any] | None = settings_service.get_provider_settings(
-                session, provider
-            ).settings.model_dump(mode="json")
+            current_settings = settings_service.get_provider_settings(session, provider).settings
+            existing: dict[str, Any] | None = settings_service.settings_json(current_settings)
         except NotFound:
             existing = None
-        changes = diff_settings(existing, settings.model_dump(mode="json"))
+        changes = diff_settings(existing, settings_service.settings_json(settings))
         action = "create" if existing is None else ("update" if changes else "unchanged")
         items.append(PlanItem("provider_settings", provider, action, tuple(changes)))
     if new_default is not None and current_default not in (None, new_default) and current_default not in doc.providers:

@@ -82,8 +82,7 @@ def normalize_username(username: str) -> str:
         problem = f"the username must be {USERNAME_MIN}-{USERNAME_MAX} characters long"
     elif not _USERNAME_RE.match(name):
         problem = (
-            "the username may contain only letters a-z, digits, '.', '_' and '-', "
-            "and must start with a letter or digit"
+            "the username may contain only letters a-z, digits, '.', '_' and '-', and must start with a letter or digit"
         )
     elif name in RESERVED_USERNAMES:
         problem = f"the username {name!r} is reserved"
@@ -131,9 +130,7 @@ def _insert_user(session: Session, actor: Actor, name: str, password: str, role:
     return user
 
 
-def create_user(
-    session: Session, actor: Actor, username: str, password: str, role: Role | str = Role.USER
-) -> UserView:
+def create_user(session: Session, actor: Actor, username: str, password: str, role: Role | str = Role.USER) -> UserView:
     require_role(actor, Role.ADMIN, action="create users")
     return _view(_insert_user(session, actor, normalize_username(username), password, _role(role), "user.create"))
 
@@ -194,9 +191,7 @@ def reset_password(session: Session, actor: Actor, user_id: int, new_password: s
     user.password_hash = hash_password(new_password)
     user.password_changed_at = utcnow()
     session.flush()
-    audit.record(
-        session, actor, "user.reset_password", "user", str(user.id), after={"password": "reset by an admin"}
-    )
+    audit.record(session, actor, "user.reset_password", "user", str(user.id), after={"password": "reset by an admin"})
     return _view(user)
 
 

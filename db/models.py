@@ -50,7 +50,22 @@ NAMING_CONVENTION = {
 # Upper bounds (ms) of the latency histogram buckets in usage_daily_rollups; the last bucket is open-ended.
 # Roughly x1.5 steps: fine enough to read p50 and p95 within about 25 % from the rollups alone.
 LATENCY_BUCKET_BOUNDS_MS: tuple[int, ...] = (
-    100, 250, 500, 750, 1000, 1500, 2000, 3000, 4500, 6500, 10_000, 15_000, 22_500, 35_000, 60_000, 120_000,
+    100,
+    250,
+    500,
+    750,
+    1000,
+    1500,
+    2000,
+    3000,
+    4500,
+    6500,
+    10_000,
+    15_000,
+    22_500,
+    35_000,
+    60_000,
+    120_000,
 )
 LATENCY_BUCKET_COLUMNS: tuple[str, ...] = tuple(f"latency_b{i:02d}" for i in range(len(LATENCY_BUCKET_BOUNDS_MS) + 1))
 

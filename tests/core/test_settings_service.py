@@ -204,6 +204,8 @@ def test_rollback_is_a_new_version_equal_to_the_old_one(db_session_factory: sess
     assert result.version == 3 and v3.settings == v1.settings
     assert current.daily_cost_limit_usd == Decimal("1.5")
     assert entry.changed_fields()["params"] == ({"guidance_scale": 9.0}, {"guidance_scale": 2.0})
+    with transaction(db_session_factory) as session:  # 1.50 is the amount already set: no new version
+        assert not svc.update_provider_settings(session, ADMIN, "sandbox", {"daily_cost_limit_usd": "1.50"}).changed
     with transaction(db_session_factory) as session:  # rolling back to what is already current changes nothing
         assert not svc.rollback_provider_settings(session, ADMIN, "sandbox", 1).changed
 

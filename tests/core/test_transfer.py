@@ -32,7 +32,8 @@ def _snapshot(factory: sessionmaker[Session]) -> dict[str, list[tuple[Any, ...]]
 
 def _export(factory: sessionmaker[Session]) -> dict[str, Any]:
     with factory() as session:
-        return json.loads(transfer.export_json(session, ADMIN))
+        doc: dict[str, Any] = json.loads(transfer.export_json(session, ADMIN))
+    return doc
 
 
 def _seed(factory: sessionmaker[Session]) -> sessionmaker[Session]:
