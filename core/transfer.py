@@ -237,6 +237,8 @@ def _check_depth(text: str) -> None:
 
 
 def _loads(raw: bytes | str) -> Any:
+    if isinstance(raw, str) and len(raw) > MAX_IMPORT_BYTES:  # a character is at least one byte
+        raise _refuse(f"it is over {MAX_IMPORT_BYTES:,} bytes; the limit is {MAX_IMPORT_BYTES:,} bytes")
     size = len(raw.encode("utf-8")) if isinstance(raw, str) else len(raw)
     if size > MAX_IMPORT_BYTES:
         raise _refuse(f"it is {size:,} bytes; the limit is {MAX_IMPORT_BYTES:,} bytes")

@@ -107,7 +107,9 @@ def _is_connection_failure(error: exc.DBAPIError) -> bool:
 
 
 def _unavailable(engine_url: str, error: BaseException) -> DatabaseUnavailable:
-    reason = str(getattr(error, "orig", error)).strip().splitlines()[0] if str(error) else type(error).__name__
+    cause = getattr(error, "orig", None) or error
+    lines = str(cause).strip().splitlines()
+    reason = lines[0] if lines else type(cause).__name__
     return DatabaseUnavailable(f"cannot reach the database at {safe_url(engine_url)}: {reason}")
 
 

@@ -82,15 +82,19 @@ def drop_pg_database(admin_dsn: str, name: str) -> None:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-@pytest.fixture(scope="session")
-def pg_admin_dsn() -> str:
-    dsn = find_pg_admin_dsn()
+def require_pg(dsn: str | None) -> str:
+    """The DSN, or skip the test (FAIL it under CI=true) because PostgreSQL is unreachable."""
     if dsn is None:
         message = f"PostgreSQL is not reachable at {PG_HOST}:{PG_PORT} (users tried: {', '.join(PG_USERS)})"
         if _in_ci():
             pytest.fail(f"{message}; CI=true requires it", pytrace=False)
         pytest.skip(message)
     return dsn
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn() -> str:
+    return require_pg(find_pg_admin_dsn())
 
 
 @pytest.fixture(scope="session")
