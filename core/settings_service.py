@@ -35,6 +35,7 @@ from core.security import SETTINGS_EDITORS, Actor, require_role
 from core.settings import (
     GlobalSettings,
     ProviderSettings,
+    default_provider_settings,
     validate_global_settings,
     validate_provider_settings,
 )
@@ -245,6 +246,20 @@ def get_provider_settings(session: Session, provider: str) -> ProviderSettingsVi
     if pointer is None or pointer.deleted:
         raise NotFound(f"{provider} has no settings (never configured, or deleted)")
     return _provider_view(session, pointer)
+
+
+def settings_for_routing(session: Session) -> dict[str, ProviderSettings]:
+    """Every usable provider's settings: the stored current version, or the catalog defaults for a provider
+    nobody has configured yet. Providers whose settings were deleted are left out."""
+    pointers = {p.provider: p for p in session.scalars(select(ProviderSettingsCurrent))}
+    result: dict[str, ProviderSettings] = {}
+    for provider in PROVIDERS:
+        pointer = pointers.get(provider)
+        if pointer is None:
+            result[provider] = default_provider_settings(provider)
+        elif not pointer.deleted:
+            result[provider] = _load_provider(_current_row(session, pointer).settings)
+    return result
 
 
 def is_configured(session: Session, provider: str) -> bool:

@@ -4,6 +4,12 @@ SQLite gets WAL (readers never block the writer), a busy timeout (concurrent wri
 once) and foreign keys (off by default in SQLite) on every new DBAPI connection. PostgreSQL goes through
 psycopg 3. Every pool pings before handing out a connection, so a server restart costs one reconnect instead of
 an error, and a database that is really gone raises `DatabaseUnavailable` with a message a person can act on.
+
+Concurrency note for writers: Python 3.11's sqlite3 opens a transaction at the first write, not the first read,
+so on SQLite a read-then-write sequence is not isolated. Code that must not race therefore relies on what holds
+on both databases: single atomic statements (`UPDATE ... SET x = x + :n WHERE x + :n <= :limit`) and unique
+constraints (settings versions, the first-admin flag, one alert per period), turning a lost race into a clear
+error instead of a silent double write.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from core import audit
 from core import settings_service as svc
 from core.errors import InvalidInput, NotFound, PermissionDenied
 from core.security import Actor, Role
+from core.settings import default_provider_settings
 from db.engine import transaction
 from db.models import AuditLog, GlobalSettingsVersion, ProviderSettingsCurrent, ProviderSettingsVersion
 from tests.dbfixtures import *  # noqa: F403
@@ -247,3 +248,17 @@ def test_audit_log_is_for_admins_and_heroes(db_session_factory: sessionmaker[Ses
         assert len(audit.list_entries(session, HERO)) == 1
         with pytest.raises(PermissionDenied):
             audit.list_entries(session, USER)
+
+
+def test_settings_for_routing_fill_in_catalog_defaults_and_skip_deleted(
+    db_session_factory: sessionmaker[Session],
+) -> None:
+    _save(db_session_factory, "fal-qwen", {"priority": 5})
+    _save(db_session_factory, "ideogram", {})
+    with transaction(db_session_factory) as session:
+        svc.delete_provider_settings(session, ADMIN, "ideogram")
+    with db_session_factory() as session:
+        routing = svc.settings_for_routing(session)
+    assert set(routing) == {"fal-qwen", "huggingface", "qwen", "sandbox"}
+    assert routing["fal-qwen"].priority == 5
+    assert routing["sandbox"] == default_provider_settings("sandbox")
