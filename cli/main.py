@@ -167,17 +167,13 @@ def debug_config(
 
 
 def _find_user_id(runtime: Runtime, username: str) -> int:
-    from core.users import list_users, normalize_username
+    from core.users import find_user
 
-    try:
-        wanted = normalize_username(username)
-    except InvalidInput as exc:
-        raise _fail(str(exc)) from None
     with runtime.sessions() as session:
-        for user in list_users(session, _cli_actor()):
-            if user.username == wanted:
-                return user.id
-    raise _fail(f"no user named {wanted!r}")
+        try:
+            return find_user(session, username).id
+        except (NotFound, InvalidInput) as exc:
+            raise _fail(str(exc)) from None
 
 
 def _read_password(given: str | None, *, confirm: bool = True) -> str:

@@ -288,8 +288,6 @@ class GlobalSettings(BaseModel):
     """Deadline for one provider attempt; a provider's own setting overrides it."""
 
     # Routing defaults (read by core.routing).
-    default_provider: str | None = None
-    """Used when a request names no provider and automatic routing is off. None = highest priority."""
     default_preset: str | None = None
     """Quality preset `resolve_effective` applies when a request names none (None = no preset)."""
     fallback_enabled: StrictBool = True
@@ -317,13 +315,6 @@ class GlobalSettings(BaseModel):
         except SizeError as exc:
             raise ValueError(str(exc)) from None
         return value.strip()
-
-    @field_validator("default_provider")
-    @classmethod
-    def _default_provider(cls, value: str | None) -> str | None:
-        if value is not None and value not in PROVIDERS:
-            raise ValueError(_unknown_provider(value))
-        return value
 
     @field_validator("default_preset")
     @classmethod

@@ -139,6 +139,15 @@ def get_user(session: Session, user_id: int) -> UserView:
     return _view(_get(session, user_id))
 
 
+def find_user(session: Session, username: str) -> UserView:
+    """The user with this username (any spelling normalize_username accepts), or NotFound."""
+    name = normalize_username(username)
+    user = session.scalar(select(User).where(User.username == name))
+    if user is None:
+        raise NotFound(f"no user named {name!r}")
+    return _view(user)
+
+
 def list_users(session: Session, actor: Actor, *, include_inactive: bool = True) -> list[UserView]:
     require_role(actor, Role.ADMIN, Role.HERO, action="list users")
     query = select(User).order_by(User.username)

@@ -296,7 +296,7 @@ def test_global_settings_errors_are_collected():
             {
                 "request_timeout_s": 601,
                 "image_size": "huge",
-                "default_provider": "nope",
+                "default_provider": "fal-qwen",
                 "default_preset": "turbo",
                 "num_inference_steps": 0,
                 "seed": True,
@@ -304,6 +304,7 @@ def test_global_settings_errors_are_collected():
             }
         )
     errors = info.value.field_errors
+    # The default provider is a provider setting (is_default, one at most), never a global one.
     assert set(errors) == {
         "request_timeout_s",
         "image_size",

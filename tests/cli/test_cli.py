@@ -1,0 +1,166 @@
+"""The `imagegate` command line, run in-process with Typer's runner against a fresh SQLite data directory."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from core.audit import count_entries
+from core.runtime import open_runtime
+from emulator.faults import BOARD
+from emulator.runner import BackgroundServer, serve_in_thread
+from emulator.server import create_emulator_app
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("IMAGEGATE_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("IMAGEGATE_EMULATOR_URL", raising=False)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[BackgroundServer]:
+    with serve_in_thread(create_emulator_app(BOARD)) as server:
+        yield server
+
+
+def run(*args: str, input: str | None = None) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args), input=input)
+    return result.exit_code, result.output
+
+
+def _counts() -> tuple[int, dict[str, object]]:
+    """Audit rows and the exported state: what an import that fails or a dry run must leave untouched."""
+    runtime = open_runtime(prepare=False)
+    with runtime.sessions() as session:
+        audit_rows = count_entries(session)
+    exported = json.loads(run("settings", "export")[1])
+    exported.pop("exported_at")
+    return audit_rows, exported
+
+
+def test_upgrade_and_seed_are_idempotent(data_dir: Path) -> None:
+    code, out = run("db", "upgrade")
+    assert code == 0, out
+    assert "is at 0001" in out
+    code, out = run("seed")
+    assert code == 0 and "provider settings created: fal-qwen" in out
+    code, out = run("seed")
+    assert code == 0 and "nothing to seed" in out
+    code, out = run("db", "current")
+    assert "current: 0001" in out
+
+
+def test_debug_config_shows_sources_and_never_a_key(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "fal-key-0123456789abcdefSECRET"
+    monkeypatch.setenv("FAL_KEY", secret)
+    run("db", "upgrade")
+    run("seed")
+    code, out = run("debug-config")
+    assert code == 0, out
+    assert secret not in out
+    assert "fal-…CRET (30 chars)" in out
+    assert "mode: live" in out  # fal-qwen, with its key
+    assert "guidance_scale" in out and "from the catalog default" in out
+    code, out = run("debug-config", "--json")
+    rows = {row["provider"]: row for row in json.loads(out)}
+    assert rows["fal-qwen"]["one_image_usd"] == "$0.015729"
+    assert rows["ideogram"]["mode"] == "sandbox"
+    assert secret not in out
+
+
+def test_users_create_set_role_and_reset_password(data_dir: Path) -> None:
+    run("db", "upgrade")
+    code, out = run("users", "create", "Carol", "--role", "HERO", "--password-stdin", input=PASSWORD + "\n")
+    assert code == 0, out
+    assert "created carol (HERO)" in out
+    code, out = run("users", "create", "carol", "--password-stdin", input=PASSWORD + "\n")
+    assert code == 1 and "already taken" in out
+    code, out = run("users", "create", "dave", "--password-stdin", input="short\n")
+    assert code == 1 and "10" in out
+    code, out = run("users", "set-role", "carol", "user")
+    assert code == 0 and "carol is now USER" in out
+    code, out = run("users", "set-role", "nobody", "ADMIN")
+    assert code == 1 and "no user named 'nobody'" in out
+    code, out = run("users", "reset-password", "carol", "--password-stdin", input="another good password\n")
+    assert code == 0, out
+    from core.users import authenticate
+
+    runtime = open_runtime(prepare=False)
+    with runtime.sessions() as session:
+        assert authenticate(session, "carol", "another good password") is not None
+        assert authenticate(session, "carol", PASSWORD) is None
+    code, out = run("users", "list")
+    assert "carol" in out and "USER" in out
+
+
+def test_settings_export_import_round_trip_and_bad_files(data_dir: Path) -> None:
+    run("db", "upgrade")
+    run("seed")
+    export = data_dir / "settings.json"
+    code, out = run("settings", "export", "--output", str(export))
+    assert code == 0, out
+    document = json.loads(export.read_text())
+
+    code, out = run("settings", "import", str(export), "--dry-run")
+    assert code == 0 and "nothing would change" in out
+
+    document["providers"]["fal-qwen"]["priority"] = 42
+    changed = data_dir / "changed.json"
+    changed.write_text(json.dumps(document))
+    before = _counts()
+    code, out = run("settings", "import", str(changed), "--dry-run")
+    assert code == 0 and "dry run" in out and "priority" in out
+    assert _counts() == before  # a dry run writes nothing
+
+    bad = data_dir / "bad.json"
+    bad.write_text('{"format": "imagegate.settings", "providers": {"fal-qwen": {"priority": "high"')
+    code, out = run("settings", "import", str(bad))
+    assert code == 1 and "nothing was changed" in out
+    assert _counts() == before
+
+    code, out = run("settings", "import", str(changed))
+    assert code == 0 and "imported" in out
+    code, out = run("debug-config", "--json")
+    assert {r["provider"]: r for r in json.loads(out)}["fal-qwen"]["priority"] == 42
+
+    code, out = run("settings", "import", str(data_dir / "missing.json"))
+    assert code == 1 and "cannot read" in out
+
+
+def test_test_provider_in_the_sandbox(data_dir: Path) -> None:
+    code, out = run("test-provider", "fal-qwen", "--param", "seed=5", "--param", "num_inference_steps=4")
+    assert code == 0, out
+    assert "fal-qwen: sandbox" in out
+    assert "estimate: $0.015729" in out
+    assert "cost: $0 (sandbox" in out
+    assert "seed: 5" in out
+    image = Path(out.split("image: ")[1].split(" (")[0])
+    assert image.exists() and image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_test_provider_refuses_bad_parameters(data_dir: Path) -> None:
+    code, out = run("test-provider", "fal-qwen", "--param", "guidance_scale=25")
+    assert code == 2
+    assert "guidance_scale 25 is above fal-qwen's maximum of 20" in out
+
+
+def test_test_provider_against_the_emulator(data_dir: Path, emulator: BackgroundServer) -> None:
+    code, out = run("test-provider", "ideogram", "--emulator", emulator.url, "--param", "rendering_speed=TURBO")
+    assert code == 0, out
+    assert "ideogram: emulator" in out and "estimate: $0.030000" in out
+    code, out = run(
+        "test-provider", "fal-qwen", "--emulator", emulator.url, "--prompt", "a fox [[fault:rate_limit]]"
+    )
+    assert code == 1
+    assert "FAILED: rate_limited" in out
+    assert "retryable: True" in out and "retry after" in out
