@@ -328,6 +328,47 @@ def emulator(
     run(host, port)
 
 
+@app.command()
+def health(
+    name: Annotated[str | None, typer.Argument(help="One provider; default every provider.")] = None,
+    emulator_url: Annotated[
+        str | None, typer.Option("--emulator", help="Probe providers without a key at this emulator URL.")
+    ] = None,
+) -> None:
+    """Run each provider's cheap health probe (nothing billable is generated) and show the result."""
+    from core.catalog import provider_ids
+    from core.providers.registry import EMULATOR_URL_ENV, build_adapter, connection_for
+
+    if emulator_url:
+        os.environ[EMULATOR_URL_ENV] = emulator_url
+    names = [name] if name else provider_ids()
+
+    async def probe_all() -> list[tuple[str, str, bool, str]]:
+        rows = []
+        for provider in names:
+            adapter = build_adapter(provider)
+            try:
+                report = await adapter.health_probe()
+            finally:
+                await adapter.aclose()
+            mode = connection_for(provider).mode.value
+            detail = f"{report.latency_s * 1000:.0f} ms · {report.detail}"
+            if report.error_class is not None:
+                detail += f" ({report.error_class.value})"
+            rows.append((provider, mode, report.ok, detail))
+        return rows
+
+    try:
+        rows = asyncio.run(probe_all())
+    except KeyError as exc:
+        raise _fail(str(exc.args[0])) from None
+    for provider, mode, ok, detail in rows:
+        mark = typer.style("ok  ", fg=typer.colors.GREEN) if ok else typer.style("DOWN", fg=typer.colors.RED)
+        typer.echo(f"{mark} {provider:<12} {mode:<9} {detail}")
+    if not all(ok for _, _, ok, _ in rows):
+        raise typer.Exit(1)
+
+
 def _parse_param(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise _fail(f"--param takes NAME=VALUE, not {text!r}")

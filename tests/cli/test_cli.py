@@ -164,3 +164,17 @@ def test_test_provider_against_the_emulator(data_dir: Path, emulator: Background
     assert code == 1
     assert "FAILED: rate_limited" in out
     assert "retryable: True" in out and "retry after" in out
+
+
+def test_health_probes(data_dir: Path, emulator: BackgroundServer) -> None:
+    code, out = run("health")
+    assert code == 0, out
+    assert out.count("ok  ") == 5 and "sandbox" in out
+    code, out = run("health", "--emulator", emulator.url)
+    assert code == 0, out
+    assert "fal-qwen     emulator" in out and "qwen         emulator" in out
+    BOARD.set_fault("ideogram", None)
+    code, out = run("health", "ideogram", "--emulator", "http://127.0.0.1:9")  # nothing listens on port 9
+    assert code == 1 and "DOWN" in out and "unavailable" in out
+    code, out = run("health", "nope")
+    assert code == 1 and "unknown provider" in out
