@@ -59,7 +59,7 @@ for o in overviews:
             st.markdown("**Price**")
             st.text(o.price_description or "no price in force")
             if o.price_source:
-                st.caption(f"source: {o.price_source}")
+                st.text(f"source: {o.price_source}")  # admin-entered text: shown as text, never markup
             if o.one_image is not None:
                 st.metric("One image at these settings", o.one_image.formatted)
                 st.caption(" · ".join(o.one_image.breakdown))

@@ -55,8 +55,13 @@ def test_first_run_sign_in_and_roles(console: Console, browser: object) -> None:
     wait_for_app(page)
     page.get_by_text("Provider settings").first.wait_for(timeout=30_000)
     assert page.get_by_text("Sandbox mode").first.is_visible()
+    page.get_by_text("fal.ai Qwen-Image — sandbox").click()
+    fal = page.get_by_test_id("stExpander").filter(has_text="fal.ai Qwen-Image — sandbox")
+    fal.get_by_text("One image at these settings").wait_for(timeout=10_000)
+    assert fal.get_by_text("$0.015729").first.is_visible()
+    page.set_viewport_size({"width": 1400, "height": 1900})
     page.wait_for_timeout(500)
-    page.screenshot(path=str(SHOTS / "settings.png"), full_page=True)
+    page.screenshot(path=str(SHOTS / "settings.png"))
 
     # A USER account, made with the CLI against the same database.
     env_cli = [sys.executable, "-m", "cli.main", "users", "create", "bob", "--role", "USER", "--password-stdin"]
