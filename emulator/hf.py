@@ -36,6 +36,24 @@ from emulator.faults import Fault, FaultBoard
 from emulator.ideogram import EmulatedDrop, quiet_emulated_drops
 from emulator.images import render_image
 
+# The faults this emulator acts on (the control API refuses the others for it).
+SUPPORTED_FAULTS: frozenset[Fault] = frozenset(
+    {
+        Fault.AUTH,
+        Fault.VALIDATION,
+        Fault.SAFETY,
+        Fault.RATE_LIMIT,
+        Fault.SERVER_ERROR,
+        Fault.HANG,
+        Fault.DROP,
+        Fault.MALFORMED,
+        Fault.IMAGE_404,
+        Fault.NOT_AN_IMAGE,
+        Fault.LOADING,
+        Fault.QUOTA,
+    }
+)
+
 PROVIDER = "hf"
 BAD_TOKEN = "hf_bad"
 DEFAULT_SIZE = 1024

@@ -43,6 +43,22 @@ from core.catalog import IDEOGRAM_ASPECT_RATIOS, IDEOGRAM_RESOLUTIONS, SEED_MAX
 from emulator.faults import Fault, FaultBoard
 from emulator.images import render_image
 
+# The faults this emulator acts on (the control API refuses the others for it).
+SUPPORTED_FAULTS: frozenset[Fault] = frozenset(
+    {
+        Fault.AUTH,
+        Fault.VALIDATION,
+        Fault.SAFETY,
+        Fault.RATE_LIMIT,
+        Fault.SERVER_ERROR,
+        Fault.HANG,
+        Fault.DROP,
+        Fault.MALFORMED,
+        Fault.IMAGE_404,
+        Fault.NOT_AN_IMAGE,
+    }
+)
+
 PROVIDER = "ideogram"
 GENERATE_PATH = "/v1/ideogram-v3/generate"
 BAD_KEY = "bad-key"

@@ -41,6 +41,20 @@ from core.catalog import QWEN_SPACE_ASPECT_RATIOS, SEED_MAX
 from emulator.faults import BOARD, Fault, FaultBoard, fault_in_prompt
 from emulator.images import render_image
 
+# The faults this emulator acts on (the control API refuses the others for it).
+SUPPORTED_FAULTS: frozenset[Fault] = frozenset(
+    {
+        Fault.VALIDATION,
+        Fault.RATE_LIMIT,
+        Fault.SERVER_ERROR,
+        Fault.HANG,
+        Fault.DROP,
+        Fault.MALFORMED,
+        Fault.NOT_AN_IMAGE,
+        Fault.QUOTA,
+    }
+)
+
 PROVIDER = "qwen"
 API_NAME = "infer"
 HANG_S = 600.0

@@ -127,6 +127,16 @@ def test_state_shows_knobs_faults_and_mounts(http: httpx.Client) -> None:
     assert "hang" in fal["supported_faults"] and "quota" not in fal["supported_faults"]
 
 
+def test_each_provider_lists_only_the_faults_it_acts_on(http: httpx.Client) -> None:
+    providers = http.get("/_emulator/state").json()["providers"]
+    assert "loading" in providers["hf"]["supported_faults"]
+    assert "loading" not in providers["ideogram"]["supported_faults"]
+    assert "quota" in providers["qwen"]["supported_faults"] and "auth" not in providers["qwen"]["supported_faults"]
+    refused = http.post("/_emulator/faults", json={"provider": "ideogram", "fault": "loading"})
+    assert refused.status_code == 400
+    assert http.get("/_emulator/state").json()["providers"]["ideogram"]["fault"] is None
+
+
 def test_a_standing_fault_hits_the_next_requests_then_clears(http: httpx.Client) -> None:
     set_fault = http.post("/_emulator/faults", json={"provider": "fal", "fault": "rate_limit", "count": 2})
     assert set_fault.status_code == 200
