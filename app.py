@@ -29,7 +29,7 @@ def first_run_page() -> None:
     )
     code = state.setup_code()
     with _narrow(), st.form("first_admin", clear_on_submit=False):
-        given = st.text_input("Set-up code", placeholder="XXXX-XXXX-XXXX")
+        given = st.text_input("Set-up code", placeholder="e.g. K7QM-2RTP-9WHX")
         username = st.text_input("Admin username")
         password = st.text_input("Password", type="password", help="At least 10 characters.")
         confirm = st.text_input("Repeat the password", type="password")

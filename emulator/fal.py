@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import io
-import logging
 import random
 import threading
 import time
@@ -41,9 +40,9 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from core.catalog import FAL_SIZE_PRESETS
+from emulator.drops import DroppedResponse, quiet_emulated_drops
 from emulator.faults import BOARD, Fault, FaultBoard
 from emulator.images import render_image
 
@@ -134,39 +133,6 @@ def _detail(loc: list[str | int], msg: str, type_: str) -> dict[str, Any]:
 
 def _now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
-
-
-class _DropConnection(Exception):
-    """Raised after the response has started: the server closes the socket mid-answer."""
-
-
-class _QuietDrops(logging.Filter):
-    """Keeps the server log free of tracebacks for connections we drop on purpose; real errors still show."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, _DropConnection)
-
-
-def quiet_emulated_drops() -> None:
-    server_log = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, _QuietDrops) for f in server_log.filters):
-        server_log.addFilter(_QuietDrops())
-
-
-class _DroppedResponse(Response):
-    """Promises a body, sends half of it, then fails so the server closes the connection."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", b"512")],
-            }
-        )
-        await send({"type": "http.response.body", "body": b'{"request_id": "', "more_body": True})
-        raise _DropConnection("emulated dropped connection (fault: drop)")
 
 
 class FalEmulator:
@@ -329,7 +295,7 @@ class FalEmulator:
                 headers={"Retry-After": str(knobs.retry_after_s)},
             )
         if fault is Fault.DROP:
-            return _DroppedResponse()
+            return DroppedResponse("application/json", b'{"request_id": "', 512)
 
         timeout_header = request.headers.get("x-fal-request-timeout")
         now = time.monotonic()

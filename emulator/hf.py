@@ -32,8 +32,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from emulator.drops import DroppedResponse, quiet_emulated_drops
 from emulator.faults import Fault, FaultBoard
-from emulator.ideogram import EmulatedDrop, quiet_emulated_drops
 from emulator.images import render_image
 
 # The faults this emulator acts on (the control API refuses the others for it).
@@ -168,22 +168,6 @@ async def _hang(request: Request) -> None:
         await asyncio.sleep(0.05)
 
 
-async def _drop(request: Request) -> Response:
-    class _Dropped(Response):
-        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [(b"content-type", b"image/png"), (b"content-length", b"65536")],
-                }
-            )
-            await send({"type": "http.response.body", "body": b"\x89PNG\r\n", "more_body": True})
-            raise EmulatedDrop("emulator: dropped the connection mid-response (fault 'drop')")
-
-    return _Dropped()
-
-
 def create_app(board: FaultBoard, *, cold_start_s: float = 0.0) -> Starlette:
     """The HF inference emulator. `app.state.hf.settings.cold_start_s` can be changed while it runs."""
     state = _State(HfSettings(cold_start_s=cold_start_s))
@@ -240,7 +224,7 @@ def create_app(board: FaultBoard, *, cold_start_s: float = 0.0) -> Starlette:
                 await _hang(request)
                 return _error(504, "emulator: hung request released")
             if fault is Fault.DROP:
-                return await _drop(request)
+                return DroppedResponse("image/png", b"\x89PNG\r\n", 65536)
             await asyncio.sleep(knobs.latency_s)
             if fault is Fault.MALFORMED:
                 return JSONResponse({"generated_text": "this is not an image"})

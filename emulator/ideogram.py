@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import logging
 import re
 import secrets
 import threading
@@ -37,9 +36,9 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from core.catalog import IDEOGRAM_ASPECT_RATIOS, IDEOGRAM_RESOLUTIONS, SEED_MAX
+from emulator.drops import DroppedResponse, quiet_emulated_drops
 from emulator.faults import Fault, FaultBoard
 from emulator.images import render_image
 
@@ -233,42 +232,6 @@ async def _hang(request: Request) -> None:
         await asyncio.sleep(0.05)
 
 
-class EmulatedDrop(ConnectionAbortedError):
-    """Raised to make the server abort a response on purpose."""
-
-
-class _QuietDrops(logging.Filter):
-    """Keeps the server log free of tracebacks for drops we cause on purpose; real errors still show."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, EmulatedDrop)
-
-
-def quiet_emulated_drops() -> None:
-    server_log = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, _QuietDrops) for f in server_log.filters):
-        server_log.addFilter(_QuietDrops())
-
-
-class _DroppedResponse(Response):
-    """Starts a response, then aborts it: the client sees the connection closed mid-answer."""
-
-    def __init__(self) -> None:
-        super().__init__(status_code=200, media_type="application/json")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")],
-            }
-        )
-        await send({"type": "http.response.body", "body": b'{"created": ', "more_body": True})
-        raise EmulatedDrop("emulator: dropped the connection mid-response (fault 'drop')")
-
-
 def create_app(board: FaultBoard, *, url_ttl_s: float = 3600.0) -> Starlette:
     """The Ideogram emulator. `app.state.ideogram.settings` can be changed while it runs (url_ttl_s)."""
     state = _State(IdeogramSettings(url_ttl_s=url_ttl_s))
@@ -315,7 +278,7 @@ def create_app(board: FaultBoard, *, url_ttl_s: float = 3600.0) -> Starlette:
                 await _hang(request)
                 return _error(504, "emulator: hung request released")
             if fault is Fault.DROP:
-                return _DroppedResponse()
+                return DroppedResponse("application/json", b'{"created": ')
             try:
                 req = _validate(form)
             except _Invalid as exc:

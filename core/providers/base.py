@@ -159,6 +159,30 @@ def checked_value(spec: ProviderSpec, name: str, value: Any) -> Any:
     return normal
 
 
+def checked_values(spec: ProviderSpec, params: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """The parameters among `names` that are set, each through `checked_value`; empty text is left out (a
+    blank negative prompt is no negative prompt). Raises ValueError naming the first bad one."""
+    out: dict[str, Any] = {}
+    for name in names:
+        value = params.get(name)
+        if value is None:
+            continue
+        normal = checked_value(spec, name, value)
+        if normal is None or normal == "":
+            continue
+        out[name] = normal
+    return out
+
+
+def unsent_notes(provider_label: str, params: Mapping[str, Any], handled: set[str]) -> list[str]:
+    """A note for every set parameter the provider has no use for (a fallback may carry another's)."""
+    return [
+        f"{provider_label} has no {name}; {params[name]!r} was not sent"
+        for name in sorted(set(params) - handled)
+        if params[name] is not None
+    ]
+
+
 class ProviderAdapter(ABC):
     """Base class. Subclasses set `provider_id` and implement translate/generate/health_probe."""
 

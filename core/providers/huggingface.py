@@ -47,8 +47,9 @@ from core.providers.base import (
     Stopwatch,
     Timings,
     Translation,
-    checked_value,
+    checked_values,
     emit_event,
+    unsent_notes,
 )
 from core.providers.ideogram import retry_after_seconds
 from core.sizes import SizeError, resolve_size
@@ -164,20 +165,10 @@ class HuggingFaceAdapter(ProviderAdapter):
         wire["width"], wire["height"] = size.width, size.height
         if not size.exact:
             notes.append(size.note)
-        for name in _NUMERIC:
-            value = params.get(name)
-            if value is None:
-                continue
-            try:
-                wire[name] = checked_value(HUGGINGFACE, name, value)
-            except ValueError as exc:
-                raise self._fail(ErrorClass.VALIDATION, str(exc)) from None
-        negative = params.get("negative_prompt")
-        if negative is not None:
-            if not isinstance(negative, str):
-                raise self._fail(ErrorClass.VALIDATION, f"negative_prompt must be text, got {negative!r}")
-            if negative.strip():
-                wire["negative_prompt"] = negative
+        try:
+            wire.update(checked_values(HUGGINGFACE, params, (*_NUMERIC, "negative_prompt")))
+        except ValueError as exc:
+            raise self._fail(ErrorClass.VALIDATION, str(exc)) from None
         count = int(wire.pop("num_images", 1))
         wire["calls"] = count
         if count > 1:
@@ -185,9 +176,7 @@ class HuggingFaceAdapter(ProviderAdapter):
                 f"text_to_image returns one image per call: {count} calls, with seeds seed, seed+1, ..."
             )
         handled = {"model", "inference_provider", "image_size", "negative_prompt", *_NUMERIC}
-        for name in sorted(set(params) - handled):
-            if params[name] is not None:
-                notes.append(f"Hugging Face text_to_image has no {name}; {params[name]!r} was not sent")
+        notes.extend(unsent_notes("Hugging Face text_to_image", params, handled))
         return Translation(wire_params=wire, notes=tuple(notes))
 
     # -- errors ------------------------------------------------------------------------------------------

@@ -39,8 +39,9 @@ from core.providers.base import (
     Stopwatch,
     Timings,
     Translation,
-    checked_value,
+    checked_values,
     emit_event,
+    unsent_notes,
 )
 from core.providers.http_download import download_images
 from core.sizes import SizeError, resolve_size
@@ -151,24 +152,11 @@ class IdeogramAdapter(ProviderAdapter):
             wire["resolution"] = size.wire_value
         if not size.exact:
             notes.append(size.note)
-        for name in _PASS_THROUGH:
-            value = params.get(name)
-            if value is None:
-                continue
-            try:
-                wire[name] = checked_value(IDEOGRAM, name, value)
-            except ValueError as exc:
-                raise self._fail(ErrorClass.VALIDATION, str(exc)) from None
-        negative = params.get("negative_prompt")
-        if negative is not None:
-            if not isinstance(negative, str):
-                raise self._fail(ErrorClass.VALIDATION, f"negative_prompt must be text, got {negative!r}")
-            if negative.strip():
-                wire["negative_prompt"] = negative
-        handled = {"image_size", "negative_prompt", *_PASS_THROUGH}
-        for name in sorted(set(params) - handled):
-            if params[name] is not None:
-                notes.append(f"Ideogram 3.0 has no {name}; {params[name]!r} was not sent")
+        try:
+            wire.update(checked_values(IDEOGRAM, params, (*_PASS_THROUGH, "negative_prompt")))
+        except ValueError as exc:
+            raise self._fail(ErrorClass.VALIDATION, str(exc)) from None
+        notes.extend(unsent_notes("Ideogram 3.0", params, {"image_size", "negative_prompt", *_PASS_THROUGH}))
         return Translation(wire_params=wire, notes=tuple(notes))
 
     # -- HTTP (runs in a worker thread) ------------------------------------------------------------------
