@@ -42,8 +42,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from core.catalog import FAL_SIZE_PRESETS
-from emulator.drops import DroppedResponse, quiet_emulated_drops
 from emulator.faults import BOARD, Fault, FaultBoard
+from emulator.http_faults import DroppedResponse, quiet_emulated_drops
 from emulator.images import render_image
 
 PROVIDER = "fal"

@@ -32,8 +32,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from emulator.drops import DroppedResponse, quiet_emulated_drops
 from emulator.faults import Fault, FaultBoard
+from emulator.http_faults import DroppedResponse, hold_open, quiet_emulated_drops
 from emulator.images import render_image
 
 # The faults this emulator acts on (the control API refuses the others for it).
@@ -59,7 +59,6 @@ BAD_TOKEN = "hf_bad"
 DEFAULT_SIZE = 1024
 MIN_SIDE, MAX_SIDE = 64, 2048
 LOADING_ESTIMATE_S = 20.0
-_HANG_LIMIT_S = 120.0
 _BAD_CREDENTIALS = "Invalid credentials in Authorization header"
 
 
@@ -160,14 +159,6 @@ def _parse(body: Any) -> _Params:
     return _Params(prompt, width, height, seed)
 
 
-async def _hang(request: Request) -> None:
-    deadline = time.monotonic() + _HANG_LIMIT_S
-    while time.monotonic() < deadline:
-        if await request.is_disconnected():
-            return
-        await asyncio.sleep(0.05)
-
-
 def create_app(board: FaultBoard, *, cold_start_s: float = 0.0) -> Starlette:
     """The HF inference emulator. `app.state.hf.settings.cold_start_s` can be changed while it runs."""
     state = _State(HfSettings(cold_start_s=cold_start_s))
@@ -221,7 +212,7 @@ def create_app(board: FaultBoard, *, cold_start_s: float = 0.0) -> Starlette:
             )
         try:
             if fault is Fault.HANG:
-                await _hang(request)
+                await hold_open(request)
                 return _error(504, "emulator: hung request released")
             if fault is Fault.DROP:
                 return DroppedResponse("image/png", b"\x89PNG\r\n", 65536)
@@ -255,7 +246,7 @@ def create_app(board: FaultBoard, *, cold_start_s: float = 0.0) -> Starlette:
         if not _token_ok(request, required=False):
             return _unauthorized()
         if board.get(PROVIDER).fault is Fault.HANG:
-            await _hang(request)
+            await hold_open(request)
             return _error(504, "emulator: hung request released")
         if (failure := _standing_fault()) is not None:
             return failure

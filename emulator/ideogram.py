@@ -38,8 +38,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from core.catalog import IDEOGRAM_ASPECT_RATIOS, IDEOGRAM_RESOLUTIONS, SEED_MAX
-from emulator.drops import DroppedResponse, quiet_emulated_drops
 from emulator.faults import Fault, FaultBoard
+from emulator.http_faults import DroppedResponse, hold_open, quiet_emulated_drops
 from emulator.images import render_image
 
 # The faults this emulator acts on (the control API refuses the others for it).
@@ -85,7 +85,6 @@ KNOWN_FIELDS = frozenset(
 )
 _UNSAFE_MARKER = re.compile(r"\[\[unsafe:(\d{1,2})\]\]")
 # A hung request gives up on its own after this long, so a test that forgets its client timeout still ends.
-_HANG_LIMIT_S = 120.0
 _MAX_IMAGES_KEPT = 2048
 
 ImageKind = Literal["ok", "missing", "garbage"]
@@ -223,15 +222,6 @@ def _validate(form: FormData) -> _GenerateRequest:
     return _GenerateRequest(prompt, seed, w, h, num_images, magic, style)
 
 
-async def _hang(request: Request) -> None:
-    """Hold the request open, without answering, until the client gives up (or a safety limit)."""
-    deadline = time.monotonic() + _HANG_LIMIT_S
-    while time.monotonic() < deadline:
-        if await request.is_disconnected():
-            return
-        await asyncio.sleep(0.05)
-
-
 def create_app(board: FaultBoard, *, url_ttl_s: float = 3600.0) -> Starlette:
     """The Ideogram emulator. `app.state.ideogram.settings` can be changed while it runs (url_ttl_s)."""
     state = _State(IdeogramSettings(url_ttl_s=url_ttl_s))
@@ -275,7 +265,7 @@ def create_app(board: FaultBoard, *, url_ttl_s: float = 3600.0) -> Starlette:
             return _error(429, f"Too many requests in flight (limit {knobs.concurrency})", retry_headers)
         try:
             if fault is Fault.HANG:
-                await _hang(request)
+                await hold_open(request)
                 return _error(504, "emulator: hung request released")
             if fault is Fault.DROP:
                 return DroppedResponse("application/json", b'{"created": ')

@@ -1,10 +1,17 @@
-"""The `drop` fault: a response that starts, promises more body than it sends, then aborts, so the client
-sees the connection closed mid-answer. Shared by every HTTP emulator."""
+"""Faults at the HTTP level, shared by every HTTP emulator.
+
+- `drop`: a response that starts, promises more body than it sends, then aborts, so the client sees the
+  connection closed mid-answer.
+- `hang`: the request is held open without an answer until the client gives up (or a safety limit).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -43,3 +50,16 @@ class DroppedResponse(Response):
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": self.body_start, "more_body": True})
         raise EmulatedDrop("emulator: dropped the connection mid-response (fault 'drop')")
+
+
+HANG_LIMIT_S = 120.0
+"""A hung request is released after this long, so a forgotten test client never pins the server."""
+
+
+async def hold_open(request: Request, limit_s: float = HANG_LIMIT_S) -> None:
+    """Hold the request open, without answering, until the client disconnects or `limit_s` passes."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if await request.is_disconnected():
+            return
+        await asyncio.sleep(0.05)
