@@ -77,6 +77,15 @@ def console(argv: list[str]) -> None:
     imagegate = BIN / "imagegate"
     run(imagegate, "db", "upgrade")
     run(imagegate, "seed")
+    env: dict[str, str] = {}
+    # On a fresh installation the first-admin set-up code is printed now, in this terminal, and handed to the
+    # console; nobody who merely reaches the port can claim the admin account without it.
+    code = subprocess.run(
+        [str(imagegate), "first-run-code"], cwd=ROOT, env={**os.environ, **OFFLINE_ENV},
+        stdout=subprocess.PIPE, text=True, check=True,
+    ).stdout.strip()
+    if code:
+        env["IMAGEGATE_SETUP_CODE"] = code
     port = os.environ.get("IMAGEGATE_PORT", "8501")
     say(f"starting the console on http://localhost:{port} (Ctrl+C stops it)")
     run(
@@ -85,6 +94,7 @@ def console(argv: list[str]) -> None:
         "--server.headless", "true",
         "--browser.gatherUsageStats", "false",
         *argv,
+        env=env,
     )
 
 

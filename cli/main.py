@@ -163,6 +163,22 @@ def debug_config(
             typer.secho(f"  ! {problem}", fg=typer.colors.YELLOW)
 
 
+@app.command("first-run-code", hidden=True)
+def first_run_code() -> None:
+    """While no account exists: print the first-run banner (stderr) and a fresh set-up code (stdout), for
+    manage.py to hand to the console it starts. Prints nothing once an account exists."""
+    from core.setup_code import new_setup_code, setup_banner
+    from core.users import needs_first_admin
+
+    runtime = _runtime()
+    with runtime.sessions() as session:
+        if not needs_first_admin(session):
+            return
+    code = new_setup_code()
+    typer.echo(setup_banner(code), err=True)
+    typer.echo(code)
+
+
 # --- users --------------------------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -16,6 +17,7 @@ from core.setup_code import new_setup_code, setup_banner
 from core.users import UserView, get_user
 from db.engine import DatabaseUnavailable
 
+SETUP_CODE_ENV = "IMAGEGATE_SETUP_CODE"
 USER_KEY = "imagegate_user_id"
 FLASH_KEY = "imagegate_flash"
 
@@ -36,7 +38,11 @@ def _streamlit_secrets() -> dict[str, str]:
 
 @st.cache_resource
 def setup_code() -> str:
-    """One code per server process, printed in the terminal that started the console."""
+    """One code per server process, printed in the terminal that started the console: by manage.py before
+    the server starts (handed over in IMAGEGATE_SETUP_CODE), else here on the first visit."""
+    handed_over = os.environ.get(SETUP_CODE_ENV, "").strip()
+    if handed_over:
+        return handed_over
     code = new_setup_code()
     print(setup_banner(code), flush=True)
     return code

@@ -178,3 +178,15 @@ def test_health_probes(data_dir: Path, emulator: BackgroundServer) -> None:
     assert code == 1 and "DOWN" in out and "unavailable" in out
     code, out = run("health", "nope")
     assert code == 1 and "unknown provider" in out
+
+
+def test_first_run_code_only_while_no_account_exists(data_dir: Path) -> None:
+    run("db", "upgrade")
+    result = CliRunner().invoke(app, ["first-run-code"])
+    assert result.exit_code == 0
+    code = result.stdout.strip().splitlines()[-1]
+    assert len(code) == 14 and code.count("-") == 2
+    assert "first run" in result.stderr
+    run("users", "create", "erin", "--role", "ADMIN", "--password-stdin", input=PASSWORD + "\n")
+    result = CliRunner().invoke(app, ["first-run-code"])
+    assert result.exit_code == 0 and result.stdout.strip() == ""

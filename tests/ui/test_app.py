@@ -145,3 +145,14 @@ def test_staff_can_switch_to_settings(fresh_console: Path) -> None:
     at.switch_page("pages/settings.py")
     at.run()
     assert at.title[0].value == "Provider settings"
+
+
+def test_a_code_handed_over_by_manage_py_is_the_one_that_works(
+    fresh_console: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IMAGEGATE_SETUP_CODE", "K7QM-2RTP-9WHX")
+    at = _app()
+    _fill_first_run(at, "AAAA-BBBB-CCCC", "alice", PASSWORD)
+    assert "set-up code is not right" in at.error[0].value
+    _fill_first_run(at, "K7QM-2RTP-9WHX", "alice", PASSWORD)
+    assert _usernames() == ["alice"]
