@@ -97,7 +97,7 @@ class PermissionDenied(ImagegateError):
 
 
 class NotFound(ImagegateError):
-    pass
+    """The thing asked for does not exist (or no longer does)."""
 
 
 class InvalidInput(ImagegateError):

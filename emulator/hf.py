@@ -84,7 +84,7 @@ class _State:
 
 
 class _BadParams(Exception):
-    pass
+    """The request's parameters are invalid: answered with a 400."""
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import logging
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -57,6 +55,7 @@ from core.providers.base import (
     emit_event,
 )
 from core.providers.http_download import download_images
+from core.providers.http_headers import retry_after_seconds
 from core.sizes import SizeError, resolve_size
 
 log = logging.getLogger(__name__)
@@ -95,22 +94,6 @@ class _CallerFailed(Exception):
 
 class _Unreachable(Exception):
     """The host refused or timed out the connection before it had ever answered in this session."""
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds: either a number or an HTTP date. None when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    with contextlib.suppress(ValueError):  # not a number: maybe an HTTP date
-        return max(0.0, float(value))
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _detail_message(detail: Any) -> str:
@@ -206,7 +189,7 @@ class _FalTransport(httpx.AsyncBaseTransport):
                 detail = response.text
             raise _RateLimited(
                 f"rate limited: {_detail_message(detail) or 'HTTP 429'}",
-                parse_retry_after(response.headers.get("retry-after")),
+                retry_after_seconds(response.headers.get("retry-after")),
             )
         match = _RESULT_PATH.search(request.url.path)
         if request.method == "GET" and response.status_code == 200 and match:
@@ -419,7 +402,7 @@ class FalQwenAdapter(ProviderAdapter):
             return self._error(ErrorClass.VALIDATION, f"fal rejected the input: {message}", request_id, status)
         if status == 429:
             err = self._error(ErrorClass.RATE_LIMITED, f"rate limited: {message}", request_id, status)
-            err.retry_after_s = parse_retry_after(headers.get("retry-after"))
+            err.retry_after_s = retry_after_seconds(headers.get("retry-after"))
             return err
         if status >= 500 or status == 408:
             kind = f" ({error_type})" if error_type else ""

@@ -51,7 +51,7 @@ from core.providers.base import (
     emit_event,
     unsent_notes,
 )
-from core.providers.ideogram import retry_after_seconds
+from core.providers.http_headers import retry_after_seconds
 from core.sizes import SizeError, resolve_size
 
 # The env var is read when huggingface_hub is imported, which may have happened before ours was set: force it.

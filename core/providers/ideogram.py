@@ -12,13 +12,10 @@ is never held past it even when the awaiting coroutine has already given up.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import requests
@@ -44,6 +41,7 @@ from core.providers.base import (
     unsent_notes,
 )
 from core.providers.http_download import download_images
+from core.providers.http_headers import retry_after_seconds
 from core.sizes import SizeError, resolve_size
 
 DEFAULT_BASE_URL = "https://api.ideogram.ai"
@@ -101,26 +99,6 @@ def error_message(body: bytes) -> str:
             if isinstance(parsed.get(key), str) and parsed[key]:
                 return str(parsed[key])
     return text[:300]
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """`Retry-After` as seconds: either a number of seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        return max(0.0, seconds) if math.isfinite(seconds) else None
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 class IdeogramAdapter(ProviderAdapter):

@@ -15,8 +15,9 @@ from PIL import Image
 from core.errors import ErrorClass, ProviderError
 from core.images import store_image
 from core.providers.base import AdapterConfig, AdapterRequest, ConnectionMode, EventKind, ProgressEvent
-from core.providers.fal import APP_ID, FalQwenAdapter, parse_retry_after
+from core.providers.fal import APP_ID, FalQwenAdapter
 from core.providers.http_download import decode_data_uri, download_image
+from core.providers.http_headers import retry_after_seconds
 from emulator.faults import Fault, FaultBoard
 from emulator.images import render_image
 from emulator.runner import BackgroundServer, free_port
@@ -434,11 +435,11 @@ async def test_health_probe(emulator_server: BackgroundServer) -> None:
 
 
 def test_retry_after_reads_seconds_and_http_dates() -> None:
-    assert parse_retry_after("12") == 12
-    assert parse_retry_after(None) is None
-    assert parse_retry_after("soon") is None
+    assert retry_after_seconds("12") == 12
+    assert retry_after_seconds(None) is None
+    assert retry_after_seconds("soon") is None
     in_a_minute = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 60))
-    assert 55 <= (parse_retry_after(in_a_minute) or 0) <= 61
+    assert 55 <= (retry_after_seconds(in_a_minute) or 0) <= 61
 
 
 async def test_downloader_refuses_what_is_not_a_fetchable_image(tmp_path: Any) -> None:

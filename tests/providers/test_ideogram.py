@@ -15,7 +15,8 @@ from starlette.routing import Mount
 
 from core.errors import ErrorClass, ProviderError
 from core.providers.base import AdapterConfig, AdapterRequest, ConnectionMode, EventKind, ProgressEvent
-from core.providers.ideogram import IdeogramAdapter, _HttpAnswer, error_message, retry_after_seconds
+from core.providers.http_headers import retry_after_seconds
+from core.providers.ideogram import IdeogramAdapter, _HttpAnswer, error_message
 from emulator.faults import BOARD, Fault
 from emulator.ideogram import GENERATE_PATH, create_app
 from emulator.runner import BackgroundServer, free_port, serve_in_thread
