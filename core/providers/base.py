@@ -36,7 +36,8 @@ class ConnectionMode(StrEnum):
 class AdapterConfig:
     """How an adapter reaches its provider."""
 
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    """Never in repr(): configs end up in log lines and tracebacks."""
     base_url: str | None = None
     """None = the provider's real endpoint. Otherwise the emulator's (or a self-hosted endpoint's) base URL."""
     mode: ConnectionMode = ConnectionMode.LIVE
