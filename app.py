@@ -74,6 +74,7 @@ def sign_in_page() -> None:
 
 def main() -> None:
     runtime = state.get_runtime_or_stop()
+    state.offline_banner()
     with runtime.sessions() as session:
         fresh = needs_first_admin(session)
     if fresh:
@@ -94,7 +95,6 @@ def main() -> None:
         if st.button("Sign out"):
             state.sign_out()
             st.rerun()
-    state.offline_banner()
     state.show_flash()
     st.navigation(pages).run()
 

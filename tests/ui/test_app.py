@@ -61,6 +61,7 @@ def _usernames() -> list[str]:
 def test_first_run_needs_the_terminal_code(fresh_console: Path, capsys: pytest.CaptureFixture[str]) -> None:
     at = _app()
     assert at.title[0].value == "Welcome to Imagegate"
+    assert any("Sandbox mode" in w.value for w in at.warning)  # on every page, this one included
     code = _setup_code()
     # The code is printed in the terminal that started the console, and nowhere on the page.
     assert code in capsys.readouterr().out
