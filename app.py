@@ -8,7 +8,7 @@ from streamlit.delta_generator import DeltaGenerator
 from core.errors import InvalidInput, PermissionDenied
 from core.security import Role
 from core.setup_code import setup_code_matches
-from core.users import authenticate, create_first_admin, needs_first_admin
+from core.users import SignInLocked, authenticate, create_first_admin, needs_first_admin
 from db.engine import transaction
 from ui import state
 
@@ -63,8 +63,12 @@ def sign_in_page() -> None:
         submitted = st.form_submit_button("Sign in", type="primary")
     if not submitted:
         return
-    with transaction(state.runtime().sessions) as session:
-        user = authenticate(session, username, password)
+    try:
+        with transaction(state.runtime().sessions) as session:
+            user = authenticate(session, username, password)
+    except SignInLocked as exc:
+        st.error(str(exc).capitalize())
+        return
     if user is None:
         st.error("Unknown username or wrong password (or the account is deactivated).")
         return

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import exc, func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -37,6 +37,17 @@ USERNAME_MAX = 32
 _USERNAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 RESERVED_USERNAMES = frozenset({"system", "admin-system", "root-system"})
 FIRST_ADMIN_FLAG = "first_admin_created"
+MAX_FAILED_SIGN_INS = 5
+"""Wrong passwords in a row before sign-in is locked for SIGN_IN_LOCK."""
+SIGN_IN_LOCK = timedelta(minutes=15)
+
+
+class SignInLocked(PermissionDenied):
+    """Too many wrong passwords in a row: sign-in is refused until `until`, whatever the password."""
+
+    def __init__(self, message: str, until: datetime) -> None:
+        super().__init__(message)
+        self.until = until
 
 
 class FirstAdminAlreadyCreated(PermissionDenied):
@@ -158,16 +169,42 @@ def list_users(session: Session, actor: Actor, *, include_inactive: bool = True)
 
 def authenticate(session: Session, username: str, password: str) -> UserView | None:
     """The user, if the username and password match an active account; else None (never says which part
-    was wrong). Records the sign-in time and upgrades an outdated hash; the caller commits."""
+    was wrong). Records the sign-in time and upgrades an outdated hash; the caller commits.
+
+    After MAX_FAILED_SIGN_INS wrong passwords in a row, sign-in for that account raises SignInLocked for
+    SIGN_IN_LOCK, so a password cannot be guessed online; the lock and its end are audited. Unknown
+    usernames are not tracked (there is nothing to lock)."""
     name = username.strip().lower() if isinstance(username, str) else ""
     user = session.scalar(select(User).where(User.username == name)) if name else None
+    given = password if isinstance(password, str) else ""
     if user is None:
-        verify_dummy(password if isinstance(password, str) else "")
+        verify_dummy(given)
         return None
-    ok, new_hash = verify_password(user.password_hash, password if isinstance(password, str) else "")
-    if not ok or not user.active:
+    now = utcnow()
+    if user.locked_until is not None and user.locked_until > now:
+        minutes = max(1, round((user.locked_until - now).total_seconds() / 60))
+        raise SignInLocked(
+            f"too many wrong passwords: sign-in to this account is locked for about {minutes} more "
+            f"minute{'s' if minutes != 1 else ''}; an admin can reset the password to unlock it",
+            user.locked_until,
+        )
+    ok, new_hash = verify_password(user.password_hash, given)
+    if not ok:
+        user.failed_sign_ins += 1
+        if user.failed_sign_ins >= MAX_FAILED_SIGN_INS:
+            user.locked_until = now + SIGN_IN_LOCK
+            user.failed_sign_ins = 0
+            audit.record(
+                session, Actor.system(), "user.sign_in_locked", "user", str(user.id),
+                after={"locked_until": user.locked_until.isoformat(), "after_failures": MAX_FAILED_SIGN_INS},
+            )
+        session.flush()
         return None
-    user.last_login_at = utcnow()
+    if not user.active:
+        return None
+    user.last_login_at = now
+    user.failed_sign_ins = 0
+    user.locked_until = None
     if new_hash is not None:
         user.password_hash = new_hash
     session.flush()
@@ -199,6 +236,8 @@ def reset_password(session: Session, actor: Actor, user_id: int, new_password: s
     check_password_policy(new_password, user.username)
     user.password_hash = hash_password(new_password)
     user.password_changed_at = utcnow()
+    user.failed_sign_ins = 0
+    user.locked_until = None  # the admin's reset is also how a locked account is unlocked
     session.flush()
     audit.record(session, actor, "user.reset_password", "user", str(user.id), after={"password": "reset by an admin"})
     return _view(user)

@@ -169,6 +169,10 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_login_at: Mapped[datetime | None] = mapped_column(default=None)
     password_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    failed_sign_ins: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    """Consecutive wrong passwords since the last successful sign-in."""
+    locked_until: Mapped[datetime | None] = mapped_column(default=None)
+    """Sign-in refused until then, after too many wrong passwords in a row."""
 
 
 class SystemFlag(Base):

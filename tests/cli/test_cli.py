@@ -51,13 +51,13 @@ def _counts() -> tuple[int, dict[str, object]]:
 def test_upgrade_and_seed_are_idempotent(data_dir: Path) -> None:
     code, out = run("db", "upgrade")
     assert code == 0, out
-    assert "is at 0001" in out
+    assert "is at 0002" in out
     code, out = run("seed")
     assert code == 0 and "provider settings created: fal-qwen" in out
     code, out = run("seed")
     assert code == 0 and "nothing to seed" in out
     code, out = run("db", "current")
-    assert "current: 0001" in out
+    assert "current: 0002" in out
 
 
 def test_debug_config_shows_sources_and_never_a_key(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

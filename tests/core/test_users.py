@@ -62,6 +62,47 @@ def test_authenticate_refuses_wrong_password_unknown_user_and_inactive_account(
         assert users.authenticate(session, "carol", "carols password") is None
 
 
+def test_too_many_wrong_passwords_lock_sign_in_until_it_expires_or_an_admin_resets(
+    db_session_factory: sessionmaker[Session], admin: Actor
+) -> None:
+    with transaction(db_session_factory) as session:
+        dan = users.create_user(session, admin, "dan", "dans password!")
+    for _ in range(users.MAX_FAILED_SIGN_INS - 1):
+        with transaction(db_session_factory) as session:
+            assert users.authenticate(session, "dan", "a wrong guess") is None
+    # A success before the limit starts the count again.
+    with transaction(db_session_factory) as session:
+        assert users.authenticate(session, "dan", "dans password!") is not None
+    for _ in range(users.MAX_FAILED_SIGN_INS):
+        with transaction(db_session_factory) as session:
+            assert users.authenticate(session, "dan", "a wrong guess") is None
+    # Locked: even the right password is refused, and the reason is given.
+    with (
+        pytest.raises(users.SignInLocked, match="locked for about 15 more minutes") as locked,
+        transaction(db_session_factory) as session,
+    ):
+        users.authenticate(session, "dan", "dans password!")
+    assert locked.value.until > users.utcnow()
+    assert [r.action for r in _audit_rows(db_session_factory)].count("user.sign_in_locked") == 1
+
+    # The lock ends by itself...
+    with transaction(db_session_factory) as session:
+        row = session.get(User, dan.id)
+        assert row is not None
+        row.locked_until = users.utcnow() - users.SIGN_IN_LOCK / 15
+    with transaction(db_session_factory) as session:
+        assert users.authenticate(session, "dan", "dans password!") is not None
+
+    # ...or when an admin resets the password.
+    for _ in range(users.MAX_FAILED_SIGN_INS):
+        with transaction(db_session_factory) as session:
+            users.authenticate(session, "dan", "a wrong guess")
+    with transaction(db_session_factory) as session:
+        users.reset_password(session, admin, dan.id, "a brand new password")
+    with transaction(db_session_factory) as session:
+        assert users.authenticate(session, "dan", "a brand new password") is not None
+
+
 def test_outdated_hash_is_upgraded_at_sign_in(db_session_factory: sessionmaker[Session], admin: Actor) -> None:
     with db_session_factory() as session:
         old_hash = session.scalars(select(User.password_hash).where(User.username == "alice")).one()

@@ -157,3 +157,22 @@ def test_a_code_handed_over_by_manage_py_is_the_one_that_works(
     assert "set-up code is not right" in at.error[0].value
     _fill_first_run(at, "K7QM-2RTP-9WHX", "alice", PASSWORD)
     assert _usernames() == ["alice"]
+
+
+def test_sign_in_locks_after_repeated_wrong_passwords(fresh_console: Path) -> None:
+    from core.users import MAX_FAILED_SIGN_INS
+
+    at = _app()
+    _fill_first_run(at, _setup_code(), "alice", PASSWORD)
+    at = _app()
+    for _ in range(MAX_FAILED_SIGN_INS):
+        at.text_input[0].input("alice")
+        at.text_input[1].input("not the password")
+        at.button[0].click()
+        at.run()
+        assert "wrong password" in at.error[0].value
+    at.text_input[1].input(PASSWORD)
+    at.button[0].click()
+    at.run()
+    assert "locked for about 15 more minutes" in at.error[0].value
+    assert at.title[0].value == "Sign in to Imagegate"
