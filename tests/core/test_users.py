@@ -14,7 +14,7 @@ from core import audit, security, users
 from core.errors import InvalidInput, NotFound, PermissionDenied
 from core.security import Actor, Role, require_role
 from db.engine import transaction
-from db.models import AuditLog, SystemFlag, User
+from db.models import AuditLog, SystemFlag, User, utcnow
 from tests.dbfixtures import *  # noqa: F403
 
 PASSWORD = "correct horse battery"
@@ -82,14 +82,14 @@ def test_too_many_wrong_passwords_lock_sign_in_until_it_expires_or_an_admin_rese
         transaction(db_session_factory) as session,
     ):
         users.authenticate(session, "dan", "dans password!")
-    assert locked.value.until > users.utcnow()
+    assert locked.value.until > utcnow()
     assert [r.action for r in _audit_rows(db_session_factory)].count("user.sign_in_locked") == 1
 
     # The lock ends by itself...
     with transaction(db_session_factory) as session:
         row = session.get(User, dan.id)
         assert row is not None
-        row.locked_until = users.utcnow() - users.SIGN_IN_LOCK / 15
+        row.locked_until = utcnow() - users.SIGN_IN_LOCK / 15
     with transaction(db_session_factory) as session:
         assert users.authenticate(session, "dan", "dans password!") is not None
 
