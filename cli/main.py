@@ -424,7 +424,7 @@ def test_provider(
         global_settings = settings_service.get_global_settings(session).settings
         try:
             provider_settings = settings_service.get_provider_settings(session, name).settings
-        except (NotFound, ImagegateError):
+        except ImagegateError:  # unknown or unconfigured: the resolver below says which
             provider_settings = None
         price = price_store.active_price(session, name)
     try:

@@ -254,12 +254,17 @@ class FalEmulator:
     def _base(request: Request) -> str:
         return f"{request.url.scheme}://{request.url.netloc}{request.scope.get('root_path', '')}"
 
-    def _lookup(self, request: Request) -> FalRequest | Response:
+    def _find(self, request: Request) -> tuple[FalRequest, float] | Response:
+        """Check the key, find the request by id, and advance the queue to now. The caller holds the lock."""
+        if (denied := self._auth_error(request)) is not None:
+            return denied
         app = f"{request.path_params['owner']}/{request.path_params['alias']}"
         req = self.requests.get(request.path_params["request_id"])
         if req is None or req.app != app:
             return JSONResponse({"detail": f"Request {request.path_params['request_id']!r} not found"}, 404)
-        return req
+        now = time.monotonic()
+        self._advance(now)
+        return req, now
 
     async def submit(self, request: Request) -> Response:
         app = f"{request.path_params['owner']}/{request.path_params['alias']}"
@@ -326,15 +331,11 @@ class FalEmulator:
         )
 
     async def status(self, request: Request) -> Response:
-        if (denied := self._auth_error(request)) is not None:
-            return denied
         with self._lock:
-            found = self._lookup(request)
+            found = self._find(request)
             if isinstance(found, Response):
                 return found
-            req = found
-            now = time.monotonic()
-            self._advance(now)
+            req, now = found
             with_logs = request.query_params.get("logs", "false").lower() in ("1", "true")
             headers = {"x-fal-request-id": req.id}
             if req.state == "queued":
@@ -361,14 +362,11 @@ class FalEmulator:
             return JSONResponse(body, 200, headers=headers)
 
     async def result(self, request: Request) -> Response:
-        if (denied := self._auth_error(request)) is not None:
-            return denied
         with self._lock:
-            found = self._lookup(request)
+            found = self._find(request)
             if isinstance(found, Response):
                 return found
-            req = found
-            self._advance(time.monotonic())
+            req, _ = found
             headers = {"x-fal-request-id": req.id}
             if req.state != "completed":
                 return JSONResponse({"detail": "Request is still in progress"}, 400, headers=headers)
@@ -403,15 +401,11 @@ class FalEmulator:
             return JSONResponse(output, 200, headers=headers)
 
     async def cancel(self, request: Request) -> Response:
-        if (denied := self._auth_error(request)) is not None:
-            return denied
         with self._lock:
-            found = self._lookup(request)
+            found = self._find(request)
             if isinstance(found, Response):
                 return found
-            req = found
-            now = time.monotonic()
-            self._advance(now)
+            req, now = found
             if req.state == "completed":
                 return JSONResponse({"status": "ALREADY_COMPLETED"}, 400)
             req.cancelled = True
