@@ -5,10 +5,11 @@ from __future__ import annotations
 import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
 
-from core.errors import InvalidInput, PermissionDenied
+from common.errors import InvalidInput, PermissionDenied
 from core.security import Role
 from core.setup_code import setup_code_matches
-from core.users import SignInLocked, authenticate, create_first_admin, needs_first_admin
+from common.errors import AccountLocked
+from core.users import authenticate, create_first_admin, needs_first_admin
 from db.engine import transaction
 from ui import state
 
@@ -66,7 +67,7 @@ def sign_in_page() -> None:
     try:
         with transaction(state.runtime().sessions) as session:
             user = authenticate(session, username, password)
-    except SignInLocked as exc:
+    except AccountLocked as exc:
         st.error(str(exc).capitalize())
         return
     if user is None:

@@ -16,8 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
-from core.config import disable_telemetry
-from core.errors import ImagegateError, InvalidInput, NotFound, PermissionDenied, ProviderError
+from common.config import disable_telemetry
+from common.errors import ImagegateError, InvalidInput, NotFound, PermissionDenied, ProviderError
 from core.runtime import Runtime, open_runtime
 from core.security import Actor, Role
 from db.engine import DatabaseUnavailable, transaction
@@ -63,7 +63,7 @@ def _report_field_errors(exc: InvalidInput) -> None:
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Migrate the database (DATABASE_URL, else the SQLite file in the data directory) to `revision`."""
-    from core.config import database_url
+    from common.config import database_url
     from db import migrate
     from db.engine import safe_url
 

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from core.errors import InvalidInput
+from common.errors import InvalidInput
 from core.security import SETTINGS_EDITORS, Actor, require_role
 from db.models import AuditLog
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from core.config import images_dir
+from common.config import images_dir
 
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
 MAX_IMAGE_PIXELS = 64_000_000  # above any provider's output (fal's 14142x14142 custom size excepted)

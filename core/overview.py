@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from core import price_store, settings_service
 from core.catalog import PROVIDERS, ProviderSpec
-from core.errors import InvalidInput
+from common.errors import InvalidInput
 from core.keys import KeyStatus, key_status
 from core.pricing import CostEstimate, estimate_cost
 from core.providers.registry import ProviderConnection, connection_for

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from core import audit
 from core.catalog import PROVIDERS
-from core.errors import InvalidInput, NotFound
+from common.errors import InvalidInput, NotFound
 from core.pricing import PriceTable, ProviderPrice, parse_price
 from core.security import SETTINGS_EDITORS, Actor, require_role
 from db.models import PriceVersion

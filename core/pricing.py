@@ -43,7 +43,7 @@ from pydantic import (
 )
 
 from core.catalog import PROVIDERS, ProviderSpec
-from core.errors import InvalidInput
+from common.errors import InvalidInput
 from core.money import format_usd, round_half_up_micros
 from core.settings import field_errors_from_validation
 from core.sizes import SizeError, resolve_size

@@ -12,7 +12,7 @@ from __future__ import annotations
 import unicodedata
 
 from core.catalog import PROMPT_MAX_CHARS
-from core.errors import InvalidInput
+from common.errors import InvalidInput
 
 _ALLOWED_CONTROLS = {"\n", "\t"}
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.config import database_url, disable_telemetry
+from common.config import database_url, disable_telemetry
 from core.seed import SeedReport, seed_defaults
 from db import migrate
 from db.engine import make_engine, safe_url, session_factory

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from core.errors import InvalidInput, PermissionDenied
+from common.errors import InvalidInput, PermissionDenied
 from db.models import Role
 
 __all__ = [

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import exc
 from sqlalchemy.orm import Session, sessionmaker
 
+from common.errors import Conflict
 from core import price_store, settings_service
 from core.catalog import provider_ids
 from core.pricing import PriceTable, load_default_prices
@@ -64,6 +65,6 @@ def seed_defaults(factory: sessionmaker[Session], prices: PriceTable | None = No
     table = prices or load_default_prices()
     try:
         return _run(factory, table)
-    except (exc.IntegrityError, settings_service.ConcurrentChange):
+    except (exc.IntegrityError, Conflict):
         # Another process seeded at the same moment and won; a second pass finds its rows and adds the rest.
         return _run(factory, table)

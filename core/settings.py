@@ -37,7 +37,7 @@ from pydantic import (
 )
 
 from core.catalog import PROVIDERS, SEED_MAX, ParamSpec, ProviderSpec
-from core.errors import InvalidInput
+from common.errors import InvalidInput
 from core.money import usd_to_micros
 from core.presets import UnknownPreset, normalize_preset, preset_params
 from core.prompts import prompt_problem

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from core import audit
 from core.catalog import PROVIDERS
-from core.errors import InvalidInput, NotFound
+from common.errors import Conflict, InvalidInput, NotFound
 from core.security import SETTINGS_EDITORS, Actor, require_role
 from core.settings import (
     GlobalSettings,
@@ -43,10 +43,6 @@ from db.models import GlobalSettingsVersion, ProviderSettingsCurrent, ProviderSe
 
 MAX_COMMENT_CHARS = 2000
 HISTORY_LIMIT_MAX = 1000
-
-
-class ConcurrentChange(InvalidInput):
-    """Someone else saved in between: reload, then apply the change again."""
 
 
 @dataclass(frozen=True)
@@ -194,7 +190,7 @@ def _flush_or_conflict(session: Session, what: str) -> None:
     try:
         session.flush()
     except exc.IntegrityError:
-        raise ConcurrentChange(
+        raise Conflict(
             f"{what} was changed by someone else at the same moment; reload and try again",
             {"version": "changed concurrently"},
         ) from None
@@ -327,7 +323,7 @@ def _write_provider(
     pointer = _pointer(session, provider, lock=True)
     current_version = pointer.version if pointer is not None else 0
     if expected_version is not None and expected_version != current_version:
-        raise ConcurrentChange(
+        raise Conflict(
             f"{provider} settings changed since you loaded version {expected_version}: version "
             f"{current_version} is current now; reload and apply your change again",
             {"version": f"version {current_version} is current now"},
@@ -540,7 +536,7 @@ def _write_global(
     latest = _latest_global(session)
     current_version = latest.version if latest is not None else 0
     if expected_version is not None and expected_version != current_version:
-        raise ConcurrentChange(
+        raise Conflict(
             f"global settings changed since you loaded version {expected_version}: version {current_version} "
             "is current now; reload and apply your change again",
             {"version": f"version {current_version} is current now"},

@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session
 
 from core import price_store, settings_service
 from core.catalog import PROVIDERS
-from core.errors import InvalidInput, NotFound
+from common.errors import InvalidInput, NotFound
 from core.keys import provider_key
 from core.pricing import ProviderPrice, parse_price
 from core.security import SETTINGS_EDITORS, Actor, require_role

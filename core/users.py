@@ -19,7 +19,7 @@ from sqlalchemy import exc, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import audit
-from core.errors import InvalidInput, NotFound, PermissionDenied
+from common.errors import AccountLocked, Conflict, InvalidInput, NotFound, PermissionDenied
 from core.security import (
     Actor,
     Role,
@@ -42,15 +42,7 @@ MAX_FAILED_SIGN_INS = 5
 SIGN_IN_LOCK = timedelta(minutes=15)
 
 
-class SignInLocked(PermissionDenied):
-    """Too many wrong passwords in a row: sign-in is refused until `until`, whatever the password."""
-
-    def __init__(self, message: str, until: datetime) -> None:
-        super().__init__(message)
-        self.until = until
-
-
-class FirstAdminAlreadyCreated(PermissionDenied):
+class FirstAdminAlreadyCreated(Conflict):
     """The first-run admin set-up has already happened; new accounts come from an admin."""
 
 
@@ -171,7 +163,7 @@ def authenticate(session: Session, username: str, password: str) -> UserView | N
     """The user, if the username and password match an active account; else None (never says which part
     was wrong). Records the sign-in time and upgrades an outdated hash; the caller commits.
 
-    After MAX_FAILED_SIGN_INS wrong passwords in a row, sign-in for that account raises SignInLocked for
+    After MAX_FAILED_SIGN_INS wrong passwords in a row, sign-in for that account raises AccountLocked for
     SIGN_IN_LOCK, so a password cannot be guessed online; the lock and its end are audited. Unknown
     usernames are not tracked (there is nothing to lock)."""
     name = username.strip().lower() if isinstance(username, str) else ""
@@ -183,7 +175,7 @@ def authenticate(session: Session, username: str, password: str) -> UserView | N
     now = utcnow()
     if user.locked_until is not None and user.locked_until > now:
         minutes = max(1, round((user.locked_until - now).total_seconds() / 60))
-        raise SignInLocked(
+        raise AccountLocked(
             f"too many wrong passwords: sign-in to this account is locked for about {minutes} more "
             f"minute{'s' if minutes != 1 else ''}; an admin can reset the password to unlock it",
             user.locked_until,

@@ -22,15 +22,11 @@ from sqlalchemy import Engine, create_engine, event, exc, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.config import database_url
-from core.errors import ImagegateError
+from common.config import database_url
+from common.errors import DatabaseUnavailable
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 PG_CONNECT_TIMEOUT_S = 5
-
-
-class DatabaseUnavailable(ImagegateError):
-    """The database cannot be reached (server down, wrong URL, file not writable)."""
 
 
 def normalize_url(url: str) -> str:
@@ -61,7 +57,7 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
-    """An engine for `url`, or for `core.config.database_url()` when none is given."""
+    """An engine for `url`, or for `common.config.database_url()` when none is given."""
     resolved = normalize_url(url or database_url())
     backend = make_url(resolved).get_backend_name()
     options: dict[str, Any] = {"pool_pre_ping": True}

@@ -15,7 +15,7 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from core.config import database_url
+from common.config import database_url
 from db.engine import make_engine, normalize_url
 from db.models import Base
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.errors import InvalidInput, PermissionDenied
+from common.errors import InvalidInput, PermissionDenied
 from core.security import Role
 from core.users import change_own_password
 from db.engine import transaction

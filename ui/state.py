@@ -10,7 +10,7 @@ import streamlit as st
 from sqlalchemy.orm import Session
 
 from core import keys
-from core.errors import NotFound
+from common.errors import NotFound
 from core.providers.registry import all_connections
 from core.runtime import Runtime, open_runtime
 from core.setup_code import new_setup_code, setup_banner

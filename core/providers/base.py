@@ -2,7 +2,7 @@
 
 An adapter takes a validated request in the canonical vocabulary (core.catalog), translates it to the
 provider's wire parameters, runs it with the provider's real client library, reports progress, downloads and
-stores the images, and maps every failure onto core.errors.ProviderError. It knows nothing of budgets,
+stores the images, and maps every failure onto common.errors.ProviderError. It knows nothing of budgets,
 routing or the database: the generation service (core.generation) does that around it.
 """
 
@@ -19,7 +19,7 @@ from enum import StrEnum
 from typing import Any
 
 from core.catalog import ProviderSpec
-from core.errors import ErrorClass, ProviderError
+from common.errors import ErrorClass, ProviderError
 from core.images import StoredImage
 from core.settings import check_param
 

@@ -37,7 +37,7 @@ from asyncstdlib import cached_property as async_cached_property
 from fal_client.auth import MissingCredentialsError
 
 from core.catalog import FAL_QWEN
-from core.errors import ErrorClass, ProviderError
+from common.errors import ErrorClass, ProviderError
 from core.providers.base import (
     AdapterConfig,
     AdapterRequest,

@@ -21,7 +21,7 @@ from urllib.parse import unquote_to_bytes
 
 import httpx
 
-from core.errors import ErrorClass, ProviderError
+from common.errors import ErrorClass, ProviderError
 from core.images import MAX_IMAGE_BYTES, InvalidImage, StoredImage, store_image
 
 MAX_REDIRECTS = 5

@@ -32,8 +32,8 @@ from huggingface_hub.utils._http import parse_ratelimit_headers
 from PIL import Image
 
 from core.catalog import HUGGINGFACE, SEED_MAX
-from core.config import disable_telemetry
-from core.errors import ErrorClass, ProviderError
+from common.config import disable_telemetry
+from common.errors import ErrorClass, ProviderError
 from core.images import MAX_IMAGE_PIXELS, InvalidImage, StoredImage, store_image
 from core.providers.base import (
     AdapterRequest,

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from requests.structures import CaseInsensitiveDict
 
 from core.catalog import IDEOGRAM
-from core.errors import ErrorClass, ProviderError
+from common.errors import ErrorClass, ProviderError
 from core.providers.base import (
     AdapterRequest,
     EventCallback,

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from core.catalog import PROMPT_MAX_CHARS, QWEN_SPACE, SEED_MAX
-from core.config import disable_telemetry
-from core.errors import ErrorClass, InvalidInput, ProviderError
+from common.config import disable_telemetry
+from common.errors import ErrorClass, InvalidInput, ProviderError
 from core.images import InvalidImage, StoredImage, store_image
 from core.providers.base import (
     AdapterConfig,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.catalog import PROMPT_MAX_CHARS, SANDBOX, SEED_MAX
-from core.errors import ErrorClass, InvalidInput, ProviderError
+from common.errors import ErrorClass, InvalidInput, ProviderError
 from core.images import StoredImage, store_image
 from core.providers.base import (
     AdapterConfig,

@@ -1,4 +1,4 @@
-"""Alembic environment: runs migrations against the URL db.migrate passes, else core.config.database_url().
+"""Alembic environment: runs migrations against the URL db.migrate passes, else common.config.database_url().
 
 A caller may also hand over an open connection (`config.attributes["connection"]`), so tests and the app can
 migrate inside a connection they already hold.
@@ -9,7 +9,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
-from core.config import database_url
+from common.config import database_url
 from db.engine import make_engine, normalize_url
 from db.models import Base
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from core.catalog import PROVIDERS
-from core.errors import InvalidInput
+from common.errors import InvalidInput
 from core.money import MICRO, format_usd, micros_to_usd, round_half_up_micros, usd_to_micros
 from core.pricing import (
     CostEstimate,

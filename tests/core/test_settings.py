@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from core.catalog import PROVIDERS, ParamSpec
-from core.errors import InvalidInput
+from common.errors import InvalidInput
 from core.presets import PRESET_NAMES, PRESETS, UnknownPreset, preset_params, presets_for
 from core.settings import (
     DEFAULT_REQUEST_TIMEOUT_S,

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core import audit
 from core import settings_service as svc
-from core.errors import InvalidInput, NotFound, PermissionDenied
+from common.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from core.security import Actor, Role
 from core.settings import default_provider_settings
 from db.engine import transaction
@@ -214,7 +214,7 @@ def test_rollback_is_a_new_version_equal_to_the_old_one(db_session_factory: sess
 def test_expected_version_refuses_a_stale_form(db_session_factory: sessionmaker[Session]) -> None:
     _save(db_session_factory, "qwen", {})
     _save(db_session_factory, "qwen", {"priority": 60})
-    with pytest.raises(svc.ConcurrentChange, match="version 2 is current"), transaction(db_session_factory) as s:
+    with pytest.raises(Conflict, match="version 2 is current"), transaction(db_session_factory) as s:
         svc.save_provider_settings(s, ADMIN, "qwen", {"priority": 61}, expected_version=1)
     with transaction(db_session_factory) as session:
         assert svc.save_provider_settings(session, ADMIN, "qwen", {"priority": 61}, expected_version=2).version == 3

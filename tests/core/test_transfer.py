@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import audit, price_store, settings_service, transfer
-from core.errors import InvalidInput, PermissionDenied
+from common.errors import InvalidInput, PermissionDenied
 from core.security import Actor, Role
 from core.seed import seed_defaults
 from db.engine import transaction

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import audit, security, users
-from core.errors import InvalidInput, NotFound, PermissionDenied
+from common.errors import AccountLocked, InvalidInput, NotFound, PermissionDenied
 from core.security import Actor, Role, require_role
 from db.engine import transaction
 from db.models import AuditLog, SystemFlag, User, utcnow
@@ -78,7 +78,7 @@ def test_too_many_wrong_passwords_lock_sign_in_until_it_expires_or_an_admin_rese
             assert users.authenticate(session, "dan", "a wrong guess") is None
     # Locked: even the right password is refused, and the reason is given.
     with (
-        pytest.raises(users.SignInLocked, match="locked for about 15 more minutes") as locked,
+        pytest.raises(AccountLocked, match="locked for about 15 more minutes") as locked,
         transaction(db_session_factory) as session,
     ):
         users.authenticate(session, "dan", "dans password!")

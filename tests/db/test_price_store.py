@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import audit, price_store
-from core.errors import InvalidInput, PermissionDenied
+from common.errors import InvalidInput, PermissionDenied
 from core.security import Actor, Role
 from db.engine import transaction
 

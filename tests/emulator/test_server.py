@@ -14,7 +14,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from core.config import PROJECT_ROOT
+from common.config import PROJECT_ROOT
 from emulator.faults import Fault, FaultBoard
 from emulator.runner import BackgroundServer, free_port, serve_in_thread
 from emulator.server import create_emulator_app

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from core.errors import ErrorClass, ProviderError
+from common.errors import ErrorClass, ProviderError
 from core.images import store_image
 from core.providers.base import AdapterConfig, AdapterRequest, ConnectionMode, EventKind, ProgressEvent
 from core.providers.fal import APP_ID, FalQwenAdapter

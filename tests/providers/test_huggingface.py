@@ -11,7 +11,7 @@ from PIL import Image
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from core.errors import ErrorClass, ProviderError
+from common.errors import ErrorClass, ProviderError
 from core.providers.base import AdapterConfig, AdapterRequest, ConnectionMode, EventKind, ProgressEvent
 from core.providers.huggingface import HuggingFaceAdapter
 from emulator.faults import BOARD, Fault

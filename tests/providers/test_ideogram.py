@@ -13,7 +13,7 @@ from PIL import Image
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from core.errors import ErrorClass, ProviderError
+from common.errors import ErrorClass, ProviderError
 from core.providers.base import AdapterConfig, AdapterRequest, ConnectionMode, EventKind, ProgressEvent
 from core.providers.http_headers import retry_after_seconds
 from core.providers.ideogram import IdeogramAdapter, _HttpAnswer, error_message

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("gradio")
 
-from core.errors import ErrorClass, ProviderError
+from common.errors import ErrorClass, ProviderError
 from core.providers.base import AdapterConfig, AdapterRequest, ConnectionMode, EventKind, ProgressEvent
 from core.providers.qwen_space import QwenSpaceAdapter, check_signature, map_error, parse_wait
 from emulator.faults import BOARD, Fault

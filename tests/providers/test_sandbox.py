@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from core.errors import ErrorClass, ProviderError
+from common.errors import ErrorClass, ProviderError
 from core.providers.base import AdapterConfig, AdapterRequest, ConnectionMode, EventKind, ProgressEvent
 from core.providers.sandbox import SandboxAdapter
 from core.render import RenderSpec, render_placeholder
