@@ -19,6 +19,11 @@ auth 401 · validation 422 · rate_limit 429 + Retry-After · drop (connection c
 server_error (the runner fails: result 503, X-Fal-Error-Type) · hang (stays IN_PROGRESS forever) ·
 malformed (result 200 with a truncated JSON body) · safety (images 0, 2, ... flagged and blanked, when the
 safety checker is on) · image_404 · not_an_image after the queue. Keys starting with "invalid" get a 401.
+A `drop` at submit queues the job first and then loses the answer, as when a connection breaks after fal got
+the request. The job itself runs fine under status_error (status polls answer 503 while it runs) and
+status_drop (they lose their connection while it runs); result_drop loses every fetch of the result.
+cancelled_499 / cancelled_400: once the job is cancelled, its status says a plain COMPLETED and its result
+answers 499, or 400 "Request was cancelled" without an error type (the other ways fal reports a cancellation).
 """
 
 from __future__ import annotations
@@ -60,6 +65,11 @@ SUPPORTED_FAULTS: frozenset[Fault] = frozenset(
         Fault.MALFORMED,
         Fault.IMAGE_404,
         Fault.NOT_AN_IMAGE,
+        Fault.STATUS_ERROR,
+        Fault.STATUS_DROP,
+        Fault.RESULT_DROP,
+        Fault.CANCELLED_499,
+        Fault.CANCELLED_400,
     }
 )
 MAX_SIDE = 14142
@@ -299,9 +309,6 @@ class FalEmulator:
                 429,
                 headers={"Retry-After": str(knobs.retry_after_s)},
             )
-        if fault is Fault.DROP:
-            return DroppedResponse("application/json", b'{"request_id": "', 512)
-
         timeout_header = request.headers.get("x-fal-request-timeout")
         now = time.monotonic()
         start_deadline = None
@@ -317,6 +324,8 @@ class FalEmulator:
             self._log(req, "INFO", "Request queued")
             self._advance(now)
             position = self.queue_position(req, now)
+        if fault is Fault.DROP:
+            return DroppedResponse("application/json", b'{"request_id": "', 512)
         base = f"{self._base(request)}/{app}/requests/{request_id}"
         return JSONResponse(
             {
@@ -343,6 +352,10 @@ class FalEmulator:
                 body: dict[str, Any] = {"status": "IN_QUEUE", "queue_position": self.queue_position(req, now)}
                 return JSONResponse(body, 202, headers=headers)
             if req.state == "running":
+                if req.fault is Fault.STATUS_ERROR:
+                    return JSONResponse({"detail": "Service temporarily unavailable"}, 503)
+                if req.fault is Fault.STATUS_DROP:
+                    return DroppedResponse("application/json", b'{"status": "IN_PROG', 512)
                 self._running_logs(req, now)
                 body = {"status": "IN_PROGRESS", "logs": list(req.logs) if with_logs else None}
                 return JSONResponse(body, 202, headers=headers)
@@ -353,7 +366,7 @@ class FalEmulator:
                 if req.started is not None
                 else {},
             }
-            if req.cancelled:
+            if req.cancelled and req.fault not in (Fault.CANCELLED_499, Fault.CANCELLED_400):
                 body["error"], body["error_type"] = "Request was cancelled", "request_cancelled"
             elif req.timed_out:
                 body["error"], body["error_type"] = "Request timed out before it started", "request_timeout"
@@ -371,9 +384,15 @@ class FalEmulator:
             if req.state != "completed":
                 return JSONResponse({"detail": "Request is still in progress"}, 400, headers=headers)
             if req.cancelled:
+                if req.fault is Fault.CANCELLED_499:
+                    return JSONResponse({"detail": "Request was cancelled"}, 499, headers=headers)
+                if req.fault is Fault.CANCELLED_400:
+                    return JSONResponse({"detail": "Request was cancelled"}, 400, headers=headers)
                 return JSONResponse(
                     {"detail": "Request was cancelled", "error_type": "request_cancelled"}, 400, headers=headers
                 )
+            if req.fault is Fault.RESULT_DROP:
+                return DroppedResponse("application/json", b'{"images": [{"url": "', 512)
             if req.timed_out:
                 return JSONResponse(
                     {"detail": "Request timed out before it started", "error_type": "request_timeout"},

@@ -26,6 +26,12 @@ class Fault(StrEnum):
     NOT_AN_IMAGE = "not_an_image"  # the image URL serves bytes that are not an image
     QUOTA = "quota"  # ZeroGPU quota exceeded (qwen Space)
     LOADING = "loading"  # HF 503 model loading
+    # fal queue only: the job itself is fine, the exchanges around it fail or report it another way.
+    STATUS_ERROR = "status_error"  # status polls answer 503 while the job runs; the job runs on
+    STATUS_DROP = "status_drop"  # status polls lose their connection while the job runs; the job runs on
+    RESULT_DROP = "result_drop"  # every fetch of the (completed) result loses its connection
+    CANCELLED_499 = "cancelled_499"  # once cancelled: status COMPLETED without error, result HTTP 499
+    CANCELLED_400 = "cancelled_400"  # once cancelled: status COMPLETED without error, result 400 without type
 
 
 PROVIDERS = ("fal", "ideogram", "hf", "qwen")
