@@ -4,6 +4,17 @@ An adapter takes a validated request in the canonical vocabulary (core.catalog),
 provider's wire parameters, runs it with the provider's real client library, reports progress, downloads and
 stores the images, and maps every failure onto common.errors.ProviderError. It knows nothing of budgets,
 routing or the database: the generation service (core.generation) does that around it.
+
+The two contracts every adapter keeps:
+- `translate()` raises `common.errors.InvalidInput` (with `field_errors` naming each parameter) when this
+  provider cannot serve the request, and nothing else: nothing has been sent, so it is not a ProviderError.
+  Fallback calls it for every candidate and skips the ones that refuse.
+- `generate()` raises `ProviderError` for every failure, each with the billing facts of that case: billed
+  (with the units the provider reported, when it did), not billed, or unknown (a paid job may still run).
+  A request `translate()` refuses is a VALIDATION error that was not billed.
+
+Parameter values are checked by the one validator (core.settings.check_param) against the catalog's ranges;
+adapters add only what the provider's wire format needs (fal's minimum of 2 steps, the Space's clamping).
 """
 
 from __future__ import annotations
@@ -13,14 +24,15 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
+from common.errors import Billing, ErrorClass, InvalidInput, ProviderError
 from core.catalog import ProviderSpec
-from common.errors import ErrorClass, ProviderError
 from core.images import StoredImage
+from core.prompts import validate_prompt
 from core.settings import check_param
 
 log = logging.getLogger(__name__)
@@ -151,28 +163,63 @@ async def emit_event(callback: EventCallback | None, event: ProgressEvent) -> No
         log.exception("progress callback failed for %s (%s); the run continues", event.provider, event.kind.value)
 
 
+def refused(spec: ProviderSpec, field_errors: Mapping[str, str]) -> InvalidInput:
+    """The one error `translate()` raises: what this provider cannot take, field by field."""
+    message = f"{spec.label} cannot serve this request: {'; '.join(field_errors.values())}"
+    return InvalidInput(message, dict(field_errors))
+
+
+def checked_prompt(spec: ProviderSpec, prompt: str) -> str:
+    """The prompt as a provider may receive it (core.prompts' rules), or InvalidInput on field `prompt`."""
+    try:
+        validate_prompt(prompt)
+    except InvalidInput as exc:
+        raise refused(spec, exc.field_errors or {"prompt": str(exc)}) from None
+    return prompt
+
+
 def checked_value(spec: ProviderSpec, name: str, value: Any) -> Any:
-    """A canonical value checked by the one parameter validator (core.settings), so an adapter handed a bad
-    value fails before anything is sent. Raises ValueError with the validator's message."""
+    """A canonical value checked by the one parameter validator (core.settings.check_param) against the
+    catalog's range for this provider, normalised. Raises InvalidInput naming the parameter."""
     normal, problem = check_param(spec, spec.params[name], value)
     if problem is not None:
-        raise ValueError(problem)
+        raise refused(spec, {name: problem})
     return normal
 
 
 def checked_values(spec: ProviderSpec, params: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
-    """The parameters among `names` that are set, each through `checked_value`; empty text is left out (a
-    blank negative prompt is no negative prompt). Raises ValueError naming the first bad one."""
+    """The parameters among `names` that are set, each through the one validator; empty text is left out (a
+    blank negative prompt is no negative prompt). Raises InvalidInput naming every bad one."""
     out: dict[str, Any] = {}
+    errors: dict[str, str] = {}
     for name in names:
         value = params.get(name)
         if value is None:
             continue
-        normal = checked_value(spec, name, value)
-        if normal is None or normal == "":
-            continue
-        out[name] = normal
+        normal, problem = check_param(spec, spec.params[name], value)
+        if problem is not None:
+            errors[name] = problem
+        elif normal is not None and normal != "":
+            out[name] = normal
+    if errors:
+        raise refused(spec, errors)
     return out
+
+
+def clamped_value(spec: ProviderSpec, name: str, value: Any, notes: list[str]) -> Any:
+    """For providers that fit a fallback's values into their range instead of refusing them: the value's type
+    is checked by the one validator, then it is clamped to the catalog's range with a note saying so."""
+    p = spec.params[name]
+    normal, problem = check_param(spec, replace(p, minimum=None, maximum=None), value)
+    if problem is not None:
+        raise refused(spec, {name: problem})
+    low = p.minimum if p.minimum is not None else normal
+    high = p.maximum if p.maximum is not None else normal
+    if low <= normal <= high:
+        return normal
+    fitted = type(normal)(min(max(normal, low), high))
+    notes.append(f"{name} {normal:g} is outside {spec.label}'s {low:g}-{high:g}; using {fitted:g}")
+    return fitted
 
 
 def unsent_notes(provider_label: str, params: Mapping[str, Any], handled: set[str]) -> list[str]:
@@ -200,7 +247,21 @@ class ProviderAdapter(ABC):
 
     @abstractmethod
     def translate(self, request: AdapterRequest) -> Translation:
-        """Canonical parameters -> the provider's wire parameters, noting anything not represented exactly."""
+        """Canonical parameters -> the provider's wire parameters, noting anything not represented exactly.
+
+        Raises `common.errors.InvalidInput`, with `field_errors` keyed by parameter name (or `prompt`), when
+        this provider cannot serve the request, and never anything else: nothing is sent, so nothing is
+        billed. Fallback calls it for every candidate provider; the ones that refuse are skipped."""
+
+    def translated(self, request: AdapterRequest) -> Translation:
+        """`translate()` inside an attempt: a refusal becomes the VALIDATION ProviderError `generate()` raises
+        (not billed: nothing was sent)."""
+        try:
+            return self.translate(request)
+        except InvalidInput as exc:
+            raise ProviderError(
+                ErrorClass.VALIDATION, str(exc), provider=self.provider_id, billing=Billing.NOT_BILLED
+            ) from exc
 
     @abstractmethod
     async def generate(
@@ -211,7 +272,8 @@ class ProviderAdapter(ABC):
         on_request_id: RequestIdCallback | None = None,
     ) -> ProviderResult:
         """Run one attempt. `on_request_id` is awaited with the provider's id before any polling, so the
-        caller can persist it (crash recovery). Raises ProviderError for every failure."""
+        caller can persist it (crash recovery). Raises ProviderError for every failure, with its billing facts
+        (see the module doc); a request `translate()` refuses is a VALIDATION error, not billed."""
 
     @abstractmethod
     async def health_probe(self) -> HealthReport:
@@ -222,10 +284,12 @@ class ProviderAdapter(ABC):
         return None
 
     async def cancel(self, provider_request_id: str) -> None:
+        """Stop a request by id. Its errors describe the look-up, which costs nothing: never billed."""
         raise ProviderError(
             ErrorClass.VALIDATION,
             f"{self.provider_id} requests cannot be cancelled once sent",
             provider=self.provider_id,
+            billing=Billing.NOT_BILLED,
         )
 
     async def resume(
@@ -235,11 +299,12 @@ class ProviderAdapter(ABC):
         *,
         on_event: EventCallback | None = None,
     ) -> ProviderResult:
-        """Collect the result of a request submitted before a restart (fal). Others cannot."""
+        """Collect the result of a request submitted before a restart (fal). Others cannot (not billed)."""
         raise ProviderError(
             ErrorClass.VALIDATION,
             f"{self.provider_id} cannot resume a request by id; only queue-based providers (fal) can",
             provider=self.provider_id,
+            billing=Billing.NOT_BILLED,
         )
 
 

@@ -6,6 +6,8 @@ stored content-addressed (core.images.store_image).
 
 Mapping: HTTP 4xx on the image (expired or missing) and anything that is not an acceptable image ->
 BAD_RESPONSE; HTTP 5xx and connection failures -> UNAVAILABLE; the deadline -> TIMEOUT.
+Billing: a download happens after the provider produced (and billed) the images, so every error here carries
+the billing facts the caller hands in (`Billed`): fal's reported units, Ideogram's image count.
 No provider credentials are ever sent here: image hosts do not need them, and must not see them.
 """
 
@@ -16,16 +18,26 @@ import base64
 import binascii
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
 import httpx
 
-from common.errors import ErrorClass, ProviderError
+from common.errors import Billing, ErrorClass, ProviderError
 from core.images import MAX_IMAGE_BYTES, InvalidImage, StoredImage, store_image
 
 MAX_REDIRECTS = 5
 _USER_AGENT = "imagegate-downloader"
+
+
+@dataclass(frozen=True)
+class Billed:
+    """What the provider billed for the images being downloaded, as far as the caller knows."""
+
+    billing: Billing
+    units: Decimal | None = None
 
 
 def _error(
@@ -33,11 +45,18 @@ def _error(
     message: str,
     provider: str,
     *,
+    billed: Billed,
     status_code: int | None = None,
     provider_request_id: str | None = None,
 ) -> ProviderError:
     return ProviderError(
-        error_class, message, provider=provider, status_code=status_code, provider_request_id=provider_request_id
+        error_class,
+        message,
+        provider=provider,
+        billing=billed.billing,
+        billed_units=billed.units,
+        status_code=status_code,
+        provider_request_id=provider_request_id,
     )
 
 
@@ -64,7 +83,9 @@ def decode_data_uri(uri: str, *, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     return unquote_to_bytes(payload)
 
 
-async def _fetch(client: httpx.AsyncClient, url: str, max_bytes: int, provider: str, request_id: str | None) -> bytes:
+async def _fetch(
+    client: httpx.AsyncClient, url: str, max_bytes: int, provider: str, request_id: str | None, billed: Billed
+) -> bytes:
     async with client.stream("GET", url) as response:
         if response.status_code >= 400:
             error_class = ErrorClass.UNAVAILABLE if response.status_code >= 500 else ErrorClass.BAD_RESPONSE
@@ -74,6 +95,7 @@ async def _fetch(client: httpx.AsyncClient, url: str, max_bytes: int, provider: 
                 provider,
                 status_code=response.status_code,
                 provider_request_id=request_id,
+                billed=billed,
             )
         declared = response.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
@@ -82,6 +104,7 @@ async def _fetch(client: httpx.AsyncClient, url: str, max_bytes: int, provider: 
                 f"image at {_short(url)} is {declared} bytes, over the {max_bytes} byte limit",
                 provider,
                 provider_request_id=request_id,
+                billed=billed,
             )
         chunks: list[bytes] = []
         size = 0
@@ -93,6 +116,7 @@ async def _fetch(client: httpx.AsyncClient, url: str, max_bytes: int, provider: 
                     f"image at {_short(url)} is over the {max_bytes} byte limit",
                     provider,
                     provider_request_id=request_id,
+                billed=billed,
                 )
             chunks.append(chunk)
         return b"".join(chunks)
@@ -103,22 +127,32 @@ async def download_image(
     *,
     provider: str,
     timeout_s: float,
+    billed: Billed,
     client: httpx.AsyncClient | None = None,
     max_bytes: int = MAX_IMAGE_BYTES,
     provider_request_id: str | None = None,
     root: Path | None = None,
 ) -> StoredImage:
-    """Fetch one image (http(s) or data URI) within `timeout_s`, validate it and store it."""
+    """Fetch one image (http(s) or data URI) within `timeout_s`, validate it and store it. Every error carries
+    `billed`, the provider's billing facts for the images."""
     if timeout_s <= 0:
         raise _error(
-            ErrorClass.TIMEOUT, "no time left to download the image", provider, provider_request_id=provider_request_id
+            ErrorClass.TIMEOUT,
+            "no time left to download the image",
+            provider,
+            provider_request_id=provider_request_id,
+            billed=billed,
         )
     if url.startswith("data:"):
         try:
             data = decode_data_uri(url, max_bytes=max_bytes)
         except ValueError as exc:
             raise _error(
-                ErrorClass.BAD_RESPONSE, f"inline image: {exc}", provider, provider_request_id=provider_request_id
+                ErrorClass.BAD_RESPONSE,
+                f"inline image: {exc}",
+                provider,
+                provider_request_id=provider_request_id,
+                billed=billed,
             ) from None
     elif url.startswith(("http://", "https://")):
         own_client = client is None
@@ -130,13 +164,14 @@ async def download_image(
         )
         try:
             async with asyncio.timeout(timeout_s):
-                data = await _fetch(http, url, max_bytes, provider, provider_request_id)
+                data = await _fetch(http, url, max_bytes, provider, provider_request_id, billed)
         except TimeoutError:
             raise _error(
                 ErrorClass.TIMEOUT,
                 f"image download from {_short(url)} took over {timeout_s:g}s",
                 provider,
                 provider_request_id=provider_request_id,
+                billed=billed,
             ) from None
         except httpx.TimeoutException:
             raise _error(
@@ -144,6 +179,7 @@ async def download_image(
                 f"image download from {_short(url)} timed out",
                 provider,
                 provider_request_id=provider_request_id,
+                billed=billed,
             ) from None
         except httpx.TooManyRedirects:
             raise _error(
@@ -151,6 +187,7 @@ async def download_image(
                 f"image URL {_short(url)} redirects too many times",
                 provider,
                 provider_request_id=provider_request_id,
+                billed=billed,
             ) from None
         except httpx.HTTPError as exc:
             raise _error(
@@ -158,6 +195,7 @@ async def download_image(
                 f"image download from {_short(url)} failed: {exc.__class__.__name__}: {exc}",
                 provider,
                 provider_request_id=provider_request_id,
+                billed=billed,
             ) from None
         finally:
             if own_client:
@@ -168,6 +206,7 @@ async def download_image(
             f"image URL {_short(url)!r} is neither http(s) nor a data URI",
             provider,
             provider_request_id=provider_request_id,
+            billed=billed,
         )
     try:
         # Hashing and writing a large file is blocking work: keep it off the event loop.
@@ -178,6 +217,7 @@ async def download_image(
             f"{_short(url)} is not a usable image: {exc}",
             provider,
             provider_request_id=provider_request_id,
+            billed=billed,
         ) from None
 
 
@@ -186,12 +226,13 @@ async def download_images(
     *,
     provider: str,
     timeout_s: float,
+    billed: Billed,
     max_bytes: int = MAX_IMAGE_BYTES,
     provider_request_id: str | None = None,
     root: Path | None = None,
 ) -> tuple[StoredImage, ...]:
     """Fetch several images concurrently over one connection pool, all within one deadline (`timeout_s`).
-    The first failure cancels the rest and is raised."""
+    The first failure cancels the rest and is raised, with `billed`."""
     deadline = time.monotonic() + timeout_s
     async with httpx.AsyncClient(
         follow_redirects=True,
@@ -207,6 +248,7 @@ async def download_images(
                             url,
                             provider=provider,
                             timeout_s=deadline - time.monotonic(),
+                            billed=billed,
                             client=client,
                             max_bytes=max_bytes,
                             provider_request_id=provider_request_id,

@@ -1,4 +1,8 @@
-"""Contract tests: FalQwenAdapter through the real fal-client 1.0.3 against the fal queue emulator."""
+"""Contract tests: FalQwenAdapter through the real fal-client 1.0.3 against the fal queue emulator.
+
+Faults come from the emulator (`[[fault:NAME]]` in the prompt); fal-client's own retry loop (10 tries, about
+50 s) is bounded by each attempt's deadline, or by `few_fal_client_retries` where a test shows that the
+adapter's own polling, not fal-client's, carries a job through a failure."""
 
 from __future__ import annotations
 
@@ -8,15 +12,16 @@ import time
 from decimal import Decimal
 from typing import Any
 
+import fal_client.client as fal_wire
 import httpx
 import pytest
 from PIL import Image
 
-from common.errors import ErrorClass, ProviderError
+from common.errors import Billing, ErrorClass, InvalidInput, ProviderError
 from core.images import store_image
 from core.providers.base import AdapterConfig, AdapterRequest, ConnectionMode, EventKind, ProgressEvent
-from core.providers.fal import APP_ID, FalQwenAdapter
-from core.providers.http_download import decode_data_uri, download_image
+from core.providers.fal import APP_ID, FalQwenAdapter, _Attempt, _FalTransport, _Phase
+from core.providers.http_download import Billed, decode_data_uri, download_image
 from core.providers.http_headers import retry_after_seconds
 from emulator.faults import Fault, FaultBoard
 from emulator.images import render_image
@@ -49,6 +54,34 @@ async def expect_error(coro: Any, error_class: ErrorClass) -> ProviderError:
 
 def raw_headers() -> dict[str, str]:
     return {"Authorization": f"Key {KEY}"}
+
+
+def job_status(server: BackgroundServer, request_id: str) -> dict[str, Any]:
+    """What the emulated fal queue says about a job, asked directly (not through the adapter)."""
+    answer = httpx.get(f"{server.url}/fal/{APP_ID}/requests/{request_id}/status", headers=raw_headers(), timeout=5)
+    body: dict[str, Any] = answer.json()
+    return body
+
+
+def jobs_created(server: BackgroundServer) -> int:
+    count: int = httpx.get(f"{server.url}/fal/", timeout=5).json()["requests"]
+    return count
+
+
+def submit_raw(server: BackgroundServer, prompt: str, **params: Any) -> str:
+    """A job submitted with plain HTTP, as another process (or one that has since died) would have."""
+    answer = httpx.post(
+        f"{server.url}/fal/{APP_ID}", json={"prompt": prompt, **params}, headers=raw_headers(), timeout=5
+    )
+    request_id: str = answer.json()["request_id"]
+    return request_id
+
+
+@pytest.fixture
+def few_fal_client_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fal-client sends a failed poll again up to 10 times by itself; with one try only, whatever carries the
+    job through a failure is the adapter's own polling."""
+    monkeypatch.setattr(fal_wire, "MAX_ATTEMPTS", 1)
 
 
 # -- success -------------------------------------------------------------------------------------------------
@@ -163,7 +196,8 @@ async def test_validation_names_the_field_from_fals_detail_list(emulator_server:
     )
     assert err.status_code == 422
     assert err.message.startswith("fal rejected the input: prompt: ")
-    assert err.billable  # fal may bill a 422
+    # fal's pricing notes say a 422 "may" be billed, without saying when: nobody can know, so unknown.
+    assert err.billing is Billing.UNKNOWN and err.billed_units is None
 
 
 async def test_all_images_flagged_is_a_safety_rejection(emulator_server: BackgroundServer) -> None:
@@ -171,6 +205,8 @@ async def test_all_images_flagged_is_a_safety_rejection(emulator_server: Backgro
         make_adapter(emulator_server).generate(req("x [[fault:safety]]")), ErrorClass.SAFETY_REJECTED
     )
     assert err.provider_request_id
+    # The flagged output was generated, and fal reported the units it bills for it.
+    assert err.billing is Billing.BILLED and err.billed_units == Decimal("0.262144")
 
 
 async def test_partly_flagged_keeps_the_clean_images_and_flags_the_result(emulator_server: BackgroundServer) -> None:
@@ -200,6 +236,7 @@ async def test_rate_limit_is_reported_at_once_with_retry_after(
     assert time.monotonic() - started < 2
     assert err.retry_after_s == 7
     assert err.status_code == 429
+    assert err.billing is Billing.NOT_BILLED  # fal refused the submit: no job
 
 
 async def test_runner_failure_is_unavailable(emulator_server: BackgroundServer) -> None:
@@ -208,7 +245,7 @@ async def test_runner_failure_is_unavailable(emulator_server: BackgroundServer) 
     )
     assert err.status_code == 503
     assert "runner_server_error" in err.message
-    assert not err.billable
+    assert err.billing is Billing.NOT_BILLED  # a 5xx is never billed
 
 
 async def test_a_hung_request_times_out_at_the_deadline_and_is_cancelled(emulator_server: BackgroundServer) -> None:
@@ -221,47 +258,48 @@ async def test_a_hung_request_times_out_at_the_deadline_and_is_cancelled(emulato
     elapsed = time.monotonic() - started
     assert 1.0 <= elapsed < 3.5
     assert err.provider_request_id == ids[0]
-    status = httpx.get(
-        f"{emulator_server.url}/fal/{APP_ID}/requests/{ids[0]}/status", headers=raw_headers(), timeout=5
-    ).json()
+    assert "last seen running" in err.message and "cancelled at fal" in err.message
+    assert err.billing is Billing.UNKNOWN  # it ran for a while: whether fal bills that, nobody here knows
+    status = job_status(emulator_server, ids[0])
     assert status["status"] == "COMPLETED"
     assert status["error_type"] == "request_cancelled"
 
 
 @pytest.mark.parametrize(
-    ("fault", "needle"),
+    ("fault", "needle", "units"),
     [
-        (Fault.MALFORMED, "JSONDecodeError"),
-        (Fault.IMAGE_404, "HTTP 404"),
-        (Fault.NOT_AN_IMAGE, "not a usable image"),
+        # A 200 whose body is cut short: fal produced (and billed) the output, it did not say how much.
+        (Fault.MALFORMED, "JSONDecodeError", None),
+        # fal reported the units it bills, then the image is gone or broken: the error carries them.
+        (Fault.IMAGE_404, "HTTP 404", Decimal("0.262144")),
+        (Fault.NOT_AN_IMAGE, "not a usable image", Decimal("0.262144")),
     ],
 )
-async def test_broken_answers_are_bad_responses(emulator_server: BackgroundServer, fault: Fault, needle: str) -> None:
+async def test_broken_answers_after_a_completed_job_are_billed_bad_responses(
+    emulator_server: BackgroundServer, fault: Fault, needle: str, units: Decimal | None
+) -> None:
     err = await expect_error(
         make_adapter(emulator_server).generate(req(f"x [[fault:{fault.value}]]")), ErrorClass.BAD_RESPONSE
     )
     assert needle in err.message
     assert err.provider_request_id
+    assert err.billing is Billing.BILLED
+    assert err.billed_units == units
 
 
-async def test_one_dropped_connection_is_retried_by_fal_client(
-    emulator_server: BackgroundServer, emulator_board: FaultBoard
-) -> None:
-    emulator_board.set_fault("fal", Fault.DROP, count=1)
-    result = await make_adapter(emulator_server).generate(req())
-    assert len(result.images) == 1
-    assert emulator_board.get("fal").fault is None  # the drop was used up by the first submit
-
-
-async def test_connections_that_keep_dropping_are_unavailable_by_the_deadline(
-    emulator_server: BackgroundServer,
-) -> None:
+async def test_a_submit_whose_answer_was_lost_is_not_sent_again(emulator_server: BackgroundServer) -> None:
+    # The emulator queues the job, then drops the connection before its answer is complete. fal-client would
+    # send the POST again (up to 10 times), each time starting another paid job whose id nobody learns.
+    before = jobs_created(emulator_server)
     started = time.monotonic()
     err = await expect_error(
-        make_adapter(emulator_server).generate(req("x [[fault:drop]]", timeout_s=1.5)), ErrorClass.UNAVAILABLE
+        make_adapter(emulator_server).generate(req("x [[fault:drop]]", timeout_s=30)), ErrorClass.UNAVAILABLE
     )
-    assert time.monotonic() - started < 3
-    assert "RemoteProtocolError" in err.message
+    assert time.monotonic() - started < 3  # at once, not at the deadline
+    assert jobs_created(emulator_server) - before == 1
+    assert "RemoteProtocolError" in err.message and "not sent again" in err.message
+    assert err.billing is Billing.UNKNOWN  # a job may run at fal, and we do not know its id
+    assert err.provider_request_id is None
 
 
 async def test_a_dead_host_is_unavailable_within_seconds() -> None:
@@ -270,6 +308,71 @@ async def test_a_dead_host_is_unavailable_within_seconds() -> None:
     err = await expect_error(adapter.generate(req(timeout_s=60)), ErrorClass.UNAVAILABLE)
     assert time.monotonic() - started < 3  # fal-client alone retries a refused connection for ~44 s
     assert "cannot connect" in err.message
+    assert err.billing is Billing.NOT_BILLED  # no connection, nothing sent
+
+
+# -- a job outlives our connection to it ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", [Fault.STATUS_ERROR, Fault.STATUS_DROP])
+async def test_failed_status_polls_do_not_end_a_running_job(
+    emulator_server: BackgroundServer, emulator_board: FaultBoard, few_fal_client_retries: None, fault: Fault
+) -> None:
+    # While the job runs, its status polls answer 503 (or lose their connection); the paid job runs on, so
+    # the adapter polls again, with backoff, and collects it.
+    emulator_board.configure("fal", latency_s=0.3)
+    result = await make_adapter(emulator_server).generate(req(f"x [[fault:{fault.value}]]", seed=4))
+    assert len(result.images) == 1
+    assert result.billed_units == Decimal("0.262144")
+
+
+async def test_a_deadline_after_connection_errors_keeps_the_cause_and_cancels_the_job(
+    emulator_server: BackgroundServer, emulator_board: FaultBoard
+) -> None:
+    # Every status poll of the running job loses its connection until the deadline; the cancel then works.
+    emulator_board.configure("fal", latency_s=30)
+    ids: list[str] = []
+    err = await expect_error(
+        make_adapter(emulator_server).generate(req("x [[fault:status_drop]]", timeout_s=1.5), on_request_id=ids.append),
+        ErrorClass.UNAVAILABLE,
+    )
+    assert "RemoteProtocolError" in err.message  # the cause, not what the cancel call answered
+    assert "cancelled at fal" in err.message
+    assert err.provider_request_id == ids[0]
+    assert err.billing is Billing.UNKNOWN
+    assert job_status(emulator_server, ids[0])["error_type"] == "request_cancelled"
+
+
+async def test_a_completed_job_whose_result_cannot_be_fetched_is_not_called_queued_or_running(
+    emulator_server: BackgroundServer,
+) -> None:
+    ids: list[str] = []
+    err = await expect_error(
+        make_adapter(emulator_server).generate(req("x [[fault:result_drop]]", timeout_s=1.5), on_request_id=ids.append),
+        ErrorClass.UNAVAILABLE,
+    )
+    assert "after the job completed, while fetching its result" in err.message
+    assert "RemoteProtocolError" in err.message
+    assert "queue" not in err.message and "running" not in err.message
+    assert err.billing is Billing.BILLED  # fal bills a completed job; it never got to say how much
+    assert err.provider_request_id == ids[0]
+    status = job_status(emulator_server, ids[0])
+    assert status["status"] == "COMPLETED" and "error_type" not in status  # nothing tried to cancel it
+
+
+async def test_a_cancelled_task_cancels_its_job_at_fal(
+    emulator_server: BackgroundServer, emulator_board: FaultBoard
+) -> None:
+    # The caller stops waiting (shutdown, a page rerun): nobody will collect the job, so it is cancelled.
+    emulator_board.configure("fal", latency_s=30)
+    submitted: asyncio.Queue[str] = asyncio.Queue()
+    task = asyncio.create_task(make_adapter(emulator_server).generate(req(), on_request_id=submitted.put_nowait))
+    request_id = await asyncio.wait_for(submitted.get(), timeout=5)
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert job_status(emulator_server, request_id)["error_type"] == "request_cancelled"
 
 
 # -- cancel and resume ---------------------------------------------------------------------------------------
@@ -285,24 +388,39 @@ async def test_cancel_from_another_instance_ends_a_running_generate(emulator_ser
 
     err = await expect_error(asyncio.wait_for(task, timeout=5), ErrorClass.CANCELLED)
     assert err.provider_request_id == request_id
-    # A second cancel finds it completed (as cancelled), and says so.
+    assert err.billing is Billing.NOT_BILLED
+    # A second cancel finds it completed (as cancelled), and says so. A look-up costs nothing.
     again = await expect_error(make_adapter(emulator_server).cancel(request_id), ErrorClass.VALIDATION)
     assert "already completed" in again.message
+    assert again.billing is Billing.NOT_BILLED
+    unknown = await expect_error(make_adapter(emulator_server).cancel("no-such-request"), ErrorClass.VALIDATION)
+    assert unknown.billing is Billing.NOT_BILLED
+
+
+@pytest.mark.parametrize("fault", [Fault.HANG, Fault.CANCELLED_499, Fault.CANCELLED_400])
+async def test_every_way_fal_reports_a_cancelled_job_is_cancelled_and_not_billed(
+    emulator_server: BackgroundServer, emulator_board: FaultBoard, fault: Fault
+) -> None:
+    # hang: status COMPLETED with error_type request_cancelled. cancelled_499 / cancelled_400: a plain COMPLETED,
+    # then the result answers 499, or 400 "Request was cancelled" without an error type.
+    emulator_board.configure("fal", latency_s=30)
+    submitted: asyncio.Queue[str] = asyncio.Queue()
+    task = asyncio.create_task(
+        make_adapter(emulator_server).generate(req(f"x [[fault:{fault.value}]]"), on_request_id=submitted.put_nowait)
+    )
+    request_id = await asyncio.wait_for(submitted.get(), timeout=5)
+    await make_adapter(emulator_server).cancel(request_id)
+    err = await expect_error(asyncio.wait_for(task, timeout=5), ErrorClass.CANCELLED)
+    assert err.billing is Billing.NOT_BILLED
+    assert err.provider_request_id == request_id
 
 
 async def test_resume_after_a_restart_collects_the_result(
     emulator_server: BackgroundServer, emulator_board: FaultBoard
 ) -> None:
+    # Submitted by a process that has since died, with only the id persisted.
     emulator_board.configure("fal", latency_s=0.4)
-    submitted: asyncio.Queue[str] = asyncio.Queue()
-    first = make_adapter(emulator_server)
-    task = asyncio.create_task(first.generate(req(seed=99), on_request_id=submitted.put_nowait))
-    request_id = await asyncio.wait_for(submitted.get(), timeout=5)
-    # The "process" dies: the task is cancelled and the adapter dropped, with only the id persisted.
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    del first
+    request_id = submit_raw(emulator_server, "a lighthouse at dusk", image_size="square", seed=99)
 
     events: list[ProgressEvent] = []
     result = await make_adapter(emulator_server).resume(request_id, req(seed=99), on_event=events.append)
@@ -316,6 +434,17 @@ async def test_resume_after_a_restart_collects_the_result(
 async def test_resume_of_an_unknown_id_is_a_clear_validation_error(emulator_server: BackgroundServer) -> None:
     err = await expect_error(make_adapter(emulator_server).resume("no-such-request", req()), ErrorClass.VALIDATION)
     assert "no-such-request" in err.message
+    assert err.billing is Billing.NOT_BILLED  # a look-up
+
+
+async def test_resume_of_a_job_still_running_at_its_deadline_leaves_it_running(
+    emulator_server: BackgroundServer, emulator_board: FaultBoard
+) -> None:
+    emulator_board.configure("fal", latency_s=30)
+    request_id = submit_raw(emulator_server, "p", image_size="square")
+    err = await expect_error(make_adapter(emulator_server).resume(request_id, req(timeout_s=1)), ErrorClass.TIMEOUT)
+    assert err.billing is Billing.UNKNOWN and err.provider_request_id == request_id
+    assert job_status(emulator_server, request_id)["status"] in ("IN_QUEUE", "IN_PROGRESS")
 
 
 async def test_a_failing_request_id_callback_cancels_the_request_and_propagates(
@@ -329,10 +458,7 @@ async def test_a_failing_request_id_callback_cancels_the_request_and_propagates(
 
     with pytest.raises(RuntimeError, match="database is locked"):
         await make_adapter(emulator_server).generate(req(), on_request_id=on_request_id)
-    status = httpx.get(
-        f"{emulator_server.url}/fal/{APP_ID}/requests/{ids[0]}/status", headers=raw_headers(), timeout=5
-    ).json()
-    assert status["error_type"] == "request_cancelled"
+    assert job_status(emulator_server, ids[0])["error_type"] == "request_cancelled"
 
 
 # -- sync mode -------------------------------------------------------------------------------------------------
@@ -410,10 +536,33 @@ def test_translation_notes_what_it_changed() -> None:
     ],
 )
 def test_translation_refuses_values_fal_cannot_take(params: dict[str, Any], needle: str) -> None:
-    with pytest.raises(ProviderError) as caught:
+    with pytest.raises(InvalidInput) as caught:
         make_adapter("http://127.0.0.1:1/fal").translate(AdapterRequest("p", params))
-    assert caught.value.error_class is ErrorClass.VALIDATION
-    assert needle in caught.value.message
+    assert list(caught.value.field_errors) == list(params)
+    assert needle in caught.value.field_errors[next(iter(params))]
+
+
+def test_translation_takes_its_ranges_from_the_catalog(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One validator, the catalog's ranges: tightening the catalog tightens what the adapter sends.
+    from dataclasses import replace
+
+    from core.catalog import FAL_QWEN
+
+    adapter = make_adapter("http://127.0.0.1:1/fal")
+    assert adapter.translate(AdapterRequest("p", {"guidance_scale": 12.0})).wire_params["guidance_scale"] == 12.0
+    tight = replace(FAL_QWEN.params["guidance_scale"], maximum=10.0)
+    monkeypatch.setitem(FAL_QWEN.params, "guidance_scale", tight)
+    with pytest.raises(InvalidInput) as caught:
+        adapter.translate(AdapterRequest("p", {"guidance_scale": 12.0}))
+    assert "maximum of 10" in caught.value.field_errors["guidance_scale"]
+
+
+async def test_a_request_translate_refuses_fails_generate_unbilled_before_any_call() -> None:
+    # A closed port: had the adapter tried to connect, this would be UNAVAILABLE instead.
+    adapter = make_adapter(f"http://127.0.0.1:{free_port()}/fal")
+    err = await expect_error(adapter.generate(req(num_images=9)), ErrorClass.VALIDATION)
+    assert err.billing is Billing.NOT_BILLED
+    assert "num_images" in err.message
 
 
 # -- health ------------------------------------------------------------------------------------------------
@@ -445,12 +594,14 @@ def test_retry_after_reads_seconds_and_http_dates() -> None:
 async def test_downloader_refuses_what_is_not_a_fetchable_image(tmp_path: Any) -> None:
     png = render_image("p", 1, 8, 8)
     good = "data:image/png;base64," + base64.b64encode(png).decode()
-    stored = await download_image(good, provider="x", timeout_s=5, root=tmp_path)
+    billed = Billed(Billing.BILLED, Decimal(2))
+    stored = await download_image(good, provider="x", timeout_s=5, billed=billed, root=tmp_path)
     assert stored == store_image(png, root=tmp_path)
     for bad in ("data:image/png;base64,@@@", "file:///etc/passwd", "data:text/plain,hello"):
         with pytest.raises(ProviderError) as caught:
-            await download_image(bad, provider="x", timeout_s=5, root=tmp_path)
+            await download_image(bad, provider="x", timeout_s=5, billed=billed, root=tmp_path)
         assert caught.value.error_class is ErrorClass.BAD_RESPONSE
+        assert (caught.value.billing, caught.value.billed_units) == (Billing.BILLED, Decimal(2))
     with pytest.raises(ValueError, match="more than"):
         decode_data_uri("data:image/png;base64," + "A" * 400, max_bytes=100)
 
@@ -483,10 +634,39 @@ def test_every_failure_maps_to_one_error_class(exc: Exception, error_class: Erro
     from fal_client.auth import MissingCredentialsError
 
     adapter = make_adapter("http://127.0.0.1:1/fal")
-    mapped = adapter._map(exc, "rid")
+    transport = _FalTransport("http://127.0.0.1:1/fal")
+    mapped = adapter._map(exc, _Attempt(request_id="rid", phase=_Phase.RUNNING), transport)
     assert mapped.error_class is error_class, mapped
     assert mapped.provider_request_id == "rid"
-    assert adapter._map(MissingCredentialsError("none"), None).error_class is ErrorClass.AUTH
+    assert adapter._map(MissingCredentialsError("none"), _Attempt(), transport).error_class is ErrorClass.AUTH
+
+
+@pytest.mark.parametrize(
+    ("exc", "phase", "billing"),
+    [
+        # Answers to the submit: fal refused it, so no job exists (but for a 422, which fal "may" bill).
+        (_http_error(400, {"detail": "bad"}), _Phase.SUBMITTING, Billing.NOT_BILLED),
+        (_http_error(401, {"detail": "no"}), _Phase.SUBMITTING, Billing.NOT_BILLED),
+        (_http_error(422, {"detail": [{"loc": ["body", "x"], "msg": "m"}]}), _Phase.SUBMITTING, Billing.UNKNOWN),
+        (_http_error(503, {"detail": "down"}), _Phase.SUBMITTING, Billing.NOT_BILLED),
+        # The same answers while a job runs say nothing of it: its billing is unknown.
+        (_http_error(401, {"detail": "no"}), _Phase.RUNNING, Billing.UNKNOWN),
+        (ValueError("Unknown status: EXPLODED"), _Phase.QUEUED, Billing.UNKNOWN),
+        # What fal says about the job itself decides.
+        (_http_error(499, {"detail": "Request was cancelled"}), _Phase.RUNNING, Billing.NOT_BILLED),
+        (_http_error(400, {"detail": "Request was cancelled"}), _Phase.FAILED, Billing.NOT_BILLED),
+        (_http_error(504, {"detail": "x", "error_type": "startup_timeout"}), _Phase.QUEUED, Billing.NOT_BILLED),
+        (_http_error(503, {"detail": "x", "error_type": "runner_server_error"}), _Phase.FAILED, Billing.NOT_BILLED),
+        # After a COMPLETED without error, the output exists and fal bills it.
+        (KeyError("images"), _Phase.COMPLETED, Billing.BILLED),
+    ],
+)
+def test_billing_is_decided_per_case(exc: Exception, phase: _Phase, billing: Billing) -> None:
+    adapter = make_adapter("http://127.0.0.1:1/fal")
+    transport = _FalTransport("http://127.0.0.1:1/fal")
+    transport.submit_sent = True
+    attempt = _Attempt(request_id=None if phase is _Phase.SUBMITTING else "rid", phase=phase)
+    assert adapter._map(exc, attempt, transport).billing is billing
 
 
 def test_validation_message_lists_each_field_of_a_422() -> None:
@@ -499,6 +679,6 @@ def test_validation_message_lists_each_field_of_a_422() -> None:
             ]
         },
     )
-    mapped = make_adapter("http://127.0.0.1:1/fal")._map(exc, None)
+    mapped = make_adapter("http://127.0.0.1:1/fal")._map(exc, _Attempt(), _FalTransport("http://127.0.0.1:1/fal"))
     assert mapped.error_class is ErrorClass.VALIDATION
     assert mapped.message == "fal rejected the input: image_size.width: too big; num_images: too many"
