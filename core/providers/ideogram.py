@@ -7,6 +7,12 @@ Concurrency: `requests` is blocking, so each in-flight generation holds one work
 for as long as Ideogram takes to answer. That is acceptable here: Ideogram itself allows about 10 requests in
 flight per account, and every call carries a read timeout no longer than the attempt's deadline, so a thread
 is never held past it even when the awaiting coroutine has already given up.
+
+Billing (Ideogram bills per image generated): an error answer (4xx, 5xx) or a connection that never opened
+generated nothing, not billed; once the POST may have reached Ideogram and no answer came back (a read timeout,
+a connection broken mid-answer, the deadline), it may have generated and billed: unknown. After a successful
+generate, every failure (an image without a URL, all images unsafe, a download that fails) is billed, with the
+number of images Ideogram reported as the units.
 """
 
 from __future__ import annotations
@@ -16,14 +22,16 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import requests
+import urllib3.exceptions
 from pydantic import BaseModel, ConfigDict, ValidationError
 from requests.structures import CaseInsensitiveDict
 
+from common.errors import Billing, ErrorClass, ProviderError
 from core.catalog import IDEOGRAM
-from common.errors import ErrorClass, ProviderError
 from core.providers.base import (
     AdapterRequest,
     EventCallback,
@@ -36,13 +44,15 @@ from core.providers.base import (
     Stopwatch,
     Timings,
     Translation,
+    checked_prompt,
+    checked_value,
     checked_values,
     emit_event,
     unsent_notes,
 )
-from core.providers.http_download import download_images
+from core.providers.http_download import Billed, download_images
 from core.providers.http_headers import retry_after_seconds
-from core.sizes import SizeError, resolve_size
+from core.sizes import resolve_size
 
 DEFAULT_BASE_URL = "https://api.ideogram.ai"
 GENERATE_PATH = "/v1/ideogram-v3/generate"
@@ -52,6 +62,17 @@ _MAX_ERROR_BODY = 64 * 1024
 _MAX_RESPONSE_BODY = 4 * 1024 * 1024
 # Parameters sent as form fields, in the canonical vocabulary (the same names on the wire).
 _PASS_THROUGH = ("rendering_speed", "magic_prompt", "style_type", "num_images", "seed")
+NOT_BILLED = Billed(Billing.NOT_BILLED)
+UNKNOWN = Billed(Billing.UNKNOWN)
+
+
+def _never_connected(exc: requests.exceptions.ConnectionError) -> bool:
+    """requests reports a refused (or unresolvable) host and a connection that broke after the request was sent
+    with the same class; only the first is certain to have sent nothing."""
+    reason = exc.args[0] if exc.args else None
+    if isinstance(reason, urllib3.exceptions.MaxRetryError):
+        reason = reason.reason
+    return isinstance(reason, urllib3.exceptions.NewConnectionError | urllib3.exceptions.ConnectTimeoutError)
 
 
 class _Image(BaseModel):
@@ -108,32 +129,36 @@ class IdeogramAdapter(ProviderAdapter):
     def base_url(self) -> str:
         return (self.config.base_url or DEFAULT_BASE_URL).rstrip("/")
 
-    def _fail(self, error_class: ErrorClass, message: str, **kwargs: Any) -> ProviderError:
-        return ProviderError(error_class, message, provider=self.provider_id, **kwargs)
+    def _fail(self, error_class: ErrorClass, message: str, billed: Billed, **kwargs: Any) -> ProviderError:
+        return ProviderError(
+            error_class,
+            message,
+            provider=self.provider_id,
+            billing=billed.billing,
+            billed_units=billed.units,
+            **kwargs,
+        )
 
     # -- translation -------------------------------------------------------------------------------------
 
     def translate(self, request: AdapterRequest) -> Translation:
+        """Canonical parameters -> the generate form's fields, each value checked by the one validator against
+        the catalog's ranges. Raises InvalidInput when Ideogram cannot serve the request."""
+        checked_prompt(IDEOGRAM, request.prompt)
         params = request.params
         wire: dict[str, Any] = {}
         notes: list[str] = []
         size_value = params.get("image_size")
         if size_value is None:
             size_value = IDEOGRAM.params["image_size"].default
-        try:
-            size = resolve_size(IDEOGRAM, str(size_value))
-        except SizeError as exc:
-            raise self._fail(ErrorClass.VALIDATION, f"image_size: {exc}") from None
+        size = resolve_size(IDEOGRAM, checked_value(IDEOGRAM, "image_size", size_value))
         if size.form == "aspect_ratio":
             wire["aspect_ratio"] = size.wire_value.replace(":", "x")  # Ideogram spells ratios 16x9
         else:
             wire["resolution"] = size.wire_value
         if not size.exact:
             notes.append(size.note)
-        try:
-            wire.update(checked_values(IDEOGRAM, params, (*_PASS_THROUGH, "negative_prompt")))
-        except ValueError as exc:
-            raise self._fail(ErrorClass.VALIDATION, str(exc)) from None
+        wire.update(checked_values(IDEOGRAM, params, (*_PASS_THROUGH, "negative_prompt")))
         notes.extend(unsent_notes("Ideogram 3.0", params, {"image_size", "negative_prompt", *_PASS_THROUGH}))
         return Translation(wire_params=wire, notes=tuple(notes))
 
@@ -162,31 +187,43 @@ class IdeogramAdapter(ProviderAdapter):
                 return _HttpAnswer(response.status_code, CaseInsensitiveDict(response.headers), body)
         except requests.exceptions.ConnectTimeout:
             raise self._fail(
-                ErrorClass.UNAVAILABLE, f"could not connect to {self.base_url} within {connect:g}s"
+                ErrorClass.UNAVAILABLE, f"could not connect to {self.base_url} within {connect:g}s", NOT_BILLED
             ) from None
         except requests.exceptions.Timeout:
+            # Sent, and no answer: Ideogram may be generating (and billing) right now.
             raise self._fail(
-                ErrorClass.TIMEOUT, f"Ideogram did not answer within {read_timeout_s:.1f}s"
+                ErrorClass.TIMEOUT, f"Ideogram did not answer within {read_timeout_s:.1f}s", UNKNOWN
             ) from None
         except requests.exceptions.ConnectionError as exc:
+            if _never_connected(exc):
+                raise self._fail(
+                    ErrorClass.UNAVAILABLE, f"cannot reach {self.base_url}: {exc.__class__.__name__}", NOT_BILLED
+                ) from None
             raise self._fail(
-                ErrorClass.UNAVAILABLE, f"cannot reach {self.base_url}: {exc.__class__.__name__}"
+                ErrorClass.UNAVAILABLE,
+                f"the connection to Ideogram broke after the request was sent: {exc.__class__.__name__}",
+                UNKNOWN,
             ) from None
         except requests.exceptions.RequestException as exc:
             # ChunkedEncodingError and friends: the connection broke while the answer was arriving.
             raise self._fail(
-                ErrorClass.UNAVAILABLE, f"the connection to Ideogram broke mid-answer: {exc.__class__.__name__}"
+                ErrorClass.UNAVAILABLE,
+                f"the connection to Ideogram broke mid-answer: {exc.__class__.__name__}",
+                UNKNOWN,
             ) from None
 
     def _http_error(self, answer: _HttpAnswer) -> ProviderError:
+        """An error answer: Ideogram refused the request, or failed it, and generated nothing: never billed."""
         status = answer.status
         message = error_message(answer.body)
         if status == 400:
-            return self._fail(ErrorClass.VALIDATION, message, status_code=status)
+            return self._fail(ErrorClass.VALIDATION, message, NOT_BILLED, status_code=status)
         if status in (401, 403):
-            return self._fail(ErrorClass.AUTH, f"API key refused: {message}", status_code=status)
+            return self._fail(ErrorClass.AUTH, f"API key refused: {message}", NOT_BILLED, status_code=status)
         if status == 402:
-            return self._fail(ErrorClass.QUOTA_EXCEEDED, f"out of API credit: {message}", status_code=status)
+            return self._fail(
+                ErrorClass.QUOTA_EXCEEDED, f"out of API credit: {message}", NOT_BILLED, status_code=status
+            )
         if status == 415:
             # Our request was malformed (not multipart): an integration bug no user input can fix. Classed as
             # a bad exchange with the provider, so routing falls back and the breaker shows the integration
@@ -194,14 +231,17 @@ class IdeogramAdapter(ProviderAdapter):
             return self._fail(
                 ErrorClass.BAD_RESPONSE,
                 f"Ideogram refused the request encoding (415: {message}); this is an Imagegate bug",
+                NOT_BILLED,
                 status_code=status,
             )
         if status == 422:
-            return self._fail(ErrorClass.SAFETY_REJECTED, message, status_code=status)
+            # The prompt failed Ideogram's safety check: refused before anything was generated.
+            return self._fail(ErrorClass.SAFETY_REJECTED, message, NOT_BILLED, status_code=status)
         if status == 429:
             return self._fail(
                 ErrorClass.RATE_LIMITED,
                 message,
+                NOT_BILLED,
                 status_code=status,
                 retry_after_s=retry_after_seconds(answer.headers.get("Retry-After")),
             )
@@ -209,6 +249,7 @@ class IdeogramAdapter(ProviderAdapter):
             return self._fail(
                 ErrorClass.UNAVAILABLE,
                 message,
+                NOT_BILLED,
                 status_code=status,
                 retry_after_s=retry_after_seconds(answer.headers.get("Retry-After")),
             )
@@ -216,15 +257,18 @@ class IdeogramAdapter(ProviderAdapter):
             return self._fail(
                 ErrorClass.BAD_RESPONSE,
                 f"no generate endpoint at {self.base_url}{GENERATE_PATH} (HTTP {status}); check the base URL",
+                NOT_BILLED,
                 status_code=status,
             )
         if 400 <= status < 500:
-            return self._fail(ErrorClass.VALIDATION, message, status_code=status)
-        return self._fail(ErrorClass.BAD_RESPONSE, f"unexpected HTTP {status}: {message}", status_code=status)
+            return self._fail(ErrorClass.VALIDATION, message, NOT_BILLED, status_code=status)
+        # Not an error status, not a success we can read (a 1xx or 3xx): what happened is anyone's guess.
+        return self._fail(ErrorClass.BAD_RESPONSE, f"unexpected HTTP {status}: {message}", UNKNOWN, status_code=status)
 
     def _parse(self, answer: _HttpAnswer) -> _GenerateResponse:
+        """A success answer we cannot read says nothing of what was generated: billing unknown."""
         if len(answer.body) > _MAX_RESPONSE_BODY:
-            raise self._fail(ErrorClass.BAD_RESPONSE, "the answer is larger than any real generate response")
+            raise self._fail(ErrorClass.BAD_RESPONSE, "the answer is larger than any real generate response", UNKNOWN)
         try:
             parsed = _GenerateResponse.model_validate_json(answer.body)
         except ValidationError as exc:
@@ -233,10 +277,11 @@ class IdeogramAdapter(ProviderAdapter):
             raise self._fail(
                 ErrorClass.BAD_RESPONSE,
                 f"the answer is not the expected generate response ({first}); starts with {preview!r}",
+                UNKNOWN,
                 status_code=answer.status,
             ) from None
         if not parsed.data:
-            raise self._fail(ErrorClass.BAD_RESPONSE, "the answer holds no images", status_code=answer.status)
+            raise self._fail(ErrorClass.BAD_RESPONSE, "the answer holds no images", UNKNOWN, status_code=answer.status)
         return parsed
 
     # -- the attempt -------------------------------------------------------------------------------------
@@ -250,11 +295,9 @@ class IdeogramAdapter(ProviderAdapter):
     ) -> ProviderResult:
         watch = Stopwatch()
         deadline = watch.start + request.timeout_s
-        translation = self.translate(request)
-        if not request.prompt.strip():
-            raise self._fail(ErrorClass.VALIDATION, "the prompt is empty")
+        translation = self.translated(request)
         if not self.config.api_key:
-            raise self._fail(ErrorClass.AUTH, "no Ideogram API key configured (IDEOGRAM_API_KEY)")
+            raise self._fail(ErrorClass.AUTH, "no Ideogram API key configured (IDEOGRAM_API_KEY)", NOT_BILLED)
         fields = {"prompt": request.prompt, **translation.wire_params}
         # Ideogram gives no request id and no queue: the one call below is the whole run.
         await emit_event(on_event,
@@ -265,15 +308,18 @@ class IdeogramAdapter(ProviderAdapter):
         if answer.status >= 400:
             raise self._http_error(answer)
         parsed = self._parse(answer)
+        # Generated, so billed: Ideogram bills every image it generated, and said how many in `data`.
+        billed = Billed(Billing.BILLED, Decimal(len(parsed.data)))
         if any(image.is_image_safe and not image.url for image in parsed.data):
             raise self._fail(
-                ErrorClass.BAD_RESPONSE, "an image marked safe came without a URL", status_code=answer.status
+                ErrorClass.BAD_RESPONSE, "an image marked safe came without a URL", billed, status_code=answer.status
             )
         safe = [image for image in parsed.data if image.is_image_safe]
         if not safe:
             raise self._fail(
                 ErrorClass.SAFETY_REJECTED,
                 f"Ideogram marked all {len(parsed.data)} image(s) unsafe",
+                billed,
                 status_code=answer.status,
             )
         await emit_event(on_event,
@@ -285,6 +331,7 @@ class IdeogramAdapter(ProviderAdapter):
             [image.url for image in safe if image.url],
             provider=self.provider_id,
             timeout_s=max(0.0, deadline - time.monotonic()),
+            billed=billed,
         )
         download_s = watch.lap()
         await emit_event(on_event, ProgressEvent(EventKind.COMPLETED, self.provider_id))
@@ -296,6 +343,7 @@ class IdeogramAdapter(ProviderAdapter):
             provider_request_id=None,
             timings=Timings(run_s=run_s, download_s=download_s, total_s=watch.total()),
             translation=translation,
+            billed_units=billed.units,
             mode=self.mode,
             nsfw_flags=tuple(not image.is_image_safe for image in parsed.data),
             raw_metadata={
@@ -316,14 +364,17 @@ class IdeogramAdapter(ProviderAdapter):
         )
 
     async def _bounded(self, work: Any, deadline: float) -> _HttpAnswer:
-        """Await the worker thread no longer than the attempt's deadline."""
+        """Await the worker thread no longer than the attempt's deadline. Past it, the POST may have reached
+        Ideogram, which may still generate (and bill): unknown."""
         remaining = deadline - time.monotonic()
         try:
             async with asyncio.timeout(max(0.0, remaining)):
                 result: _HttpAnswer = await work
                 return result
         except TimeoutError:
-            raise self._fail(ErrorClass.TIMEOUT, "Ideogram did not answer before the attempt's deadline") from None
+            raise self._fail(
+                ErrorClass.TIMEOUT, "Ideogram did not answer before the attempt's deadline", UNKNOWN
+            ) from None
 
     # -- health ------------------------------------------------------------------------------------------
 

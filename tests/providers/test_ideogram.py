@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 
 import pytest
 import requests
@@ -13,7 +14,7 @@ from PIL import Image
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from common.errors import ErrorClass, ProviderError
+from common.errors import Billing, ErrorClass, InvalidInput, ProviderError
 from core.providers.base import AdapterConfig, AdapterRequest, ConnectionMode, EventKind, ProgressEvent
 from core.providers.http_headers import retry_after_seconds
 from core.providers.ideogram import IdeogramAdapter, _HttpAnswer, error_message
@@ -88,6 +89,7 @@ async def test_generates_and_stores_real_images_of_the_requested_ratio(server: B
     assert result.translation.exact
     assert [e.kind for e in events] == [EventKind.RUNNING, EventKind.DOWNLOADING, EventKind.COMPLETED]
     assert result.timings.total_s >= result.timings.run_s > 0
+    assert result.billed_units == Decimal(2)  # Ideogram bills per image generated
 
 
 async def test_same_seed_gives_the_same_image(server: BackgroundServer) -> None:
@@ -117,10 +119,20 @@ def test_translate_refuses_bad_values_before_sending_anything() -> None:
         ({"seed": -1}, "seed"),
         ({"image_size": "huge"}, "image_size"),
     ):
-        with pytest.raises(ProviderError) as caught:
+        with pytest.raises(InvalidInput) as caught:
             dead.translate(req(**params))
-        assert caught.value.error_class is ErrorClass.VALIDATION
-        assert field in caught.value.message
+        assert list(caught.value.field_errors) == [field]
+        assert field in caught.value.field_errors[field]
+    with pytest.raises(InvalidInput) as empty:
+        dead.translate(req("  "))
+    assert list(empty.value.field_errors) == ["prompt"]
+
+
+async def test_a_request_translate_refuses_fails_generate_unbilled_before_any_call() -> None:
+    dead = IdeogramAdapter(AdapterConfig(api_key=KEY, base_url=f"http://127.0.0.1:{free_port()}"))
+    err = await failure(dead.generate(req(num_images=9)))
+    assert (err.error_class, err.billing) == (ErrorClass.VALIDATION, Billing.NOT_BILLED)
+    assert "num_images" in err.message
 
 
 async def test_some_unsafe_images_are_dropped_and_flagged(server: BackgroundServer) -> None:
@@ -138,6 +150,8 @@ async def test_all_images_unsafe_is_a_safety_rejection(server: BackgroundServer)
     err = await failure(adapter(server).generate(req("a beach [[unsafe:8]]", num_images=2)))
     assert err.error_class is ErrorClass.SAFETY_REJECTED
     assert "2 image(s)" in err.message
+    # They were generated (then flagged): billed, per image.
+    assert (err.billing, err.billed_units) == (Billing.BILLED, Decimal(2))
 
 
 async def test_bad_key_is_auth_with_the_error_shape_message(server: BackgroundServer) -> None:
@@ -145,12 +159,14 @@ async def test_bad_key_is_auth_with_the_error_shape_message(server: BackgroundSe
     assert err.error_class is ErrorClass.AUTH
     assert err.status_code == 401
     assert "Invalid or missing API key" in err.message  # from {"error": ...}
+    assert err.billing is Billing.NOT_BILLED
 
 
 async def test_missing_key_fails_without_calling(server: BackgroundServer) -> None:
     err = await failure(adapter(server, key=None).generate(req()))
     assert err.error_class is ErrorClass.AUTH
     assert err.status_code is None
+    assert err.billing is Billing.NOT_BILLED
 
 
 async def test_validation_is_read_from_the_problem_json_shape(server: BackgroundServer) -> None:
@@ -158,6 +174,7 @@ async def test_validation_is_read_from_the_problem_json_shape(server: Background
     assert err.error_class is ErrorClass.VALIDATION
     assert err.status_code == 400
     assert "emulated validation failure" in err.message  # from {"detail": ...}
+    assert err.billing is Billing.NOT_BILLED  # refused: nothing generated
 
 
 async def test_safety_rejection_422(server: BackgroundServer) -> None:
@@ -165,6 +182,7 @@ async def test_safety_rejection_422(server: BackgroundServer) -> None:
     assert err.error_class is ErrorClass.SAFETY_REJECTED
     assert err.status_code == 422
     assert "safety check" in err.message
+    assert err.billing is Billing.NOT_BILLED  # the prompt was refused before anything was generated
 
 
 async def test_rate_limit_fault_carries_retry_after(server: BackgroundServer) -> None:
@@ -173,6 +191,7 @@ async def test_rate_limit_fault_carries_retry_after(server: BackgroundServer) ->
     assert err.error_class is ErrorClass.RATE_LIMITED
     assert err.status_code == 429
     assert err.retry_after_s == 7.0
+    assert err.billing is Billing.NOT_BILLED
 
 
 async def test_requests_over_the_concurrency_limit_get_429(server: BackgroundServer) -> None:
@@ -191,6 +210,7 @@ async def test_server_error_is_unavailable(server: BackgroundServer) -> None:
     err = await failure(adapter(server).generate(req("x [[fault:server_error]]")))
     assert err.error_class is ErrorClass.UNAVAILABLE
     assert err.status_code == 500
+    assert err.billing is Billing.NOT_BILLED
 
 
 async def test_a_hung_request_times_out_near_the_deadline(server: BackgroundServer) -> None:
@@ -199,6 +219,7 @@ async def test_a_hung_request_times_out_near_the_deadline(server: BackgroundServ
     elapsed = time.monotonic() - started
     assert err.error_class is ErrorClass.TIMEOUT
     assert 1.4 <= elapsed < 3.0
+    assert err.billing is Billing.UNKNOWN  # sent: Ideogram may be generating it still
 
 
 async def test_a_dead_host_is_unavailable_within_seconds() -> None:
@@ -207,29 +228,35 @@ async def test_a_dead_host_is_unavailable_within_seconds() -> None:
     err = await failure(dead.generate(req(timeout_s=30)))
     assert err.error_class is ErrorClass.UNAVAILABLE
     assert time.monotonic() - started < 5
+    assert err.billing is Billing.NOT_BILLED  # never connected: nothing sent
 
 
 async def test_a_dropped_connection_is_unavailable(server: BackgroundServer) -> None:
     err = await failure(adapter(server).generate(req("x [[fault:drop]]")))
     assert err.error_class is ErrorClass.UNAVAILABLE
+    assert err.billing is Billing.UNKNOWN  # the request reached Ideogram; its answer did not come back
 
 
 async def test_garbage_json_is_a_bad_response(server: BackgroundServer) -> None:
     err = await failure(adapter(server).generate(req("x [[fault:malformed]]")))
     assert err.error_class is ErrorClass.BAD_RESPONSE
     assert err.status_code == 200
+    assert err.billing is Billing.UNKNOWN  # an unreadable success says nothing of what was generated
 
 
-async def test_a_missing_image_is_a_bad_response(server: BackgroundServer) -> None:
-    err = await failure(adapter(server).generate(req("x [[fault:image_404]]")))
+async def test_an_image_that_404s_after_a_successful_generate_is_billed_per_image(server: BackgroundServer) -> None:
+    err = await failure(adapter(server).generate(req("x [[fault:image_404]]", num_images=3)))
     assert err.error_class is ErrorClass.BAD_RESPONSE
     assert err.status_code == 404
+    # Ideogram generated (and billed) three images before their URLs failed us.
+    assert (err.billing, err.billed_units) == (Billing.BILLED, Decimal(3))
 
 
 async def test_bytes_that_are_not_an_image_are_a_bad_response(server: BackgroundServer) -> None:
     err = await failure(adapter(server).generate(req("x [[fault:not_an_image]]")))
     assert err.error_class is ErrorClass.BAD_RESPONSE
     assert "not a usable image" in err.message
+    assert (err.billing, err.billed_units) == (Billing.BILLED, Decimal(1))
 
 
 async def test_an_expired_image_url_is_a_bad_response(
@@ -240,6 +267,7 @@ async def test_an_expired_image_url_is_a_bad_response(
     err = await failure(adapter(server).generate(req(seed=3)))
     assert err.error_class is ErrorClass.BAD_RESPONSE
     assert err.status_code == 403
+    assert (err.billing, err.billed_units) == (Billing.BILLED, Decimal(1))
 
 
 def test_error_bodies_of_both_shapes_give_the_message() -> None:
@@ -276,6 +304,7 @@ def test_statuses_the_emulator_does_not_send_still_map(
     err = adapter(server)._http_error(answer)
     assert err.error_class is error_class
     assert err.status_code == status
+    assert err.billing is Billing.NOT_BILLED  # an error answer: nothing generated
     if status == 503:
         assert err.retry_after_s == 3.0
 
