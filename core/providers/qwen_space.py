@@ -19,6 +19,9 @@ validate and store the WEBP. Every failure becomes a ProviderError:
 Gradio cancels by session: `/cancel` stops every running job of the session, not just one. So each in-flight
 generation has a Client (a session) of its own, taken from a small pool, and cancelling one request never
 stops another.
+
+Billing: the Space costs no money, so no error of this adapter is ever billed. What it spends is ZeroGPU
+quota (GPU seconds per day), which is not money and is not a billing fact.
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from core.catalog import PROMPT_MAX_CHARS, QWEN_SPACE, SEED_MAX
 from common.config import disable_telemetry
-from common.errors import ErrorClass, InvalidInput, ProviderError
+from common.errors import Billing, ErrorClass, ProviderError
+from core.catalog import QWEN_SPACE
 from core.images import InvalidImage, StoredImage, store_image
 from core.providers.base import (
     AdapterConfig,
@@ -54,10 +57,13 @@ from core.providers.base import (
     Stopwatch,
     Timings,
     Translation,
+    checked_prompt,
+    checked_value,
+    clamped_value,
     emit,
     emit_event,
 )
-from core.sizes import SizeError, resolve_size
+from core.sizes import resolve_size
 
 PROVIDER_ID = "qwen"
 DEFAULT_SPACE = "Qwen/Qwen-Image"
@@ -77,6 +83,8 @@ DEFAULT_CONNECT_TIMEOUT_S = 20.0
 DEFAULT_READ_TIMEOUT_S = 60.0
 """Per HTTP read. Gradio's event stream sends a heartbeat every 15 s, so an idle queue wait never trips it."""
 CANCEL_TIMEOUT_S = 5.0
+FREE = Billing.NOT_BILLED
+"""Every error's billing: the Space charges no money (see the module doc)."""
 
 _TRY_AGAIN = re.compile(r"try again in\s+(?:(\d+):)?(\d{1,2}):(\d{2})", re.IGNORECASE)
 # Gradio's own input checks (Radio/Dropdown choices, Slider/Number bounds, validators).
@@ -125,7 +133,9 @@ def map_error(exc: BaseException, *, request_id: str | None = None) -> ProviderE
         return exc
 
     def err(error_class: ErrorClass, message: str, **kw: Any) -> ProviderError:
-        return ProviderError(error_class, message, provider=PROVIDER_ID, provider_request_id=request_id, **kw)
+        return ProviderError(
+            error_class, message, provider=PROVIDER_ID, billing=FREE, provider_request_id=request_id, **kw
+        )
 
     from gradio_client import exceptions as gc_exceptions
     from gradio_client import utils as gc_utils
@@ -201,6 +211,7 @@ def check_signature(api_info: Mapping[str, Any]) -> None:
             ErrorClass.BAD_RESPONSE,
             f"the Space has no {API_NAME} endpoint (named endpoints: {found}); is this the Qwen-Image Space?",
             provider=PROVIDER_ID,
+            billing=FREE,
         )
     names = tuple(str(p.get("parameter_name") or p.get("label") or "?") for p in endpoint.get("parameters") or [])
     returns = endpoint.get("returns") or []
@@ -210,41 +221,8 @@ def check_signature(api_info: Mapping[str, Any]) -> None:
             f"the Space's {API_NAME} signature changed: expected ({', '.join(EXPECTED_PARAMETERS)}) -> "
             f"{EXPECTED_RETURNS} values, found ({', '.join(names)}) -> {len(returns)} values",
             provider=PROVIDER_ID,
+            billing=FREE,
         )
-
-
-def _number(name: str, value: Any, *, integral: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise InvalidInput(f"{name} must be a number", {name: f"expected a number, got {value!r}"})
-    try:
-        number = float(value)
-    except ValueError:
-        raise InvalidInput(f"{name} must be a number", {name: f"expected a number, got {value!r}"}) from None
-    if number != number or number in (float("inf"), float("-inf")):
-        raise InvalidInput(f"{name} must be a finite number", {name: f"got {value!r}"})
-    if integral and not number.is_integer():
-        raise InvalidInput(f"{name} must be a whole number", {name: f"got {value!r}"})
-    return number
-
-
-def _clamped(name: str, value: float, low: float, high: float, notes: list[str]) -> float:
-    if value < low or value > high:
-        clamped = min(max(value, low), high)
-        shown = int(clamped) if float(clamped).is_integer() else clamped
-        notes.append(f"{name} {value:g} is outside the Space's {low:g}-{high:g}; using {shown}")
-        return clamped
-    return value
-
-
-def _validated_prompt(prompt: str) -> str:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InvalidInput("the prompt is empty", {"prompt": "enter a prompt"})
-    if len(prompt) > PROMPT_MAX_CHARS:
-        raise InvalidInput(
-            f"the prompt is {len(prompt)} characters, over {PROMPT_MAX_CHARS}",
-            {"prompt": f"at most {PROMPT_MAX_CHARS} characters"},
-        )
-    return prompt
 
 
 @dataclass
@@ -291,60 +269,37 @@ class QwenSpaceAdapter(ProviderAdapter):
     # -- parameters ---------------------------------------------------------------------------------------
 
     def translate(self, request: AdapterRequest) -> Translation:
-        """Canonical parameters -> `/infer`'s keyword arguments. Raises InvalidInput for unusable values."""
+        """Canonical parameters -> `/infer`'s keyword arguments. Values are checked by the one validator;
+        steps and guidance outside the Space's range are clamped with a note (a fallback from a provider with
+        wider ranges sends them), anything else it cannot take raises InvalidInput."""
+        checked_prompt(QWEN_SPACE, request.prompt)
+        spec = QWEN_SPACE
         params = dict(request.params)
         notes: list[str] = []
-        spec = QWEN_SPACE
 
-        count = params.get("num_images")
-        if count is not None and _number("num_images", count, integral=True) != 1:
-            raise InvalidInput(
-                "the Qwen-Image Space makes one image per request",
-                {"num_images": "must be 1 for the Qwen-Image Space"},
-            )
+        def given(name: str) -> Any:
+            value = params.get(name)
+            return spec.params[name].default if value is None else value
 
-        size_value = params.get("image_size") or spec.params["image_size"].default
-        try:
-            size = resolve_size(spec, str(size_value))
-        except SizeError as exc:
-            raise InvalidInput(str(exc), {"image_size": str(exc)}) from None
+        checked_value(spec, "num_images", given("num_images"))  # the Space makes one image per request
+        size = resolve_size(spec, checked_value(spec, "image_size", given("image_size")))
         if not size.exact and size.note:
             notes.append(size.note)
+        steps = clamped_value(spec, "num_inference_steps", given("num_inference_steps"), notes)
+        guidance = clamped_value(spec, "guidance_scale", given("guidance_scale"), notes)
+        seed = checked_value(spec, "seed", params.get("seed"))
+        enhance = checked_value(spec, "prompt_enhance", given("prompt_enhance"))
 
-        steps_spec = spec.params["num_inference_steps"]
-        steps = _number("num_inference_steps", params.get("num_inference_steps", steps_spec.default), integral=True)
-        steps = _clamped("num_inference_steps", steps, steps_spec.minimum or 1, steps_spec.maximum or 50, notes)
-
-        guidance_spec = spec.params["guidance_scale"]
-        guidance = _number("guidance_scale", params.get("guidance_scale", guidance_spec.default), integral=False)
-        guidance = _clamped(
-            "guidance_scale", guidance, guidance_spec.minimum or 0.0, guidance_spec.maximum or 10.0, notes
-        )
-
-        seed_value = params.get("seed")
-        if seed_value is None:
-            seed, randomize = 0, True
-        else:
-            seed = int(_number("seed", seed_value, integral=True))
-            if not 0 <= seed <= SEED_MAX:
-                raise InvalidInput(f"seed {seed} is outside 0-{SEED_MAX}", {"seed": f"use 0-{SEED_MAX}"})
-            randomize = False
-
-        enhance = params.get("prompt_enhance", spec.params["prompt_enhance"].default)
-        if not isinstance(enhance, bool):
-            raise InvalidInput("prompt_enhance must be true or false", {"prompt_enhance": f"got {enhance!r}"})
-
-        handled = {"num_images", "image_size", "num_inference_steps", "guidance_scale", "seed", "prompt_enhance"}
         for name, value in sorted(params.items()):
-            if name not in handled and value not in (None, ""):
+            if name not in spec.params and value not in (None, ""):
                 notes.append(f"{name} is not supported by the Qwen-Image Space; ignored")
 
         wire = {
             "prompt": request.prompt,
-            "seed": seed,
-            "randomize_seed": randomize,
+            "seed": 0 if seed is None else seed,
+            "randomize_seed": seed is None,
             "aspect_ratio": size.wire_value,
-            "guidance_scale": guidance,
+            "guidance_scale": float(guidance),
             "num_inference_steps": int(steps),
             "prompt_enhance": enhance,
         }
@@ -376,30 +331,47 @@ class QwenSpaceAdapter(ProviderAdapter):
             raise
         return client
 
-    async def _connect(self, deadline: float) -> Any:
-        remaining = deadline - time.monotonic()
-        bound = min(self.connect_timeout_s, remaining)
-        if bound <= 0:
-            raise ProviderError(ErrorClass.TIMEOUT, "no time left to connect to the Space", provider=PROVIDER_ID)
+    async def _connect(self, deadline: float | None) -> Any:
+        """A connected, checked Client within the connect timeout, or the request's `deadline` when that comes
+        first (None: the connect timeout alone, as for a health probe). A Space that does not answer in time
+        is unavailable; only a request whose own deadline cut the connect short timed out."""
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise ProviderError(
+                ErrorClass.TIMEOUT, "no time left to connect to the Space", provider=PROVIDER_ID, billing=FREE
+            )
+        cut_short = remaining is not None and remaining < self.connect_timeout_s
+        bound = remaining if remaining is not None and cut_short else self.connect_timeout_s
         try:
             return await asyncio.wait_for(asyncio.to_thread(self._connect_blocking), bound)
         except TimeoutError:
             # The worker thread gives up on its own (httpx timeouts); nobody waits for it.
-            if bound < self.connect_timeout_s:
+            if cut_short:
                 raise ProviderError(
                     ErrorClass.TIMEOUT,
                     f"the request's deadline passed while connecting to {self.source}",
                     provider=PROVIDER_ID,
+                    billing=FREE,
                 ) from None
             raise ProviderError(
                 ErrorClass.UNAVAILABLE,
-                f"could not connect to {self.source} within {self.connect_timeout_s:g}s",
+                f"could not connect to {self.source}: no answer within {self.connect_timeout_s:g}s",
                 provider=PROVIDER_ID,
+                billing=FREE,
             ) from None
         except ProviderError:
             raise
         except Exception as exc:
-            raise map_error(exc) from exc
+            mapped = map_error(exc)
+            if mapped.error_class is ErrorClass.TIMEOUT:
+                # A read timed out while connecting: the Space is not answering, nothing was submitted.
+                raise ProviderError(
+                    ErrorClass.UNAVAILABLE,
+                    f"could not connect to {self.source}: {mapped.message}",
+                    provider=PROVIDER_ID,
+                    billing=FREE,
+                ) from exc
+            raise mapped from exc
 
     async def _acquire(self, deadline: float) -> Any:
         async with self._pool_lock:
@@ -476,13 +448,7 @@ class QwenSpaceAdapter(ProviderAdapter):
     ) -> ProviderResult:
         watch = Stopwatch()
         deadline = watch.start + request.timeout_s
-        try:
-            _validated_prompt(request.prompt)
-            translation = self.translate(request)
-        except InvalidInput as exc:
-            detail = "; ".join(f"{k}: {v}" for k, v in exc.field_errors.items())
-            message = f"{exc} ({detail})" if detail else str(exc)
-            raise ProviderError(ErrorClass.VALIDATION, message, provider=PROVIDER_ID) from exc
+        translation = self.translated(request)
 
         client = await self._acquire(deadline)
         try:
@@ -512,6 +478,7 @@ class QwenSpaceAdapter(ProviderAdapter):
                         ErrorClass.TIMEOUT,
                         f"no result within {request.timeout_s:g}s (cancelled on the Space)",
                         provider=PROVIDER_ID,
+                        billing=FREE,
                         provider_request_id=event_id,
                     )
                 event = self._event_for(job.status(), request_id)
@@ -523,7 +490,11 @@ class QwenSpaceAdapter(ProviderAdapter):
                 await asyncio.sleep(min(self.config.poll_interval_s, max(0.0, deadline - time.monotonic())))
             if flight.cancelled:
                 raise ProviderError(
-                    ErrorClass.CANCELLED, "cancelled on request", provider=PROVIDER_ID, provider_request_id=event_id
+                    ErrorClass.CANCELLED,
+                    "cancelled on request",
+                    provider=PROVIDER_ID,
+                    billing=FREE,
+                    provider_request_id=event_id,
                 )
             if not running:
                 queue_s = watch.lap()
@@ -572,7 +543,9 @@ class QwenSpaceAdapter(ProviderAdapter):
 
     async def _collect(self, output: Any, event_id: str | None) -> tuple[StoredImage, int]:
         def bad(message: str) -> ProviderError:
-            return ProviderError(ErrorClass.BAD_RESPONSE, message, provider=PROVIDER_ID, provider_request_id=event_id)
+            return ProviderError(
+                ErrorClass.BAD_RESPONSE, message, provider=PROVIDER_ID, billing=FREE, provider_request_id=event_id
+            )
 
         if not isinstance(output, tuple | list) or len(output) != EXPECTED_RETURNS:
             raise bad(f"expected (image, seed) from {API_NAME}, got {output!r:.200}")
@@ -610,6 +583,7 @@ class QwenSpaceAdapter(ProviderAdapter):
                 f"no request {provider_request_id!r} in flight here; only running requests started by this "
                 "adapter can be cancelled",
                 provider=PROVIDER_ID,
+                billing=FREE,
                 provider_request_id=provider_request_id,
             )
         flight.cancelled = True
@@ -619,7 +593,7 @@ class QwenSpaceAdapter(ProviderAdapter):
         """Connect afresh and check `/infer`'s signature; generates nothing (no ZeroGPU quota used)."""
         started = time.monotonic()
         try:
-            client = await self._connect(started + self.connect_timeout_s)
+            client = await self._connect(None)
         except ProviderError as exc:
             return HealthReport(
                 PROVIDER_ID, False, time.monotonic() - started, exc.message, error_class=exc.error_class

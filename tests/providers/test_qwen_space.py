@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("gradio")
 
-from common.errors import ErrorClass, ProviderError
+from common.errors import Billing, ErrorClass, InvalidInput, ProviderError
 from core.providers.base import AdapterConfig, AdapterRequest, ConnectionMode, EventKind, ProgressEvent
 from core.providers.qwen_space import QwenSpaceAdapter, check_signature, map_error, parse_wait
 from emulator.faults import BOARD, Fault
@@ -116,6 +116,7 @@ def _request(prompt: str = "a lighthouse at dusk", timeout_s: float = 30.0, **pa
 async def _expect_error(adapter: QwenSpaceAdapter, request: AdapterRequest) -> ProviderError:
     with pytest.raises(ProviderError) as info:
         await adapter.generate(request)
+    assert info.value.billing is Billing.NOT_BILLED  # the Space charges no money, whatever happens
     return info.value
 
 
@@ -192,7 +193,18 @@ async def test_translates_canonical_parameters_and_notes_what_changed(adapter: Q
     joined = " | ".join(t.notes)
     assert "landscape_4_3" in joined and "guidance_scale" in joined and "negative_prompt" in joined
 
-    for bad in ({"num_images": 2}, {"seed": -1}, {"num_inference_steps": "many"}, {"image_size": "huge"}):
+    bad_values: list[dict[str, Any]] = [
+        {"num_images": 2},
+        {"seed": -1},
+        {"num_inference_steps": "many"},
+        {"num_inference_steps": True},  # the one validator's strict types: True is not 1
+        {"guidance_scale": "4"},
+        {"image_size": "huge"},
+    ]
+    for bad in bad_values:
+        with pytest.raises(InvalidInput) as refused:
+            adapter.translate(AdapterRequest(prompt="p", params=bad))
+        assert list(refused.value.field_errors) == list(bad)
         err = await _expect_error(adapter, AdapterRequest(prompt="p", params=bad))
         assert err.error_class is ErrorClass.VALIDATION
         assert next(iter(bad)) in err.message
@@ -264,6 +276,40 @@ async def test_a_dead_host_is_unavailable_within_seconds():
     await dead.aclose()
 
 
+@pytest.fixture
+def silent_host() -> Iterator[str]:
+    """A host that accepts connections and never answers (a hung load balancer, a Space stuck starting)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/qwen/"
+
+
+@pytest.mark.parametrize(
+    ("connect_timeout_s", "read_timeout_s"),
+    [
+        (1.0, 5.0),  # our connect bound passes first
+        (1.0, 0.5),  # gradio_client's own read timeout fires first
+    ],
+)
+async def test_a_health_probe_of_a_host_that_never_answers_is_unavailable(
+    silent_host: str, connect_timeout_s: float, read_timeout_s: float
+):
+    silent = QwenSpaceAdapter(
+        AdapterConfig(
+            base_url=silent_host,
+            mode=ConnectionMode.EMULATOR,
+            extra={"connect_timeout_s": connect_timeout_s, "read_timeout_s": read_timeout_s},
+        )
+    )
+    report = await silent.health_probe()
+    await silent.aclose()
+    assert not report.ok
+    assert report.error_class is ErrorClass.UNAVAILABLE, report
+    assert "could not connect" in report.detail
+    assert "deadline" not in report.detail
+
+
 async def test_cancel_stops_one_request_and_not_another(adapter: QwenSpaceAdapter):
     BOARD.configure("qwen", latency_s=1.5)
     ids: list[str] = []
@@ -280,9 +326,11 @@ async def test_cancel_stops_one_request_and_not_another(adapter: QwenSpaceAdapte
     assert info.value.error_class is ErrorClass.CANCELLED
     assert time.monotonic() - started < 2.0
     assert (await bystander).images  # Gradio cancels by session; each request has its own
+    assert info.value.billing is Billing.NOT_BILLED
     with pytest.raises(ProviderError) as unknown:
         await adapter.cancel(ids[0])
     assert unknown.value.error_class is ErrorClass.VALIDATION
+    assert unknown.value.billing is Billing.NOT_BILLED
 
 
 @pytest.mark.parametrize("mount", ["changed", "other"])
@@ -340,6 +388,7 @@ def test_error_mapping_covers_the_clients_exceptions():
         mapped = map_error(exc, request_id="ev1")
         assert mapped.error_class is expected, (exc, mapped)
         assert mapped.provider == "qwen" and mapped.provider_request_id == "ev1"
+        assert mapped.billing is Billing.NOT_BILLED
 
 
 def test_wait_parsing_and_signature_check():
