@@ -6,7 +6,7 @@ when none was given, images validated and stored like any download. Its images a
 seed, size and parameters: same bytes) and say SANDBOX on their face.
 
 AdapterConfig.extra: `latency_s` (total simulated time, default 0.3 s: a fifth queued, the rest running) and
-`queue_length` (positions reported before running, default 2).
+`queue_length` (positions reported before running, default 2). Nothing here costs money: no error is billed.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
 
-from core.catalog import PROMPT_MAX_CHARS, SANDBOX, SEED_MAX
-from common.errors import ErrorClass, InvalidInput, ProviderError
+from common.errors import Billing, ErrorClass, ProviderError
+from core.catalog import SANDBOX, SEED_MAX
 from core.images import StoredImage, store_image
 from core.providers.base import (
     AdapterConfig,
@@ -35,11 +34,13 @@ from core.providers.base import (
     Stopwatch,
     Timings,
     Translation,
+    checked_prompt,
+    checked_values,
     emit,
     emit_event,
 )
 from core.render import RenderSpec, render_placeholder
-from core.sizes import SizeError, resolve_size
+from core.sizes import resolve_size
 
 PROVIDER_ID = "sandbox"
 DEFAULT_LATENCY_S = 0.3
@@ -51,27 +52,6 @@ QUEUE_SHARE = 0.2
 @dataclass
 class _Flight:
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-def _number(name: str, value: Any, *, integral: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise InvalidInput(f"{name} must be a number", {name: f"expected a number, got {value!r}"})
-    try:
-        number = float(value)
-    except ValueError:
-        raise InvalidInput(f"{name} must be a number", {name: f"expected a number, got {value!r}"}) from None
-    if number != number or number in (float("inf"), float("-inf")):
-        raise InvalidInput(f"{name} must be a finite number", {name: f"got {value!r}"})
-    if integral and not number.is_integer():
-        raise InvalidInput(f"{name} must be a whole number", {name: f"got {value!r}"})
-    return number
-
-
-def _in_range(name: str, value: float, low: float | None, high: float | None) -> float:
-    if (low is not None and value < low) or (high is not None and value > high):
-        span = f"{'' if low is None else f'{low:g}'}-{'' if high is None else f'{high:g}'}"
-        raise InvalidInput(f"{name} {value:g} is outside {span}", {name: f"use a value in {span}"})
-    return value
 
 
 class SandboxAdapter(ProviderAdapter):
@@ -100,57 +80,30 @@ class SandboxAdapter(ProviderAdapter):
         return ConnectionMode.SANDBOX
 
     def translate(self, request: AdapterRequest) -> Translation:
-        """Canonical parameters -> what the renderer uses. Raises InvalidInput for values it cannot use."""
-        prompt = request.prompt
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InvalidInput("the prompt is empty", {"prompt": "enter a prompt"})
-        if len(prompt) > PROMPT_MAX_CHARS:
-            raise InvalidInput(
-                f"the prompt is {len(prompt)} characters, over {PROMPT_MAX_CHARS}",
-                {"prompt": f"at most {PROMPT_MAX_CHARS} characters"},
-            )
-        params = dict(request.params)
+        """Canonical parameters -> what the renderer uses, each checked by the one validator against the
+        catalog's ranges (missing ones take the catalog's defaults). Raises InvalidInput for values it cannot
+        use."""
+        checked_prompt(SANDBOX, request.prompt)
         specs = SANDBOX.params
+        given = {name: value for name, value in request.params.items() if name in specs and value is not None}
+        values = checked_values(SANDBOX, {**{n: p.default for n, p in specs.items()}, **given}, tuple(specs))
         notes: list[str] = []
-
-        def spec_value(name: str) -> Any:
-            value = params.get(name)
-            return specs[name].default if value is None else value
-
-        try:
-            size = resolve_size(SANDBOX, str(spec_value("image_size")))
-        except SizeError as exc:
-            raise InvalidInput(str(exc), {"image_size": str(exc)}) from None
+        size = resolve_size(SANDBOX, values["image_size"])
         if not size.exact and size.note:
             notes.append(size.note)
-
-        def ranged(name: str, integral: bool) -> float:
-            spec = specs[name]
-            return _in_range(name, _number(name, spec_value(name), integral=integral), spec.minimum, spec.maximum)
-
-        steps = int(ranged("num_inference_steps", integral=True))
-        guidance = ranged("guidance_scale", integral=False)
-        count = int(ranged("num_images", integral=True))
-        seed: int | None = None
-        if params.get("seed") is not None:
-            seed = int(ranged("seed", integral=True))
-        negative = params.get("negative_prompt") or ""
-        if not isinstance(negative, str):
-            raise InvalidInput("negative_prompt must be text", {"negative_prompt": f"got {negative!r}"})
-
-        for name, value in sorted(params.items()):
+        for name, value in sorted(request.params.items()):
             if name not in specs and value not in (None, ""):
                 notes.append(f"{name} is not used by the sandbox; ignored")
 
         wire = {
-            "prompt": prompt,
-            "negative_prompt": negative,
+            "prompt": request.prompt,
+            "negative_prompt": values.get("negative_prompt", ""),
             "width": size.width,
             "height": size.height,
-            "num_inference_steps": steps,
-            "guidance_scale": guidance,
-            "num_images": count,
-            "seed": seed,
+            "num_inference_steps": values["num_inference_steps"],
+            "guidance_scale": float(values["guidance_scale"]),
+            "num_images": values["num_images"],
+            "seed": values.get("seed"),
         }
         return Translation(wire_params=wire, notes=tuple(notes))
 
@@ -163,6 +116,7 @@ class SandboxAdapter(ProviderAdapter):
                 ErrorClass.TIMEOUT,
                 "the sandbox's simulated latency is longer than the request's timeout",
                 provider=PROVIDER_ID,
+                billing=Billing.NOT_BILLED,
                 provider_request_id=request_id,
             )
         await self._sleep_or_cancel(seconds, flight, request_id)
@@ -173,7 +127,11 @@ class SandboxAdapter(ProviderAdapter):
         except TimeoutError:
             return
         raise ProviderError(
-            ErrorClass.CANCELLED, "cancelled on request", provider=PROVIDER_ID, provider_request_id=request_id
+            ErrorClass.CANCELLED,
+            "cancelled on request",
+            provider=PROVIDER_ID,
+            billing=Billing.NOT_BILLED,
+            provider_request_id=request_id,
         )
 
     async def generate(
@@ -185,13 +143,7 @@ class SandboxAdapter(ProviderAdapter):
     ) -> ProviderResult:
         watch = Stopwatch()
         deadline = watch.start + request.timeout_s
-        try:
-            translation = self.translate(request)
-        except InvalidInput as exc:
-            detail = "; ".join(f"{k}: {v}" for k, v in exc.field_errors.items())
-            raise ProviderError(
-                ErrorClass.VALIDATION, f"{exc} ({detail})" if detail else str(exc), provider=PROVIDER_ID
-            ) from exc
+        translation = self.translated(request)
         wire = translation.wire_params
         seed_given = wire["seed"] is not None
         base_seed: int = wire["seed"] if seed_given else secrets.randbelow(SEED_MAX + 1)
@@ -280,6 +232,7 @@ class SandboxAdapter(ProviderAdapter):
                 ErrorClass.VALIDATION,
                 f"no sandbox request {provider_request_id!r} in flight",
                 provider=PROVIDER_ID,
+                billing=Billing.NOT_BILLED,
                 provider_request_id=provider_request_id,
             )
         flight.cancelled.set()

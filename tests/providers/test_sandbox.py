@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from common.errors import ErrorClass, ProviderError
+from common.errors import Billing, ErrorClass, InvalidInput, ProviderError
 from core.providers.base import AdapterConfig, AdapterRequest, ConnectionMode, EventKind, ProgressEvent
 from core.providers.sandbox import SandboxAdapter
 from core.render import RenderSpec, render_placeholder
@@ -171,13 +171,18 @@ async def test_other_providers_params_are_tolerated_and_noted():
         ("x", {"seed": True}, "seed"),
         ("x", {"image_size": "10x10"}, "image_size"),
         ("x", {"image_size": "enormous"}, "image_size"),
+        ("x", {"guidance_scale": "3"}, "guidance_scale"),  # the one validator's strict types
     ],
 )
 async def test_bad_input_is_a_validation_error_naming_the_field(prompt: str, params: dict[str, Any], field: str):
+    with pytest.raises(InvalidInput) as refused:
+        _adapter().translate(_request(prompt, **params))
+    assert list(refused.value.field_errors) == [field]
     events: list[ProgressEvent] = []
     with pytest.raises(ProviderError) as info:
         await _adapter().generate(_request(prompt, **params), on_event=events.append)
     assert info.value.error_class is ErrorClass.VALIDATION
+    assert info.value.billing is Billing.NOT_BILLED
     assert field in info.value.message
     assert events == []  # refused before anything started
 
@@ -188,6 +193,7 @@ async def test_timeout_and_cancel():
     with pytest.raises(ProviderError) as info:
         await slow.generate(_request(timeout_s=0.3, image_size="square"))
     assert info.value.error_class is ErrorClass.TIMEOUT
+    assert info.value.billing is Billing.NOT_BILLED
     assert time.monotonic() - started < 1.0
 
     ids: list[str] = []
@@ -198,8 +204,10 @@ async def test_timeout_and_cancel():
     with pytest.raises(ProviderError) as cancelled:
         await task
     assert cancelled.value.error_class is ErrorClass.CANCELLED
-    with pytest.raises(ProviderError):
+    assert cancelled.value.billing is Billing.NOT_BILLED
+    with pytest.raises(ProviderError) as unknown:
         await slow.cancel(ids[0])
+    assert unknown.value.billing is Billing.NOT_BILLED
 
 
 def test_bad_config_is_refused():
