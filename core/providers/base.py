@@ -218,7 +218,7 @@ def clamped_value(spec: ProviderSpec, name: str, value: Any, notes: list[str]) -
     if low <= normal <= high:
         return normal
     fitted = type(normal)(min(max(normal, low), high))
-    notes.append(f"{name} {normal:g} is outside {spec.label}'s {low:g}-{high:g}; using {fitted:g}")
+    notes.append(f"{name} {normal:g} is outside {spec.id}'s range {low:g}-{high:g}; using {fitted:g}")
     return fitted
 
 
