@@ -11,7 +11,13 @@ Where the call goes, from the `model` parameter and the adapter's base URL:
 text_to_image returns one image per call, so `num_images` > 1 is N calls with seeds seed, seed+1, ... run side
 by side. The client is blocking: each call holds a worker thread, bounded by the client's timeout (never None)
 and by the attempt's deadline. HF returns no seed, so when none is asked for the adapter picks one and sends it,
-which makes every result reproducible.
+which makes every result reproducible. Calls still running at the deadline are abandoned quietly: their worker
+threads end at the client's timeout, and nothing waits for (or logs) what they raise then.
+
+Billing: an error answer (400, 404, 422, 401, 402, 429, 5xx) or a connection that never opened cost nothing;
+a call that was sent and never answered (a read timeout, a broken connection, the deadline) may have been
+billed: unknown; a 200 whose body is not a usable image was computed, and billed. HF reports no units. For
+several calls, the attempt's billing is unknown if any call's is, else billed if any call's is.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import io
 import re
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,9 +38,9 @@ from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError, Offlin
 from huggingface_hub.utils._http import parse_ratelimit_headers
 from PIL import Image
 
-from core.catalog import HUGGINGFACE, SEED_MAX
 from common.config import disable_telemetry
-from common.errors import ErrorClass, ProviderError
+from common.errors import Billing, ErrorClass, InvalidInput, ProviderError
+from core.catalog import HUGGINGFACE, SEED_MAX
 from core.images import MAX_IMAGE_PIXELS, InvalidImage, StoredImage, store_image
 from core.providers.base import (
     AdapterRequest,
@@ -47,12 +54,15 @@ from core.providers.base import (
     Stopwatch,
     Timings,
     Translation,
+    checked_prompt,
+    checked_value,
     checked_values,
     emit_event,
+    refused,
     unsent_notes,
 )
 from core.providers.http_headers import retry_after_seconds
-from core.sizes import SizeError, resolve_size
+from core.sizes import resolve_size
 
 # The env var is read when huggingface_hub is imported, which may have happened before ours was set: force it.
 disable_telemetry()
@@ -101,6 +111,14 @@ def _rate_limit_wait(exc: HfHubHTTPError) -> float | None:
     return float(found.group(1)) if found else None
 
 
+def _attempt_billing(outcomes: list[Billing]) -> Billing:
+    """The billing of an attempt made of several calls: unknown if any call's is, else billed if any call's
+    is, else not billed."""
+    if Billing.UNKNOWN in outcomes:
+        return Billing.UNKNOWN
+    return Billing.BILLED if Billing.BILLED in outcomes else Billing.NOT_BILLED
+
+
 def _png_bytes(image: Image.Image) -> bytes:
     """The image PIL decoded, as PNG bytes. Pixels are checked before decoding so a bomb costs nothing."""
     width, height = image.size
@@ -114,33 +132,43 @@ def _png_bytes(image: Image.Image) -> bytes:
     return out.getvalue()
 
 
+def _abandon(tasks: Iterable[asyncio.Future[StoredImage]]) -> None:
+    """Stop waiting for calls that are still running. Their worker threads cannot be interrupted (the client's
+    timeout ends them), so cancel the tasks and take whatever they raise later, unlogged: an abandoned call's
+    failure is already reported as this attempt's timeout, not as 'Task exception was never retrieved'."""
+    for task in tasks:
+        task.cancel()
+        task.add_done_callback(_forget)
+
+
+def _forget(task: asyncio.Future[StoredImage]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class HuggingFaceAdapter(ProviderAdapter):
     provider_id = "huggingface"
 
-    def _fail(self, error_class: ErrorClass, message: str, **kwargs: Any) -> ProviderError:
-        return ProviderError(error_class, message, provider=self.provider_id, **kwargs)
+    def _fail(self, error_class: ErrorClass, message: str, billing: Billing, **kwargs: Any) -> ProviderError:
+        return ProviderError(error_class, message, provider=self.provider_id, billing=billing, **kwargs)
 
     # -- translation -------------------------------------------------------------------------------------
 
     def _target(self, params: Any, notes: list[str]) -> _Target:
-        model = params.get("model") or HUGGINGFACE.params["model"].default
-        provider = params.get("inference_provider") or HUGGINGFACE.params["inference_provider"].default
-        if not isinstance(model, str) or not model.strip():
-            raise self._fail(ErrorClass.VALIDATION, f"model must be a Hub model id or a URL, got {model!r}")
-        model = model.strip()
-        choices = HUGGINGFACE.params["inference_provider"].choices
-        if provider not in choices:
-            raise self._fail(
-                ErrorClass.VALIDATION, f"inference_provider must be one of {', '.join(choices)}, got {provider!r}"
-            )
+        """Where the call goes. Raises InvalidInput for a model or inference provider that cannot be used."""
+        model = checked_value(HUGGINGFACE, "model", params.get("model") or HUGGINGFACE.params["model"].default)
+        provider = checked_value(
+            HUGGINGFACE,
+            "inference_provider",
+            params.get("inference_provider") or HUGGINGFACE.params["inference_provider"].default,
+        )
         if model.startswith(("http://", "https://")):
             if provider != "auto":
                 notes.append(f"an endpoint URL is called directly; inference_provider {provider!r} does not apply")
             return _Target(model=model, provider=None, hub_model_id=None)
         if not _MODEL_ID.match(model):
-            raise self._fail(
-                ErrorClass.VALIDATION,
-                f"model {model!r} is neither a Hub model id (owner/name) nor an http(s) URL",
+            raise refused(
+                HUGGINGFACE, {"model": f"model {model!r} is neither a Hub model id (owner/name) nor an http(s) URL"}
             )
         if self.config.base_url:
             if provider not in ("auto", "hf-inference"):
@@ -153,22 +181,23 @@ class HuggingFaceAdapter(ProviderAdapter):
         return _Target(model=model, provider=str(provider), hub_model_id=model)
 
     def translate(self, request: AdapterRequest) -> Translation:
+        """Canonical parameters -> text_to_image's arguments, each value checked by the one validator against
+        the catalog's ranges. Raises InvalidInput when this provider cannot serve the request."""
+        checked_prompt(HUGGINGFACE, request.prompt)
         params = request.params
         notes: list[str] = []
-        target = self._target(params, notes)
+        try:
+            target = self._target(params, notes)
+        except ProviderError as exc:
+            # A refusal raised as a ProviderError (the key-destination guard): translate() raises InvalidInput.
+            raise refused(HUGGINGFACE, {"model": exc.message}) from None
         wire: dict[str, Any] = {"model": target.model, "provider": target.provider}
         size_value = params.get("image_size") or HUGGINGFACE.params["image_size"].default
-        try:
-            size = resolve_size(HUGGINGFACE, str(size_value))
-        except SizeError as exc:
-            raise self._fail(ErrorClass.VALIDATION, f"image_size: {exc}") from None
+        size = resolve_size(HUGGINGFACE, checked_value(HUGGINGFACE, "image_size", size_value))
         wire["width"], wire["height"] = size.width, size.height
         if not size.exact:
             notes.append(size.note)
-        try:
-            wire.update(checked_values(HUGGINGFACE, params, (*_NUMERIC, "negative_prompt")))
-        except ValueError as exc:
-            raise self._fail(ErrorClass.VALIDATION, str(exc)) from None
+        wire.update(checked_values(HUGGINGFACE, params, (*_NUMERIC, "negative_prompt")))
         count = int(wire.pop("num_images", 1))
         wire["calls"] = count
         if count > 1:
@@ -182,34 +211,57 @@ class HuggingFaceAdapter(ProviderAdapter):
     # -- errors ------------------------------------------------------------------------------------------
 
     def _map_error(self, exc: BaseException, target: str) -> ProviderError:
-        """Any failure of huggingface_hub, httpx2 or PIL as one ProviderError."""
+        """Any failure of huggingface_hub, httpx2 or PIL as one ProviderError, billed as the module doc says."""
         if isinstance(exc, ProviderError):
             return exc
+        if isinstance(exc, InvalidInput):
+            return self._fail(ErrorClass.VALIDATION, str(exc), Billing.NOT_BILLED)
         if isinstance(exc, HfHubHTTPError):
             return self._map_http_error(exc)
         if isinstance(exc, InferenceTimeoutError | httpx2.TimeoutException):
             if isinstance(exc.__cause__, httpx2.ConnectTimeout) or isinstance(exc, httpx2.ConnectTimeout):
-                return self._fail(ErrorClass.UNAVAILABLE, f"could not connect to {target} in time")
-            return self._fail(ErrorClass.TIMEOUT, f"no answer from {target} within the timeout")
+                return self._fail(ErrorClass.UNAVAILABLE, f"could not connect to {target} in time", Billing.NOT_BILLED)
+            return self._fail(ErrorClass.TIMEOUT, f"no answer from {target} within the timeout", Billing.UNKNOWN)
         if isinstance(exc, OfflineModeIsEnabled):
-            return self._fail(ErrorClass.UNAVAILABLE, "HF_HUB_OFFLINE is set: huggingface_hub makes no calls")
+            return self._fail(
+                ErrorClass.UNAVAILABLE, "HF_HUB_OFFLINE is set: huggingface_hub makes no calls", Billing.NOT_BILLED
+            )
+        if isinstance(exc, httpx2.ConnectError):
+            return self._fail(
+                ErrorClass.UNAVAILABLE, f"cannot reach {target}: {exc.__class__.__name__}: {exc}", Billing.NOT_BILLED
+            )
         if isinstance(exc, httpx2.TransportError):
-            return self._fail(ErrorClass.UNAVAILABLE, f"cannot reach {target}: {exc.__class__.__name__}: {exc}")
+            # Sent, then the connection broke: HF may have run (and billed) the call.
+            return self._fail(
+                ErrorClass.UNAVAILABLE,
+                f"the connection to {target} broke: {exc.__class__.__name__}: {exc}",
+                Billing.UNKNOWN,
+            )
         if isinstance(exc, httpx2.HTTPError):
-            return self._fail(ErrorClass.BAD_RESPONSE, f"unreadable answer: {exc.__class__.__name__}: {exc}")
+            return self._fail(
+                ErrorClass.BAD_RESPONSE, f"unreadable answer: {exc.__class__.__name__}: {exc}", Billing.UNKNOWN
+            )
         if isinstance(exc, InvalidImage | OSError | SyntaxError | Image.DecompressionBombError):
             # PIL could not read what came back (UnidentifiedImageError is an OSError), or it was out of limits.
-            return self._fail(ErrorClass.BAD_RESPONSE, f"the answer is not a usable image: {exc}")
+            # HF answered 200: it ran the call, and bills it.
+            return self._fail(ErrorClass.BAD_RESPONSE, f"the answer is not a usable image: {exc}", Billing.BILLED)
         if isinstance(exc, ValueError):
-            # huggingface_hub's own refusals: unknown provider, task not supported, no token.
-            return self._fail(ErrorClass.VALIDATION, str(exc))
-        return self._fail(ErrorClass.BAD_RESPONSE, f"unexpected failure: {exc.__class__.__name__}: {exc}")
+            # huggingface_hub's own refusals, before sending: unknown provider, task not supported, no token.
+            return self._fail(ErrorClass.VALIDATION, str(exc), Billing.NOT_BILLED)
+        return self._fail(
+            ErrorClass.BAD_RESPONSE, f"unexpected failure: {exc.__class__.__name__}: {exc}", Billing.UNKNOWN
+        )
 
     def _map_http_error(self, exc: HfHubHTTPError) -> ProviderError:
+        """An error answer: the call was refused or failed, and nothing was billed (HF bills what it runs)."""
         status = exc.response.status_code
         message = _server_message(exc)
         request_id = exc.request_id
-        common: dict[str, Any] = {"status_code": status, "provider_request_id": request_id}
+        common: dict[str, Any] = {
+            "status_code": status,
+            "provider_request_id": request_id,
+            "billing": Billing.NOT_BILLED,
+        }
         if status in (401, 403):
             return self._fail(ErrorClass.AUTH, f"token refused: {message}", **common)
         if status == 402:
@@ -268,11 +320,9 @@ class HuggingFaceAdapter(ProviderAdapter):
     ) -> ProviderResult:
         watch = Stopwatch()
         deadline = watch.start + request.timeout_s
-        translation = self.translate(request)
-        if not request.prompt.strip():
-            raise self._fail(ErrorClass.VALIDATION, "the prompt is empty")
+        translation = self.translated(request)
         if not self.config.api_key:
-            raise self._fail(ErrorClass.AUTH, "no Hugging Face token configured (HF_TOKEN)")
+            raise self._fail(ErrorClass.AUTH, "no Hugging Face token configured (HF_TOKEN)", Billing.NOT_BILLED)
         wire = dict(translation.wire_params)
         count = int(wire.pop("calls"))
         first_seed = wire.pop("seed", None)
@@ -293,28 +343,46 @@ class HuggingFaceAdapter(ProviderAdapter):
         ]
         outcomes: dict[int, StoredImage | ProviderError] = {}
         pending = set(tasks)
-        while pending:
-            done, pending = await asyncio.wait(
-                pending, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
-            )
-            if not done:
-                break
-            for task in done:
-                index = tasks.index(task)
-                exc = task.exception()
-                outcomes[index] = self._map_error(exc, self._where(wire)) if exc else task.result()
-            await emit_event(on_event,
-                ProgressEvent(EventKind.RUNNING, self.provider_id, progress=len(outcomes) / count),
-            )
+        try:
+            while pending:
+                done, pending = await asyncio.wait(
+                    pending, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    break
+                for task in done:
+                    index = tasks.index(task)
+                    exc = task.exception()
+                    outcomes[index] = self._map_error(exc, self._where(wire)) if exc else task.result()
+                await emit_event(on_event,
+                    ProgressEvent(EventKind.RUNNING, self.provider_id, progress=len(outcomes) / count),
+                )
+        finally:
+            _abandon(pending)  # the deadline passed, or our own task was cancelled
         for task in pending:
-            # The worker thread cannot be interrupted; its client timeout ends it. We stop waiting now.
+            # Sent, and not answered in time: HF may still run (and bill) it.
             outcomes[tasks.index(task)] = self._fail(
-                ErrorClass.TIMEOUT, f"no image from {self._where(wire)} within {request.timeout_s:g}s"
+                ErrorClass.TIMEOUT,
+                f"no image from {self._where(wire)} within {request.timeout_s:g}s",
+                Billing.UNKNOWN,
             )
         images = [(seeds[i], o) for i, o in sorted(outcomes.items()) if isinstance(o, StoredImage)]
         failures = [(seeds[i], o) for i, o in sorted(outcomes.items()) if isinstance(o, ProviderError)]
         if not images:
-            raise failures[0][1]
+            first = failures[0][1]
+            billing = _attempt_billing([err.billing for _, err in failures])
+            if billing is first.billing:
+                raise first
+            raise ProviderError(
+                first.error_class,
+                f"{first.message} (and {len(failures) - 1} more call(s) failed)",
+                provider=self.provider_id,
+                billing=billing,
+                status_code=first.status_code,
+                retry_after_s=first.retry_after_s,
+                reset_at=first.reset_at,
+                provider_request_id=first.provider_request_id,
+            )
         await emit_event(on_event, ProgressEvent(EventKind.COMPLETED, self.provider_id, progress=1.0))
         run_s = watch.lap()
         return ProviderResult(
@@ -331,7 +399,12 @@ class HuggingFaceAdapter(ProviderAdapter):
                 "seeds": [seed for seed, _ in images],
                 "sizes": [f"{image.width}x{image.height}" for _, image in images],
                 "failed_calls": [
-                    {"seed": seed, "error_class": err.error_class.value, "message": err.message}
+                    {
+                        "seed": seed,
+                        "error_class": err.error_class.value,
+                        "billing": err.billing.value,
+                        "message": err.message,
+                    }
                     for seed, err in failures
                 ],
             },
@@ -357,11 +430,14 @@ class HuggingFaceAdapter(ProviderAdapter):
         wanted = target.provider or "hf-inference"
         live = [m.provider for m in mappings if m.status == "live"]
         if not live:
-            raise self._fail(ErrorClass.VALIDATION, f"no inference provider serves {target.hub_model_id} now")
+            raise self._fail(
+                ErrorClass.VALIDATION, f"no inference provider serves {target.hub_model_id} now", Billing.NOT_BILLED
+            )
         if wanted != "auto" and wanted not in live:
             raise self._fail(
                 ErrorClass.VALIDATION,
                 f"{wanted} does not serve {target.hub_model_id}; live providers: {', '.join(live)}",
+                Billing.NOT_BILLED,
             )
         return f"{target.hub_model_id} found; live providers: {', '.join(live)}"
 

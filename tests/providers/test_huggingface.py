@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import logging
 import time
 from collections.abc import Iterator
 
@@ -11,9 +14,9 @@ from PIL import Image
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from common.errors import ErrorClass, ProviderError
+from common.errors import Billing, ErrorClass, InvalidInput, ProviderError
 from core.providers.base import AdapterConfig, AdapterRequest, ConnectionMode, EventKind, ProgressEvent
-from core.providers.huggingface import HuggingFaceAdapter
+from core.providers.huggingface import HuggingFaceAdapter, _attempt_billing
 from emulator.faults import BOARD, Fault
 from emulator.hf import create_app
 from emulator.runner import BackgroundServer, free_port, serve_in_thread
@@ -124,6 +127,7 @@ async def test_one_failed_call_of_several_keeps_the_others(server: BackgroundSer
     assert len(result.images) == 1
     [failed] = result.raw_metadata["failed_calls"]
     assert failed["error_class"] == "unavailable"
+    assert failed["billing"] == "not_billed"
 
 
 async def test_works_with_the_emulator_mounted_under_a_prefix() -> None:
@@ -144,11 +148,20 @@ def test_translate_refuses_bad_values_before_calling() -> None:
         ({"guidance_scale": "high"}, "guidance_scale"),
         ({"image_size": "4096x4096"}, "image_size"),
         ({"num_images": 5}, "num_images"),
+        ({"seed": 1.5}, "seed"),
     ):
-        with pytest.raises(ProviderError) as caught:
+        with pytest.raises(InvalidInput) as caught:
             dead.translate(req(**params))
-        assert caught.value.error_class is ErrorClass.VALIDATION
-        assert field in caught.value.message
+        assert list(caught.value.field_errors) == [field]
+    with pytest.raises(InvalidInput) as empty:
+        dead.translate(req(" "))
+    assert list(empty.value.field_errors) == ["prompt"]
+
+
+async def test_a_request_translate_refuses_fails_generate_unbilled_before_any_call() -> None:
+    dead = HuggingFaceAdapter(AdapterConfig(api_key=TOKEN, base_url=f"http://127.0.0.1:{free_port()}"))
+    err = await failure(dead.generate(req(num_images=5)))
+    assert (err.error_class, err.billing) == (ErrorClass.VALIDATION, Billing.NOT_BILLED)
 
 
 def test_translate_rounds_sizes_and_notes_what_it_cannot_send() -> None:
@@ -171,12 +184,14 @@ async def test_a_bad_token_is_auth(server: BackgroundServer) -> None:
     err = await failure(adapter(server, token="hf_bad").generate(req()))
     assert err.error_class is ErrorClass.AUTH
     assert err.status_code == 401
+    assert err.billing is Billing.NOT_BILLED
 
 
 async def test_a_missing_token_fails_without_calling(server: BackgroundServer) -> None:
     err = await failure(adapter(server, token=None).generate(req()))
     assert err.error_class is ErrorClass.AUTH
     assert err.status_code is None
+    assert err.billing is Billing.NOT_BILLED
 
 
 @pytest.mark.parametrize(
@@ -196,6 +211,7 @@ async def test_http_errors_map_by_status(
     assert err.error_class is error_class
     assert err.status_code == status
     assert text in err.message
+    assert err.billing is Billing.NOT_BILLED  # an error answer: HF ran nothing it bills
 
 
 async def test_rate_limit_carries_the_wait_from_the_headers(server: BackgroundServer) -> None:
@@ -204,6 +220,7 @@ async def test_rate_limit_carries_the_wait_from_the_headers(server: BackgroundSe
     assert err.error_class is ErrorClass.RATE_LIMITED
     assert err.status_code == 429
     assert err.retry_after_s == 7.0
+    assert err.billing is Billing.NOT_BILLED
 
 
 async def test_a_loading_model_is_unavailable_with_its_estimated_time(server: BackgroundServer) -> None:
@@ -212,6 +229,7 @@ async def test_a_loading_model_is_unavailable_with_its_estimated_time(server: Ba
     assert err.status_code == 503
     assert err.retry_after_s == 20.0
     assert "currently loading" in err.message
+    assert err.billing is Billing.NOT_BILLED
 
 
 async def test_a_cold_start_answers_503_until_the_model_is_warm(
@@ -229,6 +247,22 @@ async def test_a_hung_call_times_out_near_the_deadline(server: BackgroundServer)
     elapsed = time.monotonic() - started
     assert err.error_class is ErrorClass.TIMEOUT
     assert 1.4 <= elapsed < 3.0
+    assert err.billing is Billing.UNKNOWN  # sent and never answered: HF may run it yet
+
+
+async def test_calls_abandoned_at_the_deadline_end_quietly(
+    server: BackgroundServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    err = await failure(adapter(server).generate(req("x [[fault:hang]]", num_images=2, timeout_s=1.0)))
+    assert err.error_class is ErrorClass.TIMEOUT and err.billing is Billing.UNKNOWN
+    # Let the abandoned worker threads end (at the client's timeout), their tasks finish and be collected.
+    await asyncio.get_running_loop().shutdown_default_executor()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    gc.collect()
+    noisy = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert noisy == []
 
 
 async def test_a_dead_host_is_unavailable_within_seconds() -> None:
@@ -237,11 +271,13 @@ async def test_a_dead_host_is_unavailable_within_seconds() -> None:
     err = await failure(dead.generate(req(timeout_s=30)))
     assert err.error_class is ErrorClass.UNAVAILABLE
     assert time.monotonic() - started < 5
+    assert err.billing is Billing.NOT_BILLED  # never connected
 
 
 async def test_a_dropped_connection_is_unavailable(server: BackgroundServer) -> None:
     err = await failure(adapter(server).generate(req("x [[fault:drop]]")))
     assert err.error_class is ErrorClass.UNAVAILABLE
+    assert err.billing is Billing.UNKNOWN  # sent, then the answer broke off
 
 
 @pytest.mark.parametrize("fault", ["malformed", "not_an_image"])
@@ -249,6 +285,14 @@ async def test_an_answer_that_is_not_an_image_is_a_bad_response(server: Backgrou
     err = await failure(adapter(server).generate(req(f"x [[fault:{fault}]]")))
     assert err.error_class is ErrorClass.BAD_RESPONSE
     assert "not a usable image" in err.message
+    assert err.billing is Billing.BILLED  # HF answered 200: it ran the call
+
+
+def test_the_billing_of_several_calls() -> None:
+    billed, unknown, free = Billing.BILLED, Billing.UNKNOWN, Billing.NOT_BILLED
+    assert _attempt_billing([free, free]) is free
+    assert _attempt_billing([free, billed]) is billed
+    assert _attempt_billing([billed, unknown, free]) is unknown
 
 
 # -- health ------------------------------------------------------------------------------------------------
