@@ -11,8 +11,8 @@ is never held past it even when the awaiting coroutine has already given up.
 Billing (Ideogram bills per image generated): an error answer (4xx, 5xx) or a connection that never opened
 generated nothing, not billed; once the POST may have reached Ideogram and no answer came back (a read timeout,
 a connection broken mid-answer, the deadline), it may have generated and billed: unknown. After a successful
-generate, every failure (an image without a URL, all images unsafe, a download that fails) is billed, with the
-number of images Ideogram reported as the units.
+generate, every failure (an answer we cannot read, an image without a URL, all images unsafe, a download that
+fails) is billed, with the number of images Ideogram reported as the units when it could be read.
 """
 
 from __future__ import annotations
@@ -266,9 +266,13 @@ class IdeogramAdapter(ProviderAdapter):
         return self._fail(ErrorClass.BAD_RESPONSE, f"unexpected HTTP {status}: {message}", UNKNOWN, status_code=status)
 
     def _parse(self, answer: _HttpAnswer) -> _GenerateResponse:
-        """A success answer we cannot read says nothing of what was generated: billing unknown."""
+        """A success answer we cannot read: Ideogram answers 200 only once it has generated, so it billed, for
+        a number of images we cannot tell."""
+        generated = Billed(Billing.BILLED)
         if len(answer.body) > _MAX_RESPONSE_BODY:
-            raise self._fail(ErrorClass.BAD_RESPONSE, "the answer is larger than any real generate response", UNKNOWN)
+            raise self._fail(
+                ErrorClass.BAD_RESPONSE, "the answer is larger than any real generate response", generated
+            )
         try:
             parsed = _GenerateResponse.model_validate_json(answer.body)
         except ValidationError as exc:
@@ -277,11 +281,14 @@ class IdeogramAdapter(ProviderAdapter):
             raise self._fail(
                 ErrorClass.BAD_RESPONSE,
                 f"the answer is not the expected generate response ({first}); starts with {preview!r}",
-                UNKNOWN,
+                generated,
                 status_code=answer.status,
             ) from None
         if not parsed.data:
-            raise self._fail(ErrorClass.BAD_RESPONSE, "the answer holds no images", UNKNOWN, status_code=answer.status)
+            # Billed per image, and it reported none.
+            raise self._fail(
+                ErrorClass.BAD_RESPONSE, "the answer holds no images", NOT_BILLED, status_code=answer.status
+            )
         return parsed
 
     # -- the attempt -------------------------------------------------------------------------------------
