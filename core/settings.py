@@ -36,7 +36,7 @@ from pydantic import (
     model_validator,
 )
 
-from core.catalog import PROVIDERS, SEED_MAX, ParamSpec, ProviderSpec
+from core.catalog import COMMON_PARAMS, PROVIDERS, SEED_MAX, ParamSpec, ProviderSpec
 from common.errors import InvalidInput
 from core.money import usd_to_micros
 from core.presets import UnknownPreset, normalize_preset, preset_params
@@ -328,17 +328,7 @@ class GlobalSettings(BaseModel):
 
     def generation_params(self) -> dict[str, Any]:
         """The generation parameters this level sets (canonical names; unset ones left out)."""
-        names = (
-            "negative_prompt",
-            "num_inference_steps",
-            "guidance_scale",
-            "image_size",
-            "num_images",
-            "seed",
-            "enable_safety_checker",
-            "sync_mode",
-        )
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        return {n: getattr(self, n) for n in COMMON_PARAMS if getattr(self, n) is not None}
 
 
 def validate_global_settings(data: Mapping[str, Any]) -> GlobalSettings:
