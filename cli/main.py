@@ -480,7 +480,8 @@ def test_provider(
         traits = exc.traits
         typer.secho(f"FAILED: {exc.error_class.value}: {exc.message}", fg=typer.colors.RED, err=True)
         typer.echo(
-            f"  retryable: {traits.retryable}; billable: {traits.billable}"
+            f"  retryable: {traits.retryable}; billing: {exc.billing.value}"
+            + (f" ({exc.billed_units} units)" if exc.billed_units is not None else "")
             + (f"; retry after {exc.retry_after_s:g}s" if exc.retry_after_s is not None else "")
             + (f"; quota back at {exc.reset_at.isoformat()}" if exc.reset_at is not None else "")
         )
