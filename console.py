@@ -1,19 +1,46 @@
-"""Imagegate console: first-run admin set-up, sign-in, and the pages each role may see."""
+"""Imagegate console pages: first-run admin set-up, sign-in, and the pages each role may see.
+
+Served by app.py (`streamlit run app.py`), which adds the routes that keep a sign-in across reloads.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import streamlit as st
 from streamlit.delta_generator import DeltaGenerator
 
-from common.errors import InvalidInput, PermissionDenied
+from common.errors import AccountLocked, InvalidInput, PermissionDenied
 from core.security import Role
 from core.setup_code import setup_code_matches
-from common.errors import AccountLocked
 from core.users import authenticate, create_first_admin, needs_first_admin
-from db.engine import transaction
-from ui import state
+from ui import session_routes, state
 
-st.set_page_config(page_title="Imagegate", page_icon=":material/image:", layout="wide")
+# A local image: an icon name like ":material/image:" makes the browser fetch the favicon from Google's font
+# server, and the console must never need the internet.
+FAVICON = Path(__file__).resolve().parent / "ui" / "assets" / "favicon.png"
+
+st.set_page_config(page_title="Imagegate", page_icon=str(FAVICON), layout="wide")
+
+
+@dataclass(frozen=True)
+class PageSpec:
+    url_path: str
+    script: str
+    title: str
+    icon: str
+    roles: frozenset[Role]
+
+
+PAGES = (
+    PageSpec("settings", "views/settings.py", "Settings", ":material/tune:", state.STAFF),
+    PageSpec("account", "views/account.py", "Account", ":material/person:", frozenset(Role)),
+)
+"""Every page, in menu order; a role's first page is its start page. The folder is deliberately not named
+`pages/`: Streamlit runs a `pages/` script directly, without this file's sign-in, when the first request a
+server process gets is a link to it."""
 
 
 def _narrow() -> DeltaGenerator:
@@ -22,7 +49,12 @@ def _narrow() -> DeltaGenerator:
     return column
 
 
-def first_run_page() -> None:
+def _landing(page: str, role: Role) -> str:
+    """The page to open after sign-in: the one the link named, if this role has it; else the start page."""
+    return page if any(p.url_path == page and role in p.roles for p in PAGES) else ""
+
+
+def first_run_form(page: str) -> None:
     st.title("Welcome to Imagegate")
     st.write(
         "No account exists yet. Create the first administrator. The one-time set-up code was printed in the "
@@ -45,36 +77,46 @@ def first_run_page() -> None:
         return
     try:
         user = create_first_admin(state.runtime().sessions, username, password)
-    except InvalidInput as exc:
+    except (InvalidInput, PermissionDenied) as exc:
         st.error(str(exc))
         return
-    except PermissionDenied as exc:
-        st.error(str(exc))
-        return
-    state.sign_in(user)
-    state.flash(f"Admin account {user.username!r} created. You are signed in.")
-    st.rerun()
+    state.sign_in(user, page=_landing(page, user.role), flash_key="admin-created")
 
 
-def sign_in_page() -> None:
+def sign_in_form(page: str) -> None:
     st.title("Sign in to Imagegate")
     with _narrow(), st.form("sign_in", clear_on_submit=False):
         username = st.text_input("Username")
         password = st.text_input("Password", type="password")
         submitted = st.form_submit_button("Sign in", type="primary")
+    if not session_routes.served():
+        st.caption("Started without its session routes (`streamlit run app.py` has them): a reload signs you out.")
     if not submitted:
         return
     try:
-        with transaction(state.runtime().sessions) as session:
-            user = authenticate(session, username, password)
+        user = authenticate(state.runtime().sessions, username, password)
     except AccountLocked as exc:
         st.error(str(exc).capitalize())
         return
     if user is None:
         st.error("Unknown username or wrong password (or the account is deactivated).")
         return
-    state.sign_in(user)
-    st.rerun()
+    state.sign_in(user, page=_landing(page, user.role))
+
+
+def _form_page(form: Callable[[str], None], page: str) -> Callable[[], None]:
+    def show_form() -> None:
+        form(page)
+
+    return show_form
+
+
+def signed_out_navigation(form: Callable[[str], None], title: str) -> None:
+    """The form at the start URL and at every page's own URL: a deep link (or a reload after the session ended)
+    shows the form, not Streamlit's "Page not found", and after sign-in opens the page it named."""
+    pages = [st.Page(_form_page(form, ""), title=title, icon=":material/key:", url_path="welcome", default=True)]
+    pages += [st.Page(_form_page(form, p.url_path), title=title, url_path=p.url_path) for p in PAGES]
+    st.navigation(pages, position="hidden").run()
 
 
 def main() -> None:
@@ -83,23 +125,22 @@ def main() -> None:
     with runtime.sessions() as session:
         fresh = needs_first_admin(session)
     if fresh:
-        st.navigation([st.Page(first_run_page, title="First run", icon=":material/key:")], position="hidden").run()
+        signed_out_navigation(first_run_form, "First run")
         return
     user = state.current_user()
     if user is None:
-        st.navigation([st.Page(sign_in_page, title="Sign in", icon=":material/key:")], position="hidden").run()
+        signed_out_navigation(sign_in_form, "Sign in")
         return
 
-    settings = st.Page("pages/settings.py", title="Settings", icon=":material/tune:", default=True)
-    account = st.Page("pages/account.py", title="Account", icon=":material/person:")
-    staff = user.role in (Role.ADMIN, Role.HERO)
     # A page left out of a role's list cannot be reached, by link or by URL.
-    pages = [settings, account] if staff else [account]
+    mine = [p for p in PAGES if user.role in p.roles]
+    pages = [
+        st.Page(p.script, title=p.title, icon=p.icon, url_path=p.url_path, default=i == 0) for i, p in enumerate(mine)
+    ]
     with st.sidebar:
         st.caption(f"Signed in as **{user.username}** ({user.role.value})")
         if st.button("Sign out"):
             state.sign_out()
-            st.rerun()
     state.show_flash()
     st.navigation(pages).run()
 

@@ -203,6 +203,29 @@ class ApiToken(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
+class ConsoleSession(Base):
+    """A signed-in console browser, kept across reloads by a cookie that holds a random token.
+
+    Only SHA-256 hashes of secrets are stored, so a copy of the database signs nobody in. A session starts with
+    a one-time hand-off code (the sign-in page sends the browser to a route that trades it for the cookie);
+    `token_hash` is set at that exchange. Signing out sets `revoked_at`; an inactive user's sessions are refused.
+    """
+
+    __tablename__ = "console_sessions"
+    __table_args__ = (Index("ix_console_sessions_user", "user_id", "revoked_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    token_hash: Mapped[str | None] = mapped_column(String(64), unique=True, default=None)
+    """SHA-256 hex of the cookie's token; None until the browser has collected its cookie."""
+    handoff_hash: Mapped[str | None] = mapped_column(String(64), unique=True, default=None)
+    """SHA-256 hex of the one-time code the browser trades for its cookie; None once used."""
+    handoff_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
 class AuditLog(Base):
     __tablename__ = "audit_log"
     __table_args__ = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,17 +10,22 @@ from contextlib import contextmanager
 import streamlit as st
 from sqlalchemy.orm import Session
 
-from core import keys
-from common.errors import NotFound
+from common.errors import DatabaseUnavailable
+from core import console_sessions, keys
 from core.providers.registry import all_connections
 from core.runtime import Runtime, open_runtime
+from core.security import Role
 from core.setup_code import new_setup_code, setup_banner
 from core.users import UserView, get_user
-from db.engine import DatabaseUnavailable
+from db.engine import transaction
+from ui import session_routes
 
 SETUP_CODE_ENV = "IMAGEGATE_SETUP_CODE"
-USER_KEY = "imagegate_user_id"
+SESSION_KEY = "imagegate_console_session"
+"""This tab's row in console_sessions (its id; the secret token only ever lives in the browser's cookie)."""
 FLASH_KEY = "imagegate_flash"
+STAFF = frozenset({Role.ADMIN, Role.HERO})
+"""Who sees provider settings, prices and budgets."""
 
 
 @st.cache_resource(show_spinner="Preparing the database…")
@@ -64,28 +70,73 @@ def db_session() -> Iterator[Session]:
         yield session
 
 
+def session_cookie() -> str | None:
+    """The session cookie the browser sent when this tab connected (a reload or a deep link brings it)."""
+    return st.context.cookies.get(session_routes.COOKIE_NAME)
+
+
 def current_user() -> UserView | None:
-    """The signed-in user, re-read every run so a role change or deactivation takes effect at once."""
-    user_id = st.session_state.get(USER_KEY)
-    if user_id is None:
+    """The signed-in user, checked against the database on every run: this tab's session (or, on a new tab, the
+    browser's cookie) must still be open and its user active, so a sign-out elsewhere, a deactivation or a
+    role change takes effect at once. The role is always the database's."""
+    known = st.session_state.get(SESSION_KEY)
+    token = session_cookie() if known is None else None
+    if known is None and not token:
         return None
-    with db_session() as session:
-        try:
-            user = get_user(session, int(user_id))
-        except NotFound:
-            user = None
-    if user is None or not user.active:
-        st.session_state.pop(USER_KEY, None)
+    with transaction(runtime().sessions) as session:
+        if known is not None:
+            valid = console_sessions.validate(session, int(known))
+        else:
+            valid = console_sessions.validate_token(session, str(token))
+        user = get_user(session, valid.user_id) if valid is not None else None
+    if valid is None or user is None:
+        st.session_state.pop(SESSION_KEY, None)
         return None
+    st.session_state[SESSION_KEY] = valid.session_id
     return user
 
 
-def sign_in(user: UserView) -> None:
-    st.session_state[USER_KEY] = user.id
+def require_user(roles: frozenset[Role] = frozenset(Role)) -> UserView:
+    """The signed-in user if their role is one of `roles`; otherwise the page stops here, showing nothing.
+
+    Every page calls this first. console.py registers only the pages a role may see, and this check holds
+    even if a page script is ever run some other way."""
+    user = current_user()
+    if user is None or user.role not in roles:
+        st.stop()
+    return user
+
+
+def sign_in(user: UserView, *, page: str = "", flash_key: str | None = None) -> None:
+    """Start a session for someone who has just proven who they are, and open `page` (a URL path) for them.
+
+    With the session routes served, the browser goes through the route that sets its HttpOnly cookie (a full
+    page load, so the cookie is there for every later reload and deep link); otherwise this tab reruns."""
+    with transaction(runtime().sessions) as session:
+        started = console_sessions.start(session, user.id)
+    st.session_state[SESSION_KEY] = started.session_id
+    if session_routes.served():
+        _go_to(session_routes.collect_url(started.handoff, page, flash_key))
+    if flash_key is not None:
+        flash(session_routes.FLASHES[flash_key])
+    st.rerun()
 
 
 def sign_out() -> None:
-    st.session_state.pop(USER_KEY, None)
+    """End this tab's session in the database (every tab and the cookie with it), then forget the cookie."""
+    known = st.session_state.pop(SESSION_KEY, None)
+    if known is not None:
+        with transaction(runtime().sessions) as session:
+            console_sessions.revoke(session, int(known))
+    if session_routes.served():
+        _go_to(session_routes.sign_out_url())
+    st.rerun()
+
+
+def _go_to(url: str) -> None:
+    """A full page load of one of our own URLs (built by session_routes: no user text in it)."""
+    st.html(f"<script>window.location.replace({json.dumps(url)});</script>", unsafe_allow_javascript=True)
+    st.stop()
 
 
 def flash(message: str) -> None:
@@ -94,7 +145,12 @@ def flash(message: str) -> None:
 
 
 def show_flash() -> None:
+    """A message kept for this run: from session state, or named in the URL by the sign-in redirect."""
     message = st.session_state.pop(FLASH_KEY, None)
+    key = st.query_params.get(session_routes.FLASH_PARAM)
+    if key is not None:
+        del st.query_params[session_routes.FLASH_PARAM]
+        message = message or session_routes.FLASHES.get(key)
     if message:
         st.success(message)
 

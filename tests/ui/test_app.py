@@ -7,15 +7,19 @@ from pathlib import Path
 
 import pytest
 import streamlit as st
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 from streamlit.testing.v1 import AppTest
 
+from core import console_sessions
 from core.runtime import open_runtime
-from core.security import Actor, Role
+from core.security import Actor, Role, hash_password
 from core.users import create_user, list_users
 from db.engine import transaction
+from db.models import ConsoleSession, User
 
 ROOT = Path(__file__).resolve().parents[2]
-APP = str(ROOT / "app.py")
+APP = str(ROOT / "console.py")
 PASSWORD = "correct horse battery"
 
 
@@ -30,8 +34,11 @@ def fresh_console(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
     st.cache_resource.clear()
 
 
-def _app() -> AppTest:
+def _app(deep_link: str | None = None) -> AppTest:
+    """A new browser session; `deep_link` (e.g. "views/settings.py") opens that page's URL directly."""
     at = AppTest.from_file(APP, default_timeout=60)
+    if deep_link is not None:
+        at.switch_page(deep_link)  # before the first run: the page is named by its URL, as a link would
     at.run()
     assert not at.exception, at.exception
     return at
@@ -134,16 +141,16 @@ def test_sign_in_and_roles(fresh_console: Path) -> None:
 
     # A USER cannot reach the Settings page: it is not registered for the role at all.
     with pytest.raises(ValueError, match="Could not find a navigation page"):
-        at.switch_page("pages/settings.py")
+        at.switch_page("views/settings.py")
 
 
 def test_staff_can_switch_to_settings(fresh_console: Path) -> None:
     at = _app()
     _fill_first_run(at, _setup_code(), "alice", PASSWORD)
-    at.switch_page("pages/account.py")
+    at.switch_page("views/account.py")
     at.run()
     assert at.title[0].value == "Your account"
-    at.switch_page("pages/settings.py")
+    at.switch_page("views/settings.py")
     at.run()
     assert at.title[0].value == "Provider settings"
 
@@ -176,3 +183,141 @@ def test_sign_in_locks_after_repeated_wrong_passwords(fresh_console: Path) -> No
     at.run()
     assert "locked for about 15 more minutes" in at.error[0].value
     assert at.title[0].value == "Sign in to Imagegate"
+
+
+# --- sessions: deep links, the cookie, sign-out, deactivation ---------------------------------------------------
+
+
+def _sessions() -> sessionmaker[Session]:
+    return open_runtime(prepare=False).sessions
+
+
+def _sign_in(at: AppTest, username: str, password: str = PASSWORD) -> None:
+    at.text_input[0].input(username)
+    at.text_input[1].input(password)
+    at.button[0].click()
+    at.run()
+    assert not at.exception, at.exception
+
+
+def _with_bob() -> None:
+    with transaction(_sessions()) as session:
+        bob = User(username="bob", password_hash=hash_password(PASSWORD), role=Role.USER, active=True)
+        session.add(bob)
+
+
+def _set_user(username: str, **values: object) -> None:
+    with transaction(_sessions()) as session:
+        user = session.scalars(select(User).where(User.username == username)).one()
+        for key, value in values.items():
+            setattr(user, key, value)
+
+
+def _cookie_for(username: str) -> str:
+    """What a browser that signed in as `username` before holds: a collected session token."""
+    with transaction(_sessions()) as session:
+        user_id = session.scalars(select(User.id).where(User.username == username)).one()
+        started = console_sessions.start(session, user_id)
+    with transaction(_sessions()) as session:
+        issued = console_sessions.collect(session, started.handoff)
+    assert issued is not None
+    return issued.token
+
+
+def _titles(at: AppTest) -> list[str]:
+    return [t.value for t in at.title]
+
+
+def test_a_deep_link_shows_the_sign_in_form_and_then_its_page(fresh_console: Path) -> None:
+    at = _app()
+    _fill_first_run(at, _setup_code(), "alice", PASSWORD)
+    _with_bob()
+
+    at = _app(deep_link="views/settings.py")  # a new browser session, signed out, opening /settings
+    assert _titles(at) == ["Sign in to Imagegate"]  # the form, at the page's own URL
+    _sign_in(at, "alice")
+    assert _titles(at) == ["Provider settings"]
+
+    # A USER following the same link lands on their own start page: their role has no such page.
+    at = _app(deep_link="views/settings.py")
+    _sign_in(at, "bob")
+    assert _titles(at) == ["Your account"]
+
+
+def test_the_first_run_form_answers_at_a_deep_link_too(fresh_console: Path) -> None:
+    at = _app(deep_link="views/account.py")
+    assert _titles(at) == ["Welcome to Imagegate"]
+    _fill_first_run(at, _setup_code(), "alice", PASSWORD)
+    assert _titles(at) == ["Your account"]
+
+
+def test_a_new_tab_with_the_cookie_is_signed_in_until_the_session_ends(
+    fresh_console: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    at = _app()
+    _fill_first_run(at, _setup_code(), "alice", PASSWORD)
+    token = _cookie_for("alice")
+    from ui import state
+
+    monkeypatch.setattr(state, "session_cookie", lambda: token)
+    at = _app()  # a reload: a new Streamlit session whose browser sends the cookie
+    assert _titles(at) == ["Provider settings"]
+    session_id = at.session_state[state.SESSION_KEY]
+
+    # Signing out (in this tab) revokes the session in the database: the same cookie no longer works anywhere.
+    at.sidebar.button[0].click()
+    at.run()
+    assert _titles(at) == ["Sign in to Imagegate"]
+    with _sessions()() as session:
+        row = session.get(ConsoleSession, session_id)
+        assert row is not None and row.revoked_at is not None
+    assert _titles(_app()) == ["Sign in to Imagegate"]
+
+
+def test_an_unknown_or_forged_cookie_signs_nobody_in(fresh_console: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = _app()
+    _fill_first_run(at, _setup_code(), "alice", PASSWORD)
+    from ui import state
+
+    for forged in ["", "1", "alice", "A" * 43, "ADMIN:1"]:
+        monkeypatch.setattr(state, "session_cookie", lambda forged=forged: forged)
+        assert _titles(_app()) == ["Sign in to Imagegate"]
+
+
+def test_deactivation_and_role_changes_take_effect_at_the_next_run(
+    fresh_console: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    at = _app()
+    _fill_first_run(at, _setup_code(), "alice", PASSWORD)
+    _with_bob()
+    _set_user("bob", role=Role.ADMIN)
+    at = _app()
+    _sign_in(at, "bob")
+    assert _titles(at) == ["Provider settings"]
+
+    _set_user("bob", role=Role.USER)  # demoted elsewhere: the next run reads the role from the database
+    at.run()
+    assert _titles(at) == ["Your account"]
+    assert any("(USER)" in c.value for c in at.sidebar.caption)
+
+    _set_user("bob", active=False)  # deactivated elsewhere: the next run ends the session
+    at.run()
+    assert _titles(at) == ["Sign in to Imagegate"]
+    _set_user("bob", active=True)  # reactivation does not revive the old session
+    at.run()
+    assert _titles(at) == ["Sign in to Imagegate"]
+
+
+def test_with_the_session_routes_sign_in_sends_the_browser_to_collect_its_cookie(
+    fresh_console: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ui import session_routes
+
+    at = _app()
+    _fill_first_run(at, _setup_code(), "alice", PASSWORD)
+    monkeypatch.setattr(session_routes, "_served", True)
+    at = _app(deep_link="views/settings.py")
+    _sign_in(at, "alice")
+    scripts = [h.proto.body for h in at.get("html")]
+    assert len(scripts) == 1 and "window.location.replace" in scripts[0]
+    assert f"{session_routes.SESSION_PATH}?handoff=" in scripts[0] and "next=settings" in scripts[0]

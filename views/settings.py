@@ -9,6 +9,8 @@ import streamlit as st
 from core.overview import provider_overviews
 from ui import state
 
+state.require_user(state.STAFF)
+
 st.title("Provider settings")
 st.caption(
     "What each provider runs with today. Values come from the catalog defaults, the global settings, the "

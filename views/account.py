@@ -10,9 +10,7 @@ from core.users import change_own_password
 from db.engine import transaction
 from ui import state
 
-user = state.current_user()
-if user is None:
-    st.stop()
+user = state.require_user()
 
 st.title("Your account")
 st.text(f"username: {user.username}")
