@@ -464,12 +464,25 @@ class FalQwenAdapter(ProviderAdapter):
         )
 
     @staticmethod
-    def _job_billing(attempt: _Attempt, transport: _FalTransport) -> Billed:
+    def _reported_units(attempt: _Attempt, transport: _FalTransport) -> Decimal | None:
+        """The `x-fal-billable-units` fal sent with this request's result, once it did (and it was readable)."""
+        raw = transport.billable_units.get(attempt.request_id or "")
+        if attempt.billed_units is None and raw is not None:
+            try:
+                attempt.billed_units = Decimal(raw)
+            except InvalidOperation:
+                log.warning("fal sent an unreadable x-fal-billable-units %r for %s", raw, attempt.request_id)
+                del transport.billable_units[attempt.request_id or ""]
+        return attempt.billed_units
+
+    @classmethod
+    def _job_billing(cls, attempt: _Attempt, transport: _FalTransport) -> Billed:
         """The billing facts of an attempt that failed for a reason that says nothing about billing itself."""
         if attempt.lookup:
             return NOT_BILLED
-        if attempt.billed_units is not None:
-            return Billed(Billing.BILLED, attempt.billed_units)
+        units = cls._reported_units(attempt, transport)
+        if units is not None:
+            return Billed(Billing.BILLED, units)
         if attempt.phase in (_Phase.COMPLETED, _Phase.DOWNLOADING):
             return Billed(Billing.BILLED)  # fal bills every successful output; it did not say how much
         if attempt.phase is _Phase.SUBMITTING and not transport.submit_sent:
@@ -816,12 +829,7 @@ class FalQwenAdapter(ProviderAdapter):
 
         output = await self._retrying(fetch, attempt, what="result fetch", result=True)
         attempt.phase = _Phase.COMPLETED
-        raw_units = transport.billable_units.get(request_id)
-        if raw_units is not None:
-            try:
-                attempt.billed_units = Decimal(raw_units)
-            except InvalidOperation:
-                log.warning("fal sent an unreadable x-fal-billable-units %r for %s", raw_units, request_id)
+        self._reported_units(attempt, transport)
         urls, seed, flags = self._parse_output(output, attempt, transport)
         if flags and all(flags):
             raise self._error(

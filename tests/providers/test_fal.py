@@ -360,6 +360,29 @@ async def test_a_completed_job_whose_result_cannot_be_fetched_is_not_called_queu
     assert status["status"] == "COMPLETED" and "error_type" not in status  # nothing tried to cancel it
 
 
+async def test_an_answer_we_cannot_follow_gives_up_and_cancels_the_job(
+    emulator_server: BackgroundServer, emulator_board: FaultBoard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # fal-client 1.0.3 raises ValueError on a status value it does not know (say fal adds one): the adapter
+    # cannot follow the job any more, so it gives up, and the paid job must not run on unwatched.
+    emulator_board.configure("fal", latency_s=30)
+    parse = fal_wire._BaseRequestHandle._parse_status
+
+    def newer_fal(self: Any, data: Any) -> Any:
+        if data.get("status") == "IN_PROGRESS":
+            raise ValueError("Unknown status: WARMING_UP")
+        return parse(self, data)
+
+    monkeypatch.setattr(fal_wire._BaseRequestHandle, "_parse_status", newer_fal)
+    ids: list[str] = []
+    err = await expect_error(
+        make_adapter(emulator_server).generate(req(), on_request_id=ids.append), ErrorClass.BAD_RESPONSE
+    )
+    assert "WARMING_UP" in err.message and "cancelled at fal" in err.message
+    assert err.billing is Billing.UNKNOWN and err.provider_request_id == ids[0]
+    assert job_status(emulator_server, ids[0])["error_type"] == "request_cancelled"
+
+
 async def test_a_cancelled_task_cancels_its_job_at_fal(
     emulator_server: BackgroundServer, emulator_board: FaultBoard
 ) -> None:
