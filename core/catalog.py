@@ -49,6 +49,8 @@ class ParamSpec:
     choices: tuple[str, ...] = ()
     step: float | None = None
     """UI hint for sliders."""
+    receives_key: bool = False
+    """A URL given here is called with the provider's key, so core.keys decides which URLs are allowed."""
 
 
 @dataclass(frozen=True)
@@ -329,8 +331,10 @@ HUGGINGFACE = ProviderSpec(
                     "model",
                     "str",
                     "Model",
-                    "A Hub model id (Qwen/Qwen-Image) or an inference endpoint URL.",
+                    "A Hub model id (Qwen/Qwen-Image) or an inference endpoint URL (Hugging Face's own hosts, "
+                    "or one allowed in IMAGEGATE_HF_ALLOWED_ENDPOINTS).",
                     "Qwen/Qwen-Image",
+                    receives_key=True,
                 )
             ),
             _p(

@@ -19,6 +19,11 @@ straddles a boundary is split and each part charged at its band's price.
 
 Rounding: every amount is computed exactly with Fraction and rounded once per request, half up to the
 micro-dollar (core.money.round_half_up_micros). A provider without a price is an error, never $0.
+
+Bounds: every amount and quantity passes core.money.exact_decimal (plain decimals, at most six places, a sane
+maximum), so an estimate, a description and a page stay cheap whatever was typed or imported. A stored price
+that no longer validates loads as an unusable price (`ProviderPrice.unusable`): that provider's estimates fail
+with a clear error; nothing else breaks.
 """
 
 from __future__ import annotations
@@ -36,19 +41,25 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from core.catalog import PROVIDERS, ProviderSpec
 from common.errors import InvalidInput
-from core.money import format_usd, round_half_up_micros
+from core.catalog import PROVIDERS, ProviderSpec
+from core.money import exact_decimal, format_usd, round_half_up_micros, unit_price
 from core.settings import field_errors_from_validation
 from core.sizes import SizeError, resolve_size
 
 DEFAULT_PRICES_PATH = Path(__file__).resolve().parent / "data" / "prices.json"
+MAX_TIER_UNITS = Decimal(1_000_000_000_000)
+"""The highest volume-tier threshold (units per month)."""
+MAX_GPU_SECONDS = Decimal(86_400)
+"""The longest time estimate per step or per image: a day."""
+_MAX_PROBLEM_CHARS = 300
 
 
 class PriceUnit(StrEnum):
@@ -119,18 +130,18 @@ class PriceTier(BaseModel):
     from_units: Decimal
     usd_per_unit: Decimal
 
-    @field_validator("from_units")
+    @field_validator("from_units", mode="before")
     @classmethod
-    def _positive_threshold(cls, value: Decimal) -> Decimal:
-        if not value.is_finite() or value <= 0:
-            raise ValueError(f"from_units {value} must be above 0 (the base price covers usage from 0 on)")
-        return value
+    def _positive_threshold(cls, value: Any) -> Decimal:
+        threshold = exact_decimal(value, what="from_units", maximum=MAX_TIER_UNITS)
+        if threshold == 0:
+            raise ValueError("from_units must be above 0 (the base price covers usage from 0 on)")
+        return threshold
 
-    @field_validator("usd_per_unit")
+    @field_validator("usd_per_unit", mode="before")
     @classmethod
-    def _price(cls, value: Decimal) -> Decimal:
-        _non_negative(value, "usd_per_unit")
-        return value
+    def _price(cls, value: Any) -> Decimal:
+        return unit_price(value, "usd_per_unit")
 
 
 class ProviderPrice(BaseModel):
@@ -156,6 +167,29 @@ class ProviderPrice(BaseModel):
     """Where the figure comes from: a URL or a sentence."""
     effective_date: date
     notes: str = ""
+
+    _problem: str | None = PrivateAttr(default=None)
+    _stored_rule: dict[str, Any] | None = PrivateAttr(default=None)
+
+    @field_validator("keyed_usd_per_unit", mode="before")
+    @classmethod
+    def _keyed_amounts(cls, value: Any) -> Any:
+        if not isinstance(value, Mapping):
+            return value  # pydantic reports the type
+        return {key: unit_price(price, f"the price for {key}") for key, price in value.items()}
+
+    @field_validator("usd_per_unit", mode="before")
+    @classmethod
+    def _base_amount(cls, value: Any) -> Any:
+        return None if value is None else unit_price(value, "usd_per_unit")
+
+    @field_validator("seconds_per_step", "seconds_per_image", mode="before")
+    @classmethod
+    def _seconds_amount(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            return None
+        name = str(info.field_name)
+        return exact_decimal(value, what=name, maximum=MAX_GPU_SECONDS, above_minimum=True)
 
     @field_validator("provider")
     @classmethod
@@ -283,6 +317,8 @@ class ProviderPrice(BaseModel):
     @model_validator(mode="after")
     def _complete(self) -> ProviderPrice:
         # Cross-field rules whose inputs may have been defaulted; field validators covered the rest.
+        if self._problem is not None:  # an unusable stored price, passed on as it is (PriceTable, say)
+            return self
         if self.unit in (PriceUnit.MEGAPIXEL, PriceUnit.GPU_SECOND) and self.usd_per_unit is None:
             raise ValueError(f"a {self.unit.value} price needs usd_per_unit")
         return self
@@ -290,6 +326,42 @@ class ProviderPrice(BaseModel):
     @property
     def spec(self) -> ProviderSpec:
         return PROVIDERS[self.provider]
+
+    @classmethod
+    def unusable(
+        cls, *, provider: str, rule: Mapping[str, Any], source: str, effective_date: date, problem: str
+    ) -> ProviderPrice:
+        """A stored price that no longer validates (entered before a rule existed, or edited by hand): it
+        keeps its stored rule for export and correction, describes its problem, and refuses every estimate.
+        Built without validation on purpose; nothing in it is used to compute money."""
+        raw_unit = rule.get("unit")
+        unit = PriceUnit(raw_unit) if raw_unit in {u.value for u in PriceUnit} else PriceUnit.IMAGE
+        price = cls.model_construct(
+            provider=provider,
+            unit=unit,
+            key_param=None,
+            keyed_usd_per_unit={},
+            usd_per_unit=None,
+            tiers=(),
+            seconds_per_step=None,
+            seconds_per_image=None,
+            source=source,
+            effective_date=effective_date,
+            notes="",
+        )
+        price._problem = problem if len(problem) <= _MAX_PROBLEM_CHARS else problem[: _MAX_PROBLEM_CHARS - 1] + "…"
+        price._stored_rule = dict(rule)
+        return price
+
+    @property
+    def problem(self) -> str | None:
+        """Why this stored price cannot be used (None for every validated price)."""
+        return self._problem
+
+    @property
+    def stored_rule(self) -> dict[str, Any] | None:
+        """The stored rule of an unusable price, as it is in the database."""
+        return None if self._stored_rule is None else dict(self._stored_rule)
 
     def to_json(self) -> str:
         """JSON with exact decimal strings (never floats), for a stored price version."""
@@ -301,6 +373,8 @@ class ProviderPrice(BaseModel):
 
     def describe(self) -> str:
         """One line for a person: `$0.02 per MP (from 2026-09-01)`."""
+        if self.problem is not None:
+            return f"unusable stored price, enter a new one: {self.problem}"
         symbol = UNIT_SYMBOLS[self.unit]
         if self.unit is PriceUnit.FREE:
             text = "free"
@@ -427,6 +501,8 @@ def estimate_cost(
     price of another provider or parameters that cannot be priced (an unrenderable size, say)."""
     if price.provider != provider_id:
         raise ValueError(f"the price given is for {price.provider!r}, not {provider_id!r}")
+    if price.problem is not None:
+        raise ValueError(f"the stored price of {provider_id} cannot be used; enter a new price ({price.problem})")
     spec = PROVIDERS[provider_id]
     if isinstance(units_used_this_month, bool) or not isinstance(units_used_this_month, Decimal | int | Fraction):
         raise ValueError(f"units_used_this_month must be a Decimal or int, not {units_used_this_month!r}")

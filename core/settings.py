@@ -36,9 +36,10 @@ from pydantic import (
     model_validator,
 )
 
-from core.catalog import COMMON_PARAMS, PROVIDERS, SEED_MAX, ParamSpec, ProviderSpec
 from common.errors import InvalidInput
-from core.money import usd_to_micros
+from core.catalog import COMMON_PARAMS, PROVIDERS, SEED_MAX, ParamSpec, ProviderSpec
+from core.keys import key_destination_problem, keys_in, looks_like_url
+from core.money import money_limit, usd_to_micros
 from core.presets import UnknownPreset, normalize_preset, preset_params
 from core.prompts import prompt_problem
 from core.sizes import SizeError, parse_size, resolve_size
@@ -211,6 +212,17 @@ def validate_params(provider_id: str, params: Mapping[str, Any]) -> dict[str, st
     return clean_params(provider_id, params)[1]
 
 
+def key_destination_error(spec: ProviderSpec, p: ParamSpec, value: Any) -> str | None:
+    """For a parameter whose URL receives the provider's key (HF `model`): why this value may not, or None.
+
+    Checked where people give values and where requests are resolved, not when stored settings are loaded:
+    the allowed endpoints live in the environment, and a change there must not make the settings unreadable."""
+    if not p.receives_key or not isinstance(value, str) or not looks_like_url(value):
+        return None
+    problem = key_destination_problem(spec.id, value.strip())
+    return None if problem is None else f"{p.name}: {problem}"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------------------
@@ -284,8 +296,9 @@ class GlobalSettings(BaseModel):
     enable_safety_checker: StrictBool | None = None
     sync_mode: StrictBool | None = None
 
-    request_timeout_s: float = Field(DEFAULT_REQUEST_TIMEOUT_S, gt=0, le=MAX_REQUEST_TIMEOUT_S)
-    """Deadline for one provider attempt; a provider's own setting overrides it."""
+    request_timeout_s: StrictFloat = Field(DEFAULT_REQUEST_TIMEOUT_S, gt=0, le=MAX_REQUEST_TIMEOUT_S)
+    """Deadline for one provider attempt; a provider's own setting overrides it. Strict like every parameter:
+    `true` and `"30"` are refused (a whole number such as 30 is a number)."""
 
     # Routing defaults (read by core.routing).
     default_preset: str | None = None
@@ -335,6 +348,9 @@ def validate_global_settings(data: Mapping[str, Any]) -> GlobalSettings:
     """GlobalSettings from user data, or InvalidInput with every field error."""
     if not isinstance(data, Mapping):
         raise InvalidInput("global settings must be a mapping", {"settings": "expected a mapping of settings"})
+    secret_errors = keys_in(dict(data))
+    if secret_errors:
+        raise InvalidInput("global settings contain an API key", secret_errors)
     try:
         return GlobalSettings.model_validate(dict(data))
     except ValidationError as exc:
@@ -357,9 +373,9 @@ class ProviderSettings(BaseModel):
     is_default: StrictBool = False
     auto_routing: StrictBool = True
     """May automatic routing pick this provider? Defaults to False for premium providers."""
-    request_timeout_s: float | None = Field(None, gt=0, le=MAX_REQUEST_TIMEOUT_S)
+    request_timeout_s: StrictFloat | None = Field(None, gt=0, le=MAX_REQUEST_TIMEOUT_S)
     daily_cost_limit_usd: Decimal | None = Field(None, ge=0)
-    """None = no provider-level daily limit. Whole micro-dollars only."""
+    """None = no provider-level daily limit. Whole micro-dollars, at most core.money.MAX_LIMIT_USD."""
 
     @model_validator(mode="before")
     @classmethod
@@ -390,12 +406,10 @@ class ProviderSettings(BaseModel):
             raise ValueError("; ".join(errors.values()))
         return cleaned
 
-    @field_validator("daily_cost_limit_usd")
+    @field_validator("daily_cost_limit_usd", mode="before")
     @classmethod
-    def _whole_micros(cls, value: Decimal | None) -> Decimal | None:
-        if value is not None and value.is_finite():
-            usd_to_micros(value)  # refuses fractions of a micro-dollar with a clear message
-        return value
+    def _bounded_limit(cls, value: Any) -> Decimal | None:
+        return None if value is None else money_limit(value, "daily_cost_limit_usd")
 
     @property
     def spec(self) -> ProviderSpec:
@@ -439,6 +453,12 @@ def validate_provider_settings(provider_id: str, data: Mapping[str, Any]) -> Pro
     else:
         cleaned, param_errors = clean_params(provider_id, params)
         errors.update({f"params.{name}": msg for name, msg in param_errors.items()})
+        spec = PROVIDERS[provider_id]
+        for name, value in cleaned.items():
+            problem = key_destination_error(spec, spec.params[name], value)
+            if problem is not None:
+                errors[f"params.{name}"] = problem
+    errors.update(keys_in({"params": params, **raw}))
     try:
         ProviderSettings.model_validate({**raw, "provider": provider_id, "params": {}})
     except ValidationError as exc:
@@ -605,6 +625,8 @@ def resolve_effective(
         if name in errors:
             continue
         normal, problem = check_param(spec, spec.params[name], tagged.value)
+        if problem is None:
+            problem = key_destination_error(spec, spec.params[name], normal)
         if problem is not None:
             errors[name] = f"{problem} (set by {describe_source(tagged.source)})"
         else:

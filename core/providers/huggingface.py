@@ -42,8 +42,11 @@ from common.config import disable_telemetry
 from common.errors import Billing, ErrorClass, InvalidInput, ProviderError
 from core.catalog import HUGGINGFACE, SEED_MAX
 from core.images import MAX_IMAGE_PIXELS, InvalidImage, StoredImage, store_image
+from core.keys import key_destination_problem
 from core.providers.base import (
+    AdapterConfig,
     AdapterRequest,
+    ConnectionMode,
     EventCallback,
     EventKind,
     HealthReport,
@@ -84,6 +87,22 @@ class _Target:
     """The inference provider for a model id; None for URLs (huggingface_hub uses hf-inference for them)."""
     hub_model_id: str | None
     """The Hub model id behind the call, when there is one (for the health probe's model lookup)."""
+
+
+def _check_key_destination(url: str, config: AdapterConfig) -> None:
+    """Defence in depth behind settings validation: the token is sent to an endpoint URL only where core.keys
+    allows it (HF's own hosts, an endpoint the operator allowed, the configured base URL; in emulator mode,
+    whose key is the emulator's, any loopback URL). Refused before anything is sent, so never billed."""
+    problem = key_destination_problem(
+        "huggingface",
+        url,
+        also_allowed=(config.base_url,) if config.base_url else (),
+        allow_loopback=config.mode is ConnectionMode.EMULATOR,
+    )
+    if problem is not None:
+        raise ProviderError(
+            ErrorClass.VALIDATION, f"model: {problem}", provider="huggingface", billing=Billing.NOT_BILLED
+        )
 
 
 def _server_message(exc: HfHubHTTPError) -> str:
@@ -163,6 +182,7 @@ class HuggingFaceAdapter(ProviderAdapter):
             params.get("inference_provider") or HUGGINGFACE.params["inference_provider"].default,
         )
         if model.startswith(("http://", "https://")):
+            _check_key_destination(model, self.config)
             if provider != "auto":
                 notes.append(f"an endpoint URL is called directly; inference_provider {provider!r} does not apply")
             return _Target(model=model, provider=None, hub_model_id=None)

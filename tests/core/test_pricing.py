@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from core.catalog import PROVIDERS
 from common.errors import InvalidInput
+from core.catalog import PROVIDERS
 from core.money import MICRO, format_usd, micros_to_usd, round_half_up_micros, usd_to_micros
 from core.pricing import (
     CostEstimate,
@@ -471,3 +471,67 @@ def test_describe():
     assert table.prices["fal-qwen"].describe().startswith("$0.02 per MP")
     assert "QUALITY $0.09" in table.prices["ideogram"].describe()
     assert "$0.015 past 1000 MP/month" in TIERED.describe()
+
+
+# --- bounds (core.money.exact_decimal) and unusable stored prices ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("usd_per_unit", "1E+1000", "uses an exponent"),
+        ("usd_per_unit", "1E+999999", "uses an exponent"),
+        ("usd_per_unit", "1E+100000000", "uses an exponent"),
+        ("usd_per_unit", "1000000.5", "above the maximum of 1,000,000"),
+        ("usd_per_unit", "0.0000001", "more than 6 decimal places"),
+        ("usd_per_unit", 0.1, "not exactly 0.1"),
+        ("usd_per_unit", True, "not True"),
+        ("tiers", [{"from_units": "1E+9", "usd_per_unit": "0.01"}], "uses an exponent"),
+        ("tiers", [{"from_units": "1000000000001", "usd_per_unit": "0.01"}], "above the maximum"),
+        ("tiers", [{"from_units": "0", "usd_per_unit": "0.01"}], "must be above 0"),
+        ("tiers", [{"from_units": "10", "usd_per_unit": "1E-9"}], "uses an exponent"),
+    ],
+)
+def test_every_amount_and_quantity_of_a_price_is_bounded(field, value, message):
+    errors = _errors(**{field: value})
+    assert any(message in text for text in errors.values()), errors
+
+
+def test_keyed_prices_and_time_estimates_are_bounded_too():
+    keyed = {"provider": "ideogram", "unit": "image", "key_param": "rendering_speed", "source": "s",
+             "effective_date": "2026-01-01"}
+    with pytest.raises(InvalidInput) as caught:
+        parse_price({**keyed, "keyed_usd_per_unit": {"TURBO": "1E+1000", "DEFAULT": "0.06", "QUALITY": "0.09"}})
+    assert "uses an exponent" in caught.value.field_errors["keyed_usd_per_unit"]
+    gpu = {"provider": "huggingface", "unit": "gpu_second", "usd_per_unit": "0.001", "source": "s",
+           "effective_date": "2026-01-01"}
+    with pytest.raises(InvalidInput) as caught:
+        parse_price({**gpu, "seconds_per_step": "1E+999999"})
+    assert "uses an exponent" in caught.value.field_errors["seconds_per_step"]
+    with pytest.raises(InvalidInput) as caught:
+        parse_price({**gpu, "seconds_per_image": "86401"})
+    assert "above the maximum of 86,400" in caught.value.field_errors["seconds_per_image"]
+
+
+def test_amounts_are_stored_canonically():
+    price = parse_price({**_BASE, "usd_per_unit": "0.0200", "tiers": [{"from_units": "1000.0", "usd_per_unit": 0.0}]})
+    assert str(price.usd_per_unit) == "0.02"
+    assert str(price.tiers[0].from_units) == "1000" and str(price.tiers[0].usd_per_unit) == "0"
+
+
+def test_an_unusable_stored_price_fails_its_estimates_clearly_and_nothing_else():
+    bad = ProviderPrice.unusable(
+        provider="fal-qwen",
+        rule={**_BASE, "usd_per_unit": "1E+1000"},
+        source="s",
+        effective_date=DAY,
+        problem="version 3 does not validate: usd_per_unit: " + "x" * 1000,
+    )
+    assert bad.problem is not None and len(bad.problem) <= 300  # a hostile value never makes a page huge
+    assert bad.describe().startswith("unusable stored price, enter a new one: version 3")
+    assert bad.stored_rule == {**_BASE, "usd_per_unit": "1E+1000"}
+    with pytest.raises(ValueError, match="the stored price of fal-qwen cannot be used; enter a new price"):
+        estimate_cost(bad, provider_id="fal-qwen", params={})
+    table = PriceTable(version="t", prices={"fal-qwen": bad, "sandbox": load_default_prices().prices["sandbox"]})
+    assert table.estimate("sandbox", {}).micro_usd == 0  # the other providers still price
+    assert parse_price(_BASE).problem is None

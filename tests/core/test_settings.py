@@ -10,8 +10,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from core.catalog import PROVIDERS, ParamSpec
 from common.errors import InvalidInput
+from core.catalog import PROVIDERS, ParamSpec
 from core.presets import PRESET_NAMES, PRESETS, UnknownPreset, preset_params, presets_for
 from core.settings import (
     DEFAULT_REQUEST_TIMEOUT_S,
@@ -250,7 +250,43 @@ def test_daily_cost_limit_is_whole_micro_dollars():
     assert ps.daily_cost_limit_micros == 5_000_001
     with pytest.raises(InvalidInput) as info:
         validate_provider_settings("fal-qwen", {"daily_cost_limit_usd": "0.0000001"})
-    assert "fraction of a micro-dollar" in info.value.field_errors["daily_cost_limit_usd"]
+    assert "more than 6 decimal places" in info.value.field_errors["daily_cost_limit_usd"]
+
+
+@pytest.mark.parametrize(
+    ("limit", "message"),
+    [
+        ("1E+1000", "uses an exponent"),
+        ("1E+100000000", "uses an exponent"),
+        ("10000000.01", "above the maximum of 10,000,000"),
+        (0.1, "not exactly 0.1"),
+        (True, "not True"),
+        ("-5", "is negative"),
+    ],
+)
+def test_daily_cost_limit_is_bounded(limit, message):
+    with pytest.raises(InvalidInput) as info:
+        validate_provider_settings("fal-qwen", {"daily_cost_limit_usd": limit})
+    assert message in info.value.field_errors["daily_cost_limit_usd"]
+    assert validate_provider_settings("fal-qwen", {"daily_cost_limit_usd": "10000000"}).daily_cost_limit_micros == (
+        10_000_000 * 1_000_000
+    )
+
+
+@pytest.mark.parametrize("timeout", [True, False, "30", "1e2", None])
+def test_request_timeout_is_as_strict_as_every_parameter(timeout):
+    with pytest.raises(InvalidInput) as info:
+        validate_global_settings({"request_timeout_s": timeout})
+    assert "request_timeout_s" in info.value.field_errors
+    if timeout is not None:
+        with pytest.raises(InvalidInput) as info:
+            validate_provider_settings("fal-qwen", {"request_timeout_s": timeout})
+        assert "request_timeout_s must be a number" in info.value.field_errors["request_timeout_s"]
+
+
+def test_request_timeout_takes_whole_and_fractional_numbers():
+    assert validate_global_settings({"request_timeout_s": 30}).request_timeout_s == 30.0
+    assert validate_provider_settings("fal-qwen", {"request_timeout_s": 12.5}).request_timeout_s == 12.5
 
 
 @pytest.mark.parametrize("timeout", [0, -1, 600.5])
@@ -267,7 +303,7 @@ def test_provider_settings_json_round_trip_and_immutability():
     )
     assert ps.params["rendering_speed"] == "QUALITY"
     dumped = ps.model_dump_json()
-    assert '"daily_cost_limit_usd":"2.50"' in dumped
+    assert '"daily_cost_limit_usd":"2.5"' in dumped  # canonical: 2.50 and 2.5 are one limit
     assert ProviderSettings.model_validate_json(dumped) == ps
     with pytest.raises(ValidationError):
         ps.priority = 1  # type: ignore[misc]
@@ -523,3 +559,103 @@ def test_global_default_preset_applies_unless_the_request_says_otherwise():
 def test_source_descriptions():
     assert describe_source("preset:ultra") == "the Ultra preset"
     assert describe_source("request") == "the request"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where a key may go (HF `model` URLs) and keys in settings
+# ---------------------------------------------------------------------------------------------------------------
+
+HF_TOKEN = "hf_0123456789abcdefSECRET"
+
+
+@pytest.fixture
+def no_allowed_endpoints(monkeypatch):
+    for name in ("IMAGEGATE_HF_ALLOWED_ENDPOINTS", "IMAGEGATE_EMULATOR_URL", "HF_TOKEN", "FAL_KEY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("https://collector.example.net/", "is not one of Hugging Face's hosts"),
+        ("http://collector.example.net/", "plain http"),
+        ("http://router.huggingface.co/models/x", "plain http"),
+        ("https://huggingface.co.collector.net/", "is not one of Hugging Face's hosts"),
+        ("https://huggingface.co@collector.net/", "user name or password"),
+        ("http://127.0.0.1:9999/steal", "is not one of Hugging Face's hosts"),  # a local listener too
+        ("HTTPS://collector.example.net/", "is not one of Hugging Face's hosts"),
+    ],
+)
+def test_a_model_url_that_would_receive_the_token_elsewhere_is_refused(no_allowed_endpoints, url, message):
+    with pytest.raises(InvalidInput) as info:
+        validate_provider_settings("huggingface", {"params": {"model": url}})
+    error = info.value.field_errors["params.model"]
+    assert error.startswith("model: ") and message in error
+    if "plain http" not in message and "user name" not in message:
+        assert "IMAGEGATE_HF_ALLOWED_ENDPOINTS" in error  # says how to allow it
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://router.huggingface.co/hf-inference/models/Qwen/Qwen-Image",
+        "https://api-inference.huggingface.co/models/Qwen/Qwen-Image",
+        "https://abc123.us-east-1.aws.endpoints.huggingface.cloud",
+        "Qwen/Qwen-Image",  # a model id: huggingface_hub routes it to HF
+    ],
+)
+def test_hugging_face_hosts_and_model_ids_are_accepted(no_allowed_endpoints, url):
+    assert validate_provider_settings("huggingface", {"params": {"model": url}}).params["model"] == url
+
+
+def test_the_operator_allows_endpoints_in_the_environment(no_allowed_endpoints, monkeypatch):
+    url = "https://inference.internal.example/v1/models/qwen"
+    with pytest.raises(InvalidInput):
+        validate_provider_settings("huggingface", {"params": {"model": url}})
+    monkeypatch.setenv("IMAGEGATE_HF_ALLOWED_ENDPOINTS", "https://inference.internal.example/v1, http://127.0.0.1:9000")
+    assert validate_provider_settings("huggingface", {"params": {"model": url}}).params["model"] == url
+    assert validate_provider_settings("huggingface", {"params": {"model": "http://127.0.0.1:9000/x"}})
+    for outside in ("https://inference.internal.example/v10", "https://inference.internal.example:8443/v1"):
+        with pytest.raises(InvalidInput):
+            validate_provider_settings("huggingface", {"params": {"model": outside}})
+    # The emulator the operator configured is allowed as well.
+    monkeypatch.setenv("IMAGEGATE_EMULATOR_URL", "http://127.0.0.1:8787")
+    assert validate_provider_settings("huggingface", {"params": {"model": "http://127.0.0.1:8787/hf/"}})
+
+
+def test_plain_http_elsewhere_is_refused_even_when_listed(no_allowed_endpoints, monkeypatch):
+    monkeypatch.setenv("IMAGEGATE_HF_ALLOWED_ENDPOINTS", "http://10.0.0.5/")
+    with pytest.raises(InvalidInput) as info:
+        validate_provider_settings("huggingface", {"params": {"model": "http://10.0.0.5/x"}})
+    assert "plain http" in info.value.field_errors["params.model"]
+
+
+def test_a_stored_or_requested_model_url_is_refused_at_resolution(no_allowed_endpoints):
+    stored = ProviderSettings(provider="huggingface", params={"model": "https://collector.example.net/"})
+    with pytest.raises(InvalidInput) as info:
+        resolve_effective(
+            "huggingface", global_settings=None, provider_settings=stored, preset=None, overrides=None, prompt="a fox"
+        )
+    assert "is not one of Hugging Face's hosts" in info.value.field_errors["model"]
+    assert "(set by the provider settings)" in info.value.field_errors["model"]
+    with pytest.raises(InvalidInput) as info:
+        resolve_effective(
+            "huggingface",
+            global_settings=None,
+            provider_settings=None,
+            preset=None,
+            overrides={"model": "http://collector.example.net/"},
+            prompt="a fox",
+        )
+    assert "plain http" in info.value.field_errors["model"]
+
+
+def test_settings_never_take_a_configured_key(no_allowed_endpoints, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
+    with pytest.raises(InvalidInput) as info:
+        validate_provider_settings("fal-qwen", {"params": {"negative_prompt": f"blurry {HF_TOKEN}"}})
+    error = info.value.field_errors["params.negative_prompt"]
+    assert "configured API key HF_TOKEN" in error and HF_TOKEN not in error
+    with pytest.raises(InvalidInput) as info:
+        validate_global_settings({"negative_prompt": HF_TOKEN})
+    assert HF_TOKEN not in str(info.value.field_errors)
