@@ -2,6 +2,11 @@
 
 The CLI runs with the machine's access to the database, which already bypasses the console's roles, so its
 actions are made (and audited) as `cli:<os user>` with the ADMIN role.
+
+Errors are mapped once, for every command (`_ErrorMappingGroup`), to a message and the exit code
+common/errors.py documents: InvalidInput 2, PermissionDenied and AccountLocked 3, NotFound 4, Conflict 5,
+DatabaseUnavailable 6, ProviderError 7; anything else is 1. No command prints a traceback for bad input;
+`IMAGEGATE_DEBUG=1` shows the traceback of an unexpected error.
 """
 
 from __future__ import annotations
@@ -15,14 +20,88 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from sqlalchemy.exc import SQLAlchemyError
+from typer.core import TyperGroup
 
 from common.config import disable_telemetry
-from common.errors import ImagegateError, InvalidInput, NotFound, PermissionDenied, ProviderError
+from common.errors import (
+    AccountLocked,
+    Conflict,
+    DatabaseUnavailable,
+    ImagegateError,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    ProviderError,
+)
 from core.runtime import Runtime, open_runtime
 from core.security import Actor, Role
-from db.engine import DatabaseUnavailable, transaction
+from db.engine import transaction
 
-app = typer.Typer(help="Imagegate: AI image providers behind one gate.", no_args_is_help=True)
+DEBUG_ENV = "IMAGEGATE_DEBUG"
+EXIT_CODES: tuple[tuple[type[ImagegateError], int], ...] = (
+    (InvalidInput, 2),
+    (PermissionDenied, 3),
+    (AccountLocked, 3),
+    (NotFound, 4),
+    (Conflict, 5),
+    (DatabaseUnavailable, 6),
+    (ProviderError, 7),
+)
+"""common/errors.py's table, in one place: the first class an error is an instance of decides."""
+
+
+def exit_code_for(error: ImagegateError) -> int:
+    return next((code for cls, code in EXIT_CODES if isinstance(error, cls)), 1)
+
+
+def _report(error: BaseException) -> None:
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    if isinstance(error, InvalidInput):
+        for field, message in error.field_errors.items():
+            typer.secho(f"  {field}: {message}", fg=typer.colors.RED, err=True)
+
+
+class _ErrorMappingGroup(TyperGroup):
+    """The top-level group: every command runs inside its invoke, so errors are mapped here, once."""
+
+    def invoke(self, ctx: Any) -> Any:  # a click Context (typer vendors click privately)
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise  # usage errors and deliberate exits: typer prints and exits as usual
+        except ImagegateError as error:
+            _report(error)
+            raise typer.Exit(exit_code_for(error)) from None
+        except SQLAlchemyError as error:
+            # Whatever db.engine did not already turn into DatabaseUnavailable (a table missing, say).
+            cause = str(getattr(error, "orig", None) or error).strip().splitlines()
+            unusable = DatabaseUnavailable(f"database error: {cause[0] if cause else type(error).__name__}")
+            _report(unusable)
+            raise typer.Exit(exit_code_for(unusable)) from None
+        except OSError as error:
+            # A file or network problem outside core (an output path, a port): say which, no traceback.
+            where = f" ({error.filename})" if error.filename else ""
+            typer.secho(f"error: {error.strerror or error}{where}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+        except Exception as error:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            typer.secho(
+                f"error: unexpected failure ({type(error).__name__}): {error}\n"
+                f"This is a bug in Imagegate; run again with {DEBUG_ENV}=1 to see where it happened.",
+                fg=typer.colors.RED,
+                err=True,
+            )
+            raise typer.Exit(1) from None
+
+
+app = typer.Typer(
+    cls=_ErrorMappingGroup,
+    help="Imagegate: AI image providers behind one gate.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals can hold API keys; a traceback must never print one
+)
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 users_app = typer.Typer(help="Local user accounts.", no_args_is_help=True)
 settings_app = typer.Typer(help="Provider settings and prices as JSON.", no_args_is_help=True)
@@ -45,16 +124,37 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def _runtime(prepare: bool = False) -> Runtime:
-    try:
-        return open_runtime(prepare=prepare)
-    except DatabaseUnavailable as exc:
-        raise _fail(str(exc)) from None
+    """The database, reachable and at the schema this code expects (or migrated there, with `prepare`).
+    DatabaseUnavailable is mapped by _ErrorMappingGroup (exit 6)."""
+    runtime = open_runtime(prepare=prepare)
+    if not prepare:
+        _require_current_schema(runtime)
+    return runtime
+
+
+def _require_current_schema(runtime: Runtime) -> None:
+    from alembic.migration import MigrationContext
+
+    from db import migrate
+    from db.engine import check_connection
+
+    check_connection(runtime.engine)
+    with runtime.engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    head = migrate.head_revision()
+    if current != head:
+        raise DatabaseUnavailable(
+            f"the database at {runtime.display_url} is at revision {current or 'none (empty)'}, not {head}: "
+            "run `imagegate db upgrade`"
+        )
 
 
 def _report_field_errors(exc: InvalidInput) -> None:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    for field, message in exc.field_errors.items():
-        typer.secho(f"  {field}: {message}", fg=typer.colors.RED, err=True)
+    _report(exc)
+
+
+def _migration_error(action: str, error: Exception) -> InvalidInput:
+    return InvalidInput(f"cannot {action}: {error}", {"revision": str(error)})
 
 
 # --- db -----------------------------------------------------------------------------------------------------
@@ -63,23 +163,30 @@ def _report_field_errors(exc: InvalidInput) -> None:
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Migrate the database (DATABASE_URL, else the SQLite file in the data directory) to `revision`."""
+    from alembic.util import CommandError
+
     from common.config import database_url
     from db import migrate
     from db.engine import safe_url
 
     try:
         migrate.upgrade(None, revision)
-    except DatabaseUnavailable as exc:
-        raise _fail(str(exc)) from None
+    except CommandError as exc:  # an unknown revision
+        raise _migration_error(f"upgrade to {revision!r}", exc) from None
     typer.echo(f"database {safe_url(database_url())} is at {migrate.current_revision() or 'base'}")
 
 
 @db_app.command("downgrade")
 def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, e.g. base or -1.")]) -> None:
     """Migrate the database down to `revision`."""
+    from alembic.util import CommandError
+
     from db import migrate
 
-    migrate.downgrade(None, revision)
+    try:
+        migrate.downgrade(None, revision)
+    except CommandError as exc:  # an unknown revision, or one above the current
+        raise _migration_error(f"downgrade to {revision!r}", exc) from None
     typer.echo(f"database is at {migrate.current_revision() or 'base'}")
 
 
@@ -186,10 +293,7 @@ def _find_user_id(runtime: Runtime, username: str) -> int:
     from core.users import find_user
 
     with runtime.sessions() as session:
-        try:
-            return find_user(session, username).id
-        except (NotFound, InvalidInput) as exc:
-            raise _fail(str(exc)) from None
+        return find_user(session, username).id  # NotFound (4) and InvalidInput (2) are mapped
 
 
 def _read_password(given: str | None, *, confirm: bool = True) -> str:
@@ -198,7 +302,8 @@ def _read_password(given: str | None, *, confirm: bool = True) -> str:
     if not sys.stdin.isatty():
         line = sys.stdin.readline().rstrip("\n")
         if not line:
-            raise _fail("no password given (use --password-stdin with the password on standard input)")
+            message = "no password given (use --password-stdin with the password on standard input)"
+            raise InvalidInput(message, {"password": message})
         return line
     return str(typer.prompt("Password", hide_input=True, confirmation_prompt=confirm))
 
@@ -216,12 +321,8 @@ def users_create(
 
     runtime = _runtime()
     password = _read_password(None) if not password_stdin else sys.stdin.readline().rstrip("\n")
-    try:
-        with transaction(runtime.sessions) as session:
-            user = create_user(session, _cli_actor(), username, password, role)
-    except InvalidInput as exc:
-        _report_field_errors(exc)
-        raise typer.Exit(1) from None
+    with transaction(runtime.sessions) as session:
+        user = create_user(session, _cli_actor(), username, password, role)
     typer.echo(f"created {user.username} ({user.role.value})")
 
 
@@ -234,11 +335,8 @@ def users_set_role(
 
     runtime = _runtime()
     user_id = _find_user_id(runtime, username)
-    try:
-        with transaction(runtime.sessions) as session:
-            user = set_role(session, _cli_actor(), user_id, role)
-    except (InvalidInput, PermissionDenied) as exc:
-        raise _fail(str(exc)) from None
+    with transaction(runtime.sessions) as session:
+        user = set_role(session, _cli_actor(), user_id, role)
     typer.echo(f"{user.username} is now {user.role.value}")
 
 
@@ -255,12 +353,8 @@ def users_reset_password(
     runtime = _runtime()
     user_id = _find_user_id(runtime, username)
     password = _read_password(None) if not password_stdin else sys.stdin.readline().rstrip("\n")
-    try:
-        with transaction(runtime.sessions) as session:
-            user = reset_password(session, _cli_actor(), user_id, password)
-    except InvalidInput as exc:
-        _report_field_errors(exc)
-        raise typer.Exit(1) from None
+    with transaction(runtime.sessions) as session:
+        user = reset_password(session, _cli_actor(), user_id, password)
     typer.echo(f"password of {user.username} reset")
 
 
@@ -292,9 +386,13 @@ def settings_export(
         text = export_json(session, _cli_actor())
     if output is None:
         typer.echo(text, nl=False)
-    else:
-        output.write_text(text)
-        typer.echo(f"wrote {output}")
+        return
+    try:
+        output.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise InvalidInput(f"cannot write {output}: {reason}", {"output": reason}) from None
+    typer.echo(f"wrote {output}")
 
 
 @settings_app.command("import")
@@ -302,18 +400,13 @@ def settings_import(
     path: Annotated[Path, typer.Argument(help="A file made by `imagegate settings export`.")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would change; change nothing.")] = False,
 ) -> None:
-    """Import settings and prices: validated whole, applied all-or-nothing as new versions with audit rows."""
-    from core.transfer import MAX_IMPORT_BYTES, apply_import, plan_import
+    """Import settings and prices: validated whole, applied all-or-nothing as new versions with audit rows.
+    Shows each changed field with its old and new value."""
+    from core.transfer import apply_import, plan_import, read_import_file
 
     try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise _fail(f"cannot read {path}: {exc.strerror}") from None
-    if size > MAX_IMPORT_BYTES:
-        raise _fail(f"{path} is {size} bytes, over the {MAX_IMPORT_BYTES} byte import limit")
-    raw = path.read_bytes()
-    runtime = _runtime()
-    try:
+        raw = read_import_file(path)  # regular files only, never more than the limit (+1 byte) read
+        runtime = _runtime()
         if dry_run:
             with runtime.sessions() as session:
                 plan = plan_import(session, _cli_actor(), raw)
@@ -322,10 +415,10 @@ def settings_import(
             with transaction(runtime.sessions) as session:
                 plan = apply_import(session, _cli_actor(), raw)
             typer.echo("imported:")
-    except InvalidInput as exc:
-        _report_field_errors(exc)
+    except ImagegateError as exc:
+        _report(exc)
         typer.secho("nothing was changed", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(exit_code_for(exc)) from None
     typer.echo(plan.summary())
 
 
@@ -335,13 +428,32 @@ def settings_import(
 @app.command()
 def emulator(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8787,
+    port: Annotated[int, typer.Option(help="Port.", min=1, max=65535)] = 8787,
 ) -> None:
     """Run the local provider emulator (fal, Ideogram, HF Inference, the Qwen Space) with fault injection."""
     disable_telemetry()
     from emulator.server import run
 
+    _check_can_listen(host, port)
     run(host, port)
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """Refuse an address the emulator could not serve on with a clear message (uvicorn would log an error
+    and exit with its own code)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise InvalidInput(f"cannot listen on {host}: {exc}", {"host": str(exc)}) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise InvalidInput(f"cannot listen on {host}:{port}: {exc.strerror or exc}", {"port": str(exc)}) from None
 
 
 @app.command()
@@ -376,8 +488,8 @@ def health(
 
     try:
         rows = asyncio.run(probe_all())
-    except KeyError as exc:
-        raise _fail(str(exc.args[0])) from None
+    except KeyError as exc:  # an unknown provider name
+        raise NotFound(str(exc.args[0])) from None
     for provider, mode, ok, detail in rows:
         mark = typer.style("ok  ", fg=typer.colors.GREEN) if ok else typer.style("DOWN", fg=typer.colors.RED)
         typer.echo(f"{mark} {provider:<12} {mode:<9} {detail}")
@@ -387,7 +499,7 @@ def health(
 
 def _parse_param(text: str) -> tuple[str, Any]:
     if "=" not in text:
-        raise _fail(f"--param takes NAME=VALUE, not {text!r}")
+        raise InvalidInput(f"--param takes NAME=VALUE, not {text!r}", {"param": "expected NAME=VALUE"})
     name, raw = text.split("=", 1)
     try:
         value: Any = json.loads(raw)

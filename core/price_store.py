@@ -3,6 +3,10 @@
 The price in force for a provider on a day is the version with the latest `effective_date` on or before that
 day (the highest version number breaks a tie), so a price announced for next month can be entered today and
 takes over by itself. Usage rows point at the version they were priced with, so history never re-prices.
+
+A stored version that no longer validates (stored before today's bounds, or edited in the database) is read as
+an unusable price (core.pricing.ProviderPrice.unusable): that provider's estimates fail with a clear error,
+every other provider and every page still work. No price or comment containing a configured API key is stored.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from common.errors import InvalidInput, NotFound
 from core import audit
 from core.catalog import PROVIDERS
-from common.errors import InvalidInput, NotFound
+from core.keys import keys_in
 from core.pricing import PriceTable, ProviderPrice, parse_price
 from core.security import SETTINGS_EDITORS, Actor, require_role
 from db.models import PriceVersion
@@ -45,12 +50,26 @@ class PriceSaveResult:
     current: PriceVersionView
 
 
+def _stored_price(row: PriceVersion) -> ProviderPrice:
+    try:
+        return parse_price(row.rule)
+    except InvalidInput as exc:
+        problems = "; ".join(f"{field}: {message}" for field, message in exc.field_errors.items()) or str(exc)
+        return ProviderPrice.unusable(
+            provider=row.provider,
+            rule=row.rule if isinstance(row.rule, Mapping) else {},
+            source=row.source,
+            effective_date=row.effective_date,
+            problem=f"version {row.version} does not validate: {problems}",
+        )
+
+
 def _view(row: PriceVersion) -> PriceVersionView:
     return PriceVersionView(
         id=row.id,
         provider=row.provider,
         version=row.version,
-        price=parse_price(row.rule),
+        price=_stored_price(row),
         created_by_name=row.created_by_name,
         created_at=row.created_at,
         comment=row.comment,
@@ -73,7 +92,10 @@ def _canonical(value: Any) -> Any:
 
 def price_json(price: ProviderPrice) -> dict[str, Any]:
     """The stored form: exact decimal strings (never floats), written canonically so equal prices compare
-    equal as JSON."""
+    equal as JSON. An unusable stored price gives its rule as stored, so an export shows what needs fixing."""
+    stored = price.stored_rule
+    if stored is not None:
+        return stored
     result: dict[str, Any] = _canonical(price.model_dump(mode="python"))
     return result
 
@@ -101,8 +123,11 @@ def add_price_version(
     parsed = parse_price(price_json(price) if isinstance(price, ProviderPrice) else price)
     if comment is not None and len(comment) > MAX_COMMENT_CHARS:
         raise InvalidInput("the comment is too long", {"comment": f"at most {MAX_COMMENT_CHARS} characters"})
-    latest = _latest(session, parsed.provider)
     rule = price_json(parsed)
+    secret_errors = keys_in({**rule, "comment": comment})
+    if secret_errors:
+        raise InvalidInput("the price contains an API key", secret_errors)
+    latest = _latest(session, parsed.provider)
     if latest is not None and latest.rule == rule:
         return PriceSaveResult(changed=False, current=_view(latest))
     row = PriceVersion(

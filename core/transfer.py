@@ -17,10 +17,12 @@ provider's latest price version. Money and prices are exact decimal strings. API
 they are not settings, and the export is checked for any configured key value before it is returned.
 
 Import is: parse defensively (size limit, strict UTF-8, no duplicate keys, no NaN/Infinity, bounded numbers,
-depth and strings, no control characters), validate everything with the same rules as the console, then
-either show the plan (dry run: what would change, per provider and field) or apply it in the caller's
-transaction as new versions with audit rows. Any problem raises InvalidInput before anything is written, so
-a bad file changes nothing. Text such as `<script>` is kept as text: nothing here renders it.
+depth and strings, no control characters, no configured API key anywhere), validate everything with the same
+rules as the console, then either show the plan (dry run: what would change, per provider and field, with the
+old and new values) or apply it in the caller's transaction as new versions with audit rows. Any problem
+raises InvalidInput before anything is written, so a bad file changes nothing. Text such as `<script>` is kept
+as text: nothing here renders it. Every step is linear in the size of the file: a hostile file costs at most
+a megabyte's worth of work.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,10 +40,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.orm import Session
 
+from common.errors import InvalidInput, NotFound
 from core import price_store, settings_service
 from core.catalog import PROVIDERS
-from common.errors import InvalidInput, NotFound
-from core.keys import provider_key
+from core.keys import configured_secrets, keys_in, redact
+from core.money import WrittenNumber
 from core.pricing import ProviderPrice, parse_price
 from core.security import SETTINGS_EDITORS, Actor, require_role
 from core.settings import GlobalSettings, ProviderSettings, field_errors_from_validation, validate_global_settings
@@ -54,6 +58,8 @@ MAX_DEPTH = 12
 MAX_NUMBER_CHARS = 40
 MAX_STRING_CHARS = 10_000
 MAX_ERRORS_SHOWN = 50
+MAX_VALUE_CHARS_SHOWN = 80
+"""A value in the plan is cut to this: a 10,000-character source would bury the rest of the diff."""
 _CONTROL_OK = {"\n", "\r", "\t"}
 
 
@@ -102,29 +108,32 @@ class ImportPlan:
         return bool(self.changed)
 
     def summary(self) -> str:
+        """Each changed item, then each of its changed fields with the old and the new value:
+
+            update provider_settings fal-qwen
+              priority: 98 -> 42
+        """
         if not self.has_changes:
             return "nothing would change"
         lines = []
         for item in self.changed:
             label = "global settings" if item.kind == "global_settings" else f"{item.kind} {item.target}"
-            fields = ", ".join(c.field for c in item.changes)
-            lines.append(f"{item.action} {label}: {fields}" + (f" ({item.note})" if item.note else ""))
+            lines.append(f"{item.action} {label}" + (f" ({item.note})" if item.note else ""))
+            lines.extend(f"  {change.field}: {show_value(change.before)} -> {show_value(change.after)}"
+                         for change in item.changes)
         return "\n".join(lines)
 
 
+def show_value(value: Any) -> str:
+    """A value of the plan for a terminal or a page: JSON (so "5" and 5 differ), `(not set)` for nothing,
+    cut to MAX_VALUE_CHARS_SHOWN, escapes for anything that is not printable."""
+    if value is None:
+        return "(not set)"
+    text = json.dumps(value, ensure_ascii=True, default=str)
+    return text if len(text) <= MAX_VALUE_CHARS_SHOWN else text[: MAX_VALUE_CHARS_SHOWN - 1] + "…"
+
+
 # --- export ----------------------------------------------------------------------------------------------------
-
-
-def _configured_secrets() -> list[str]:
-    secrets: list[str] = []
-    for spec in PROVIDERS.values():
-        key = provider_key(spec)
-        if key:
-            secrets.append(key)
-        secrets.extend(
-            value for alt in spec.key_env_vars for name in alt if len(value := os.environ.get(name, "").strip()) >= 8
-        )
-    return secrets
 
 
 def export_document(session: Session, actor: Actor) -> dict[str, Any]:
@@ -151,7 +160,7 @@ def export_document(session: Session, actor: Actor) -> dict[str, Any]:
 def export_json(session: Session, actor: Actor) -> str:
     """The export as pretty JSON text. Raises RuntimeError rather than ever emit a configured API key."""
     text = json.dumps(export_document(session, actor), indent=2, ensure_ascii=False) + "\n"
-    if any(secret in text for secret in _configured_secrets()):
+    if any(secret in text for _, secret in configured_secrets()):
         raise RuntimeError("refusing to export: the document would contain a configured API key")
     return text
 
@@ -183,9 +192,11 @@ def _bounded_int(text: str) -> int:
 
 
 def _bounded_float(text: str) -> float:
+    """A JSON number with a fraction or exponent, as a float that remembers its text: parameters get a float,
+    money gets exactly the decimal written (core.money.exact_decimal)."""
     if len(text) > MAX_NUMBER_CHARS:
         raise _refuse(f"the number {text[:20]}... is too long")
-    value = float(text)
+    value = WrittenNumber(text)
     if value in (float("inf"), float("-inf")):
         raise _refuse(f"the number {text} is too large")
     return value
@@ -219,20 +230,34 @@ def _check_text(text: str, path: str) -> None:
             raise _refuse(f"the text at {path} contains an unpaired surrogate (U+{code:04X})", path or "file")
 
 
-_TOKENS = re.compile(r'"(?:\\.|[^"\\])*"|[\[\]{}]')
+_STRUCTURE = re.compile(r'[\[\]{}"]')
+_STRING_REST = re.compile(r'(?:[^"\\]++|\\.)*+"', re.DOTALL)
+"""The rest of a JSON string after its opening quote. Possessive (no backtracking) and anchored where the
+string starts, so each character is looked at once: an unclosed string costs one pass, not one per quote."""
 
 
 def _check_depth(text: str) -> None:
     """Refuse deep nesting before json.loads sees it: its C parser recurses once per level, and a recursion
-    error raised deep inside it can leave CPython 3.11's recursion accounting off for the rest of the process."""
+    error raised deep inside it can leave CPython 3.11's recursion accounting off for the rest of the process.
+
+    One left-to-right pass: brackets count, strings are skipped whole. (A single regex finding both strings and
+    brackets retried its string alternative from every quote of an unclosed string: quadratic, 4 s for
+    40,000 characters of `\\"`.)"""
     depth = 0
-    for token in _TOKENS.finditer(text):
+    position = 0
+    while (token := _STRUCTURE.search(text, position)) is not None:
         char = token.group()
-        if char in "[{":
+        position = token.end()
+        if char == '"':
+            rest = _STRING_REST.match(text, position)
+            if rest is None:
+                return  # an unclosed string: json.loads reports where
+            position = rest.end()
+        elif char in "[{":
             depth += 1
             if depth > MAX_DEPTH:
                 raise _refuse(f"the data is nested more than {MAX_DEPTH} levels deep")
-        elif char in "]}":
+        else:
             depth -= 1
 
 
@@ -264,8 +289,63 @@ def _loads(raw: bytes | str) -> Any:
         raise _refuse(f"it is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}") from None
     except RecursionError:
         raise _refuse(f"the data is nested more than {MAX_DEPTH} levels deep") from None
+    secret_errors = keys_in(document)
+    if secret_errors:
+        raise InvalidInput(
+            "cannot import this file: it contains a configured API key; keys are never stored or imported",
+            secret_errors,
+        )
     _check_tree(document)
     return document
+
+
+def read_import_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of an import file: a regular file only, at most MAX_IMPORT_BYTES, read without ever blocking
+    or reading more than the limit plus one byte. InvalidInput says what is wrong in words.
+
+    Opened with O_NONBLOCK so a named pipe without a writer cannot hang us, then judged by fstat of what was
+    opened (not a stat of the name, which could change in between): /dev/zero reports size 0 and would never
+    end, a directory cannot be read, a pipe or socket has no size to check."""
+    name = os.fsdecode(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise _refuse(f"there is no file {name}", "path") from None
+    except PermissionError:
+        raise _refuse(f"permission to read {name} is denied", "path") from None
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the name
+        raise _refuse(f"{name} cannot be opened: {getattr(error, 'strerror', None) or error}", "path") from None
+    try:
+        status = os.fstat(fd)
+        kinds = {
+            stat.S_ISDIR: "a directory",
+            stat.S_ISFIFO: "a named pipe",
+            stat.S_ISCHR: "a character device",
+            stat.S_ISBLK: "a block device",
+            stat.S_ISSOCK: "a socket",
+        }
+        kind = next((what for test, what in kinds.items() if test(status.st_mode)), None)
+        if kind is not None or not stat.S_ISREG(status.st_mode):
+            raise _refuse(f"{name} is {kind or 'not a regular file'}; import reads regular files only", "path")
+        if status.st_size > MAX_IMPORT_BYTES:
+            raise _refuse(f"{name} is {status.st_size:,} bytes; the limit is {MAX_IMPORT_BYTES:,} bytes", "path")
+        chunks: list[bytes] = []
+        remaining = MAX_IMPORT_BYTES + 1  # one byte more tells a file that grew past the limit
+        while remaining > 0:
+            try:
+                chunk = os.read(fd, remaining)
+            except OSError as error:
+                raise _refuse(f"{name} cannot be read: {error.strerror or error}", "path") from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > MAX_IMPORT_BYTES:
+        raise _refuse(f"{name} is over {MAX_IMPORT_BYTES:,} bytes; the limit is {MAX_IMPORT_BYTES:,} bytes", "path")
+    return data
 
 
 def _prefixed(error: InvalidInput, prefix: str) -> dict[str, str]:
@@ -275,7 +355,16 @@ def _prefixed(error: InvalidInput, prefix: str) -> dict[str, str]:
 
 
 def parse_import(raw: bytes | str) -> ImportDocument:
-    """Parse and validate an import file completely; InvalidInput lists every problem found."""
+    """Parse and validate an import file completely; InvalidInput lists every problem found. No message quotes
+    a configured key's value, even where it quotes the file (a key used as a mapping key, say)."""
+    try:
+        return _parse_import(raw)
+    except InvalidInput as error:
+        fields = {redact(field): redact(message) for field, message in error.field_errors.items()}
+        raise InvalidInput(redact(str(error)), fields) from None
+
+
+def _parse_import(raw: bytes | str) -> ImportDocument:
     document = _loads(raw)
     if not isinstance(document, dict):
         raise _refuse(f"the top level must be a JSON object, not {type(document).__name__}")

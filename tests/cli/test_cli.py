@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from core.audit import count_entries
 from core.runtime import open_runtime
+from db import migrate
 from emulator.faults import BOARD
 from emulator.runner import BackgroundServer, serve_in_thread
 from emulator.server import create_emulator_app
@@ -49,15 +50,16 @@ def _counts() -> tuple[int, dict[str, object]]:
 
 
 def test_upgrade_and_seed_are_idempotent(data_dir: Path) -> None:
+    head = migrate.head_revision()
     code, out = run("db", "upgrade")
     assert code == 0, out
-    assert "is at 0002" in out
+    assert f"is at {head}" in out
     code, out = run("seed")
     assert code == 0 and "provider settings created: fal-qwen" in out
     code, out = run("seed")
     assert code == 0 and "nothing to seed" in out
     code, out = run("db", "current")
-    assert "current: 0002" in out
+    assert f"current: {head}" in out
 
 
 def test_debug_config_shows_sources_and_never_a_key(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -84,13 +86,13 @@ def test_users_create_set_role_and_reset_password(data_dir: Path) -> None:
     assert code == 0, out
     assert "created carol (HERO)" in out
     code, out = run("users", "create", "carol", "--password-stdin", input=PASSWORD + "\n")
-    assert code == 1 and "already taken" in out
+    assert code == 2 and "already taken" in out  # InvalidInput
     code, out = run("users", "create", "dave", "--password-stdin", input="short\n")
-    assert code == 1 and "10" in out
+    assert code == 2 and "10" in out
     code, out = run("users", "set-role", "carol", "user")
     assert code == 0 and "carol is now USER" in out
     code, out = run("users", "set-role", "nobody", "ADMIN")
-    assert code == 1 and "no user named 'nobody'" in out
+    assert code == 4 and "no user named 'nobody'" in out  # NotFound
     code, out = run("users", "reset-password", "carol", "--password-stdin", input="another good password\n")
     assert code == 0, out
     from core.users import authenticate
@@ -114,27 +116,35 @@ def test_settings_export_import_round_trip_and_bad_files(data_dir: Path) -> None
     code, out = run("settings", "import", str(export), "--dry-run")
     assert code == 0 and "nothing would change" in out
 
+    old_priority = document["providers"]["fal-qwen"]["priority"]
     document["providers"]["fal-qwen"]["priority"] = 42
+    document["providers"]["fal-qwen"]["params"] = {"negative_prompt": "blurry"}
+    document["prices"]["fal-qwen"]["usd_per_unit"] = "0.025"
     changed = data_dir / "changed.json"
     changed.write_text(json.dumps(document))
     before = _counts()
     code, out = run("settings", "import", str(changed), "--dry-run")
-    assert code == 0 and "dry run" in out and "priority" in out
+    assert code == 0 and "dry run" in out
+    # Each changed field with its old and its new value.
+    assert "update provider_settings fal-qwen\n" in out
+    assert f"  priority: {old_priority} -> 42\n" in out
+    assert '  params.negative_prompt: (not set) -> "blurry"\n' in out
+    assert '  usd_per_unit: "0.02" -> "0.025"' in out
     assert _counts() == before  # a dry run writes nothing
 
     bad = data_dir / "bad.json"
     bad.write_text('{"format": "imagegate.settings", "providers": {"fal-qwen": {"priority": "high"')
     code, out = run("settings", "import", str(bad))
-    assert code == 1 and "nothing was changed" in out
+    assert code == 2 and "nothing was changed" in out  # InvalidInput
     assert _counts() == before
 
     code, out = run("settings", "import", str(changed))
-    assert code == 0 and "imported" in out
+    assert code == 0 and "imported" in out and f"  priority: {old_priority} -> 42" in out
     code, out = run("debug-config", "--json")
     assert {r["provider"]: r for r in json.loads(out)}["fal-qwen"]["priority"] == 42
 
     code, out = run("settings", "import", str(data_dir / "missing.json"))
-    assert code == 1 and "cannot read" in out
+    assert code == 2 and "there is no file" in out
 
 
 def test_test_provider_in_the_sandbox(data_dir: Path) -> None:
@@ -177,7 +187,7 @@ def test_health_probes(data_dir: Path, emulator: BackgroundServer) -> None:
     code, out = run("health", "ideogram", "--emulator", "http://127.0.0.1:9")  # nothing listens on port 9
     assert code == 1 and "DOWN" in out and "unavailable" in out
     code, out = run("health", "nope")
-    assert code == 1 and "unknown provider" in out
+    assert code == 4 and "unknown provider" in out  # NotFound
 
 
 def test_first_run_code_only_while_no_account_exists(data_dir: Path) -> None:

@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import audit, price_store, settings_service, transfer
 from common.errors import InvalidInput, PermissionDenied
+from core import audit, price_store, settings_service, transfer
 from core.security import Actor, Role
 from core.seed import seed_defaults
 from db.engine import transaction
@@ -103,7 +103,17 @@ def test_dry_run_shows_changes_per_provider_and_field_and_writes_nothing(seeded:
         ("provider_settings", "sandbox"): [("is_default", True, False)],
         ("price", "ideogram"): [("keyed_usd_per_unit.TURBO", "0.03", "0.025")],
     }
-    assert "update provider_settings fal-qwen: params.num_inference_steps" in plan.summary()
+    # The plan shows each changed field with its old and new value (JSON, so "0.03" the text is visibly text).
+    assert plan.summary().splitlines() == [
+        "update provider_settings fal-qwen",
+        "  params.num_inference_steps: (not set) -> 33",
+        "update provider_settings qwen",
+        "  is_default: false -> true",
+        "update provider_settings sandbox (qwen becomes the default provider)",
+        "  is_default: true -> false",
+        "update price ideogram",
+        '  keyed_usd_per_unit.TURBO: "0.03" -> "0.025"',
+    ]
     assert transfer.import_summary(plan) == {"create": 0, "update": 4, "unchanged": 7}
 
     with transaction(seeded) as session:
@@ -140,6 +150,21 @@ def _valid_doc() -> dict[str, Any]:
 
 def _with(**changes: Any) -> str:
     return json.dumps(_valid_doc() | changes)
+
+
+def _price(amount: str) -> dict[str, str]:
+    return {
+        "provider": "fal-qwen",
+        "unit": "megapixel",
+        "usd_per_unit": amount,
+        "source": "s",
+        "effective_date": "2026-01-01",
+    }
+
+
+def _price_number(written: str) -> str:
+    """A file whose price is a JSON number written exactly as `written`."""
+    return _with(prices={"fal-qwen": _price("PLACEHOLDER")}).replace('"PLACEHOLDER"', written)
 
 
 _DEEP = (
@@ -190,6 +215,21 @@ BAD_FILES: list[tuple[str, bytes | str, str]] = [
     ("NUL in a key", _with(providers={"sand\u0000box": {}}), "control character U+0000"),
     ("lone surrogate", '{"format": "imagegate.settings", "format_version": 1, "x": "\\ud800"}', "surrogate"),
     ("oversized", _with() + " " * (transfer.MAX_IMPORT_BYTES + 1), "the limit is 1,048,576 bytes"),
+    # Money without bounds: each of these once broke a page, stored a megabyte or raised decimal.Overflow.
+    ("price 1E+1000", _with(prices={"fal-qwen": _price("1E+1000")}), "uses an exponent"),
+    ("price 1E+999999", _with(prices={"fal-qwen": _price("1E+999999")}), "uses an exponent"),
+    ("price 1E+100000000", _with(prices={"fal-qwen": _price("1E+100000000")}), "uses an exponent"),
+    ("price as an exponent number", _price_number("1e2"), "uses an exponent"),
+    ("price rounded as a float", _price_number("0.12345678901234567"), "more than 6 decimal places"),
+    ("price too dear", _with(prices={"fal-qwen": _price("1000001")}), "above the maximum of 1,000,000"),
+    ("limit too high", _with(providers={"sandbox": {"daily_cost_limit_usd": "10000000.5"}}), "10,000,000"),
+    ("timeout true", _with(global_settings={"request_timeout_s": True}), "request_timeout_s must be a number"),
+    ("timeout text", _with(providers={"sandbox": {"request_timeout_s": "30"}}), "request_timeout_s must be a number"),
+    (
+        "token destination",
+        _with(providers={"huggingface": {"params": {"model": "https://collector.example.net/"}}}),
+        "IMAGEGATE_HF_ALLOWED_ENDPOINTS",
+    ),
 ]
 
 
@@ -258,3 +298,105 @@ def test_export_never_contains_an_api_key(seeded: sessionmaker[Session], monkeyp
     monkeypatch.setenv("HF_TOKEN", "org/leaky-model")
     with seeded() as session, pytest.raises(RuntimeError, match="API key"):
         transfer.export_json(session, ADMIN)
+
+
+def test_a_json_number_price_is_taken_exactly_as_written(seeded: sessionmaker[Session]) -> None:
+    doc = _export(seeded)
+    text = json.dumps(doc).replace('"usd_per_unit": "0.02"', '"usd_per_unit": 0.025', 1)
+    with transaction(seeded) as session:
+        transfer.apply_import(session, ADMIN, text)
+    with seeded() as session:
+        latest = price_store.latest_price_version(session, "fal-qwen")
+        assert latest is not None and str(latest.price.usd_per_unit) == "0.025"
+        assert price_store.price_json(latest.price)["usd_per_unit"] == "0.025"
+
+
+SECRET = "hf_0123456789abcdefSECRET"
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["price source", "price notes", "negative prompt", "escaped", "mapping key", "global"],
+)
+def test_an_import_containing_a_configured_key_is_refused_and_stores_nothing(
+    seeded: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    doc = _export(seeded)
+    if where == "price source":
+        doc["prices"]["fal-qwen"]["source"] = f"https://fal.ai/pricing?token={SECRET}"
+    elif where == "price notes":
+        doc["prices"]["fal-qwen"]["notes"] = f"ask {SECRET}"
+    elif where == "negative prompt":
+        doc["providers"]["fal-qwen"]["params"] = {"negative_prompt": SECRET}
+    elif where == "mapping key":
+        doc["providers"]["fal-qwen"]["params"] = {SECRET: 1}
+    elif where == "global":
+        doc["global_settings"]["negative_prompt"] = SECRET
+    text = json.dumps(doc)
+    if where == "escaped":  # JSON escapes hide the key from a search of the raw text, not from the parsed text
+        doc["prices"]["fal-qwen"]["source"] = "PLACEHOLDER"
+        escaped = "".join(f"\\u{ord(c):04x}" for c in SECRET)
+        text = json.dumps(doc).replace("PLACEHOLDER", escaped)
+        assert SECRET not in text
+    before = _snapshot(seeded)
+    for attempt in (transfer.plan_import, transfer.apply_import):
+        with pytest.raises(InvalidInput) as caught, transaction(seeded) as session:
+            attempt(session, ADMIN, text)
+        shown = str(caught.value) + json.dumps(caught.value.field_errors)
+        assert "configured API key" in shown and "HF_TOKEN" in shown
+        assert SECRET not in shown
+    assert _snapshot(seeded) == before  # nothing in the settings, prices or the audit log
+
+
+def test_a_key_that_reached_storage_another_way_is_refused_by_the_price_store(
+    seeded: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    price = _export(seeded)["prices"]["fal-qwen"] | {"source": SECRET}
+    with pytest.raises(InvalidInput) as caught, transaction(seeded) as session:
+        price_store.add_price_version(session, ADMIN, price)
+    assert "source" in caught.value.field_errors
+    with pytest.raises(InvalidInput) as caught, transaction(seeded) as session:
+        price_store.add_price_version(session, ADMIN, _export(seeded)["prices"]["qwen"], comment=f"k {SECRET}")
+    assert "comment" in caught.value.field_errors
+
+
+_REDOS_CHECK = """
+import sys, time
+from common.errors import InvalidInput
+from core import transfer
+size = transfer.MAX_IMPORT_BYTES
+inputs = [
+    '\\\\"' * (size // 2),                                  # backslash-quote, no opening quote
+    '"' + '\\\\"' * (size // 2 - 1),                        # one unclosed string of escaped quotes
+    '{"a": "' + '\\\\"' * (size // 2 - 8),                  # the same inside a document
+    '"' * size,                                               # quotes only
+    '[]' * (size // 2),                                       # brackets only
+    '{"a": "x", ' * (size // 11),                             # many small strings
+]
+started = time.perf_counter()
+for text in inputs:
+    assert size - 16 <= len(text.encode()) <= size, len(text)
+    try:
+        transfer.parse_import(text)
+    except InvalidInput:
+        pass
+print(f"{time.perf_counter() - started:.3f}")
+"""
+
+
+def test_a_megabyte_of_adversarial_input_is_parsed_in_linear_time() -> None:
+    """1 MiB of backslash-quote took the old depth pre-scan about 50 minutes (4 s per 40,000 characters, growing
+    with the square). Run in a child process so a regression fails at the timeout instead of hanging the suite;
+    the bound is generous (a linear scan takes well under a second), the point is to finish at all."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", _REDOS_CHECK], cwd=root, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.strip()) < 10.0
