@@ -9,6 +9,7 @@ The console, the CLI and the REST API each map these classes once (message, exit
     ├── NotFound            the thing asked for does not exist                         CLI 4, HTTP 404
     ├── Conflict            a stale version or a race lost: reload and try again       CLI 5, HTTP 409
     ├── DatabaseUnavailable the database cannot be reached                             CLI 6, HTTP 503
+    ├── BudgetExceeded      a hard budget has not enough left for the estimate         CLI 8, HTTP 402
     └── ProviderError       a provider attempt failed (error_class, billing facts)     CLI 7, HTTP 502
 
 Provider errors carry the billing facts that budgets settle from: `billing` is decided per case by the adapter
@@ -57,6 +58,43 @@ class Conflict(ImagegateError):
 
 class DatabaseUnavailable(ImagegateError):
     """The database cannot be reached (server down, wrong URL, file not writable)."""
+
+
+def _usd(micros: int) -> str:
+    sign = "-" if micros < 0 else ""
+    whole, fraction = divmod(abs(micros), 1_000_000)
+    return f"{sign}${whole}.{fraction:06d}"
+
+
+class BudgetExceeded(ImagegateError):
+    """A hard budget refused a request: it has less left in this period than the request's estimate.
+
+    Names the budget and its figures for the period (all in micro-dollars, in one mode: live or simulated)."""
+
+    def __init__(
+        self,
+        *,
+        budget_id: int,
+        budget_name: str,
+        mode: str,
+        limit_micro_usd: int,
+        spent_micro_usd: int,
+        reserved_micro_usd: int,
+        requested_micro_usd: int,
+    ) -> None:
+        self.budget_id = budget_id
+        self.budget_name = budget_name
+        self.mode = mode
+        self.limit_micro_usd = limit_micro_usd
+        self.spent_micro_usd = spent_micro_usd
+        self.reserved_micro_usd = reserved_micro_usd
+        self.requested_micro_usd = requested_micro_usd
+        self.left_micro_usd = max(0, limit_micro_usd - spent_micro_usd - reserved_micro_usd)
+        super().__init__(
+            f"budget {budget_name!r} ({mode}) has {_usd(self.left_micro_usd)} left of {_usd(limit_micro_usd)} "
+            f"(spent {_usd(spent_micro_usd)}, reserved {_usd(reserved_micro_usd)}); "
+            f"this request needs {_usd(requested_micro_usd)}"
+        )
 
 
 class ErrorClass(StrEnum):

@@ -122,9 +122,22 @@ class BudgetPeriodKind(StrEnum):
 
 class ReservationStatus(StrEnum):
     RESERVED = "reserved"
+    """Holding the estimate while the request runs."""
+    HELD = "held"
+    """Billing unknown: still holding the estimate until the attempt is reconciled."""
     SETTLED = "settled"
+    """Replaced by the actual cost (which may be above or below the estimate)."""
     RELEASED = "released"
+    """Nothing was billed: the estimate was given back."""
     EXPIRED = "expired"
+    """Left by a crash past its expiry: the estimate was given back by the expiry sweep."""
+
+
+class SpendMode(StrEnum):
+    """Live money, or the would-be cost of sandbox and emulator runs. The two never mix in one figure."""
+
+    LIVE = "live"
+    SIMULATED = "simulated"
 
 
 class CircuitState(StrEnum):
@@ -463,9 +476,17 @@ class UsageDailyRollup(Base):
 
 
 class Budget(Base):
+    """A spending limit: global, per provider or per user; daily or monthly, calendar-aligned in UTC.
+
+    Budgets are never deleted (`deleted_at` marks a soft delete): their periods and reservations are the ledger.
+    A provider's daily cost limit in its settings is this same concept: a budget with `settings_provider` set,
+    kept in step with the setting (see core.generation.budgets).
+    """
+
     __tablename__ = "budgets"
     __table_args__ = (
         Index("ix_budgets_scope", "scope", "scope_id", "active"),
+        Index("uq_budgets_settings_provider", "settings_provider", unique=True),
         CheckConstraint("limit_micro_usd >= 0", name="limit_not_negative"),
     )
 
@@ -484,20 +505,40 @@ class Budget(Base):
     created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
+    """Soft delete: the budget no longer applies; its periods stay as history."""
+    settings_provider: Mapped[str | None] = mapped_column(String(64), default=None)
+    """Set on the one budget per provider that IS its settings' `daily_cost_limit_usd`; changed only there."""
 
 
 class BudgetPeriod(Base):
-    """One calendar period (UTC) of one budget. Reservations move `reserved`; settlement moves it to `spent`."""
+    """One calendar period (UTC) of one budget, in one mode. Reservations move `reserved`; settlement moves the
+    actual cost to `spent`.
+
+    At most one open row per (budget, mode, period start): an admin's reset closes the row (`reset_at`, its
+    figures kept as history) and opens a fresh one for the same period, hence the partial unique index.
+    """
 
     __tablename__ = "budget_periods"
     __table_args__ = (
-        UniqueConstraint("budget_id", "period_start"),
+        Index(
+            "uq_budget_periods_open",
+            "budget_id",
+            "mode",
+            "period_start",
+            unique=True,
+            sqlite_where=text("reset_at IS NULL"),
+            postgresql_where=text("reset_at IS NULL"),
+        ),
+        Index("ix_budget_periods_budget_start", "budget_id", "period_start"),
         CheckConstraint("spent_micro_usd >= 0", name="spent_not_negative"),
         CheckConstraint("reserved_micro_usd >= 0", name="reserved_not_negative"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    budget_id: Mapped[int] = mapped_column(ForeignKey("budgets.id", ondelete="CASCADE"))
+    # No cascade: the ledger is never deleted with its budget (budgets are soft-deleted).
+    budget_id: Mapped[int] = mapped_column(ForeignKey("budgets.id"))
+    mode: Mapped[SpendMode] = mapped_column(_enum(SpendMode), server_default=text("'live'"))
     period_start: Mapped[datetime] = mapped_column()
     period_end: Mapped[datetime] = mapped_column()
     spent_micro_usd: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -507,6 +548,11 @@ class BudgetPeriod(Base):
 
 
 class BudgetReservation(Base):
+    """The estimate of one request held against one budget period, until it is settled, released or expired.
+
+    Every status change is one guarded UPDATE (`WHERE status = <expected>`), so it happens exactly once however
+    many processes try."""
+
     __tablename__ = "budget_reservations"
     __table_args__ = (
         Index("ix_budget_reservations_status_expires", "status", "expires_at"),
@@ -515,8 +561,9 @@ class BudgetReservation(Base):
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_uuid)
-    budget_period_id: Mapped[int] = mapped_column(ForeignKey("budget_periods.id", ondelete="CASCADE"))
+    budget_period_id: Mapped[int] = mapped_column(ForeignKey("budget_periods.id"))
     generation_id: Mapped[str | None] = mapped_column(ForeignKey("generations.id", ondelete="SET NULL"))
+    mode: Mapped[SpendMode] = mapped_column(_enum(SpendMode), server_default=text("'live'"))
     amount_micro_usd: Mapped[int] = mapped_column(BigInteger)
     actual_micro_usd: Mapped[int | None] = mapped_column(BigInteger, default=None)
     status: Mapped[ReservationStatus] = mapped_column(_enum(ReservationStatus))
