@@ -34,13 +34,13 @@ class PageSpec:
     roles: frozenset[Role]
 
 
+# Every page, in menu order; a role's first page is its start page. (Comments, not a docstring: Streamlit would
+# print a bare string.) The folder is deliberately not named `pages/`: Streamlit runs a script from `pages/`
+# directly, without this file's sign-in, when the first request a server process gets is a link to it.
 PAGES = (
     PageSpec("settings", "views/settings.py", "Settings", ":material/tune:", state.STAFF),
     PageSpec("account", "views/account.py", "Account", ":material/person:", frozenset(Role)),
 )
-"""Every page, in menu order; a role's first page is its start page. The folder is deliberately not named
-`pages/`: Streamlit runs a `pages/` script directly, without this file's sign-in, when the first request a
-server process gets is a link to it."""
 
 
 def _narrow() -> DeltaGenerator:

@@ -1,7 +1,7 @@
 """`imagegate`: the operator's command line. Every command calls core; nothing here decides anything.
 
-The CLI runs with the machine's access to the database, which already bypasses the console's roles, so its
-actions are made (and audited) as `cli:<os user>` with the ADMIN role.
+The CLI runs with the machine's access to the database, which already bypasses the console's roles, so it acts
+as the system (core.security.Actor.system, an in-process privilege, not a role claim), audited as `cli:<os user>`.
 
 Errors are mapped once, for every command (`_ErrorMappingGroup`), to a message and the exit code
 common/errors.py documents: InvalidInput 2, PermissionDenied and AccountLocked 3, NotFound 4, Conflict 5,
@@ -115,7 +115,7 @@ def _cli_actor() -> Actor:
         who = getpass.getuser()
     except (KeyError, OSError):
         who = "unknown"
-    return Actor(user_id=None, username=f"cli:{who}", role=Role.ADMIN)
+    return Actor.system(f"cli:{who}")
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:

@@ -1,23 +1,32 @@
 """UI test fixtures: a real console process and Debian's Chromium driven by Playwright.
 
-Under CI=true a missing Chromium fails the run instead of skipping it.
+Under CI=true a missing Chromium fails the run instead of skipping it. Screenshots go to the ignored
+test-artifacts/screenshots/; with IMAGEGATE_REFRESH_SCREENSHOTS=1 they also replace the README's images in
+docs/screenshots/ (only then, so an ordinary test run leaves the work tree clean).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import shutil
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from emulator.runner import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
+README_SCREENSHOTS = ROOT / "docs" / "screenshots"
+REFRESH_SCREENSHOTS_ENV = "IMAGEGATE_REFRESH_SCREENSHOTS"
+PASSWORD = "correct horse battery"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",
@@ -51,10 +60,34 @@ class Console:
         return self.log.read_text(errors="replace")
 
 
+def cli(data_dir: Path, *args: str, stdin: str | None = None) -> None:
+    """The imagegate CLI against a console's data directory (the machine's own access, as an operator has)."""
+    env = {**os.environ, "IMAGEGATE_DATA_DIR": str(data_dir)}
+    env.pop("DATABASE_URL", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", *args], input=stdin, text=True, check=False, cwd=ROOT, env=env,
+        capture_output=True,
+    )
+    assert done.returncode == 0, f"imagegate {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+
+
 @pytest.fixture(scope="module")
 def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
     """`streamlit run app.py` on a fresh data directory (SQLite), sandbox providers, output to a file."""
+    yield from _run_console(tmp_path_factory.mktemp("console-data"))
+
+
+@pytest.fixture(scope="module")
+def console_with_accounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
+    """A console whose database already has alice (ADMIN) and bob (USER), made with the CLI before it starts."""
     data_dir = tmp_path_factory.mktemp("console-data")
+    cli(data_dir, "db", "upgrade")
+    cli(data_dir, "users", "create", "alice", "--role", "ADMIN", "--password-stdin", stdin=PASSWORD + "\n")
+    cli(data_dir, "users", "create", "bob", "--role", "USER", "--password-stdin", stdin=PASSWORD + "\n")
+    yield from _run_console(data_dir)
+
+
+def _run_console(data_dir: Path) -> Iterator[Console]:
     log = data_dir / "console.log"
     port = free_port()
     env = {
@@ -95,6 +128,8 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+    # Pages and routes handle what they meet: nothing escaped as a traceback in the server's output.
+    assert "Traceback" not in log.read_text(errors="replace"), log.read_text(errors="replace")
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +154,66 @@ def wait_for_app(page: object) -> None:
     page.wait_for_function(  # type: ignore[attr-defined]
         "() => document.querySelectorAll('[data-testid=\"stSkeleton\"]').length === 0", timeout=30_000
     )
+
+
+def screenshot(page: object, name: str, *, in_readme: bool = True) -> Path:
+    """A PNG of the page in test-artifacts/screenshots/ (ignored by git); with IMAGEGATE_REFRESH_SCREENSHOTS=1
+    also the README's copy in docs/screenshots/ (`in_readme`: the images the README shows)."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path))  # type: ignore[attr-defined]
+    if in_readme and os.environ.get(REFRESH_SCREENSHOTS_ENV, "").strip() == "1":
+        README_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, README_SCREENSHOTS / path.name)
+    return path
+
+
+def is_loopback(url: str) -> bool:
+    """True for URLs that never leave this machine (and for data:/blob: URLs, which are no requests at all)."""
+    parts = urlsplit(url)
+    if parts.scheme in ("data", "blob", "about"):
+        return True
+    host = parts.hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class RecordedContext:
+    """A browser context (its own cookies: one "browser") that records every request any of its pages makes."""
+
+    def __init__(self, browser: object, **options: object) -> None:
+        self.context = browser.new_context(**options)  # type: ignore[attr-defined]
+        self.requests: list[str] = []
+        self.context.on("request", lambda request: self.requests.append(request.url))
+
+    def new_page(self, width: int = 1400, height: int = 1000) -> object:
+        page = self.context.new_page()
+        page.set_viewport_size({"width": width, "height": height})
+        return page
+
+    def external_requests(self) -> list[str]:
+        return [url for url in self.requests if not is_loopback(url)]
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def new_browser(browser: object) -> Iterator[Callable[..., RecordedContext]]:
+    """Opens separate browsers (contexts); at the end, fails if any of them asked for anything off this machine."""
+    opened: list[RecordedContext] = []
+
+    def open_context(**options: object) -> RecordedContext:
+        context = RecordedContext(browser, **options)
+        opened.append(context)
+        return context
+
+    yield open_context
+    external = [url for context in opened for url in context.external_requests()]
+    for context in opened:
+        context.close()
+    assert not external, f"the console made requests off this machine: {external}"

@@ -126,6 +126,7 @@ def test_sign_in_and_roles(fresh_console: Path) -> None:
 
     at = _app()  # a new browser session: not signed in
     assert at.title[0].value == "Sign in to Imagegate"
+    assert [m.value for m in at.markdown] == []  # nothing else on the page (no stray string printed by magic)
     at.text_input[0].input("bob")
     at.text_input[1].input("wrong password!!")
     at.button[0].click()
