@@ -5,8 +5,8 @@ as the system (core.security.Actor.system, an in-process privilege, not a role c
 
 Errors are mapped once, for every command (`_ErrorMappingGroup`), to a message and the exit code
 common/errors.py documents: InvalidInput 2, PermissionDenied and AccountLocked 3, NotFound 4, Conflict 5,
-DatabaseUnavailable 6, ProviderError 7; anything else is 1. No command prints a traceback for bad input;
-`IMAGEGATE_DEBUG=1` shows the traceback of an unexpected error.
+DatabaseUnavailable 6, ProviderError 7, BudgetExceeded 8; anything else is 1. No command prints a traceback
+for bad input; `IMAGEGATE_DEBUG=1` shows the traceback of an unexpected error.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typer.core import TyperGroup
 from common.config import disable_telemetry
 from common.errors import (
     AccountLocked,
+    BudgetExceeded,
     Conflict,
     DatabaseUnavailable,
     ImagegateError,
@@ -47,6 +48,7 @@ EXIT_CODES: tuple[tuple[type[ImagegateError], int], ...] = (
     (Conflict, 5),
     (DatabaseUnavailable, 6),
     (ProviderError, 7),
+    (BudgetExceeded, 8),
 )
 """common/errors.py's table, in one place: the first class an error is an instance of decides."""
 

@@ -2,6 +2,8 @@
 
 `record` adds a row to the caller's session, so it commits or rolls back together with the change it
 describes: there is never a change without its audit row, nor an audit row for a change that did not happen.
+It takes the `AuthorizedActor` that core.authz.authorize returned for that change, so every row names the
+account as stored in the database (the system actor's role shows as "SYSTEM").
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from common.errors import InvalidInput
-from core.security import SETTINGS_EDITORS, Actor, require_role
+from core.authz import AuthorizedActor, authorize
+from core.security import SETTINGS_EDITORS, Actor
 from db.models import AuditLog
 
 MAX_PAGE_SIZE = 1000
@@ -64,7 +67,7 @@ def _entry(row: AuditLog) -> AuditEntry:
 
 def record(
     session: Session,
-    actor: Actor,
+    who: AuthorizedActor,
     action: str,
     target_type: str,
     target_id: str,
@@ -75,9 +78,9 @@ def record(
 ) -> AuditLog:
     """Add an audit row to `session` (flushed, not committed: the caller's transaction decides)."""
     row = AuditLog(
-        actor_id=actor.user_id,
-        actor_name=actor.username,
-        actor_role=actor.role.value,
+        actor_id=who.user_id,
+        actor_name=who.username,
+        actor_role=who.role_label,
         action=action,
         target_type=target_type,
         target_id=str(target_id),
@@ -104,7 +107,7 @@ def list_entries(
     offset: int = 0,
 ) -> list[AuditEntry]:
     """Audit rows, newest first, filtered. ADMIN and HERO only: the log shows every user's changes."""
-    require_role(actor, *SETTINGS_EDITORS, action="read the audit log")
+    authorize(session, actor, *SETTINGS_EDITORS, action="read the audit log", lock=False)
     if not 1 <= limit <= MAX_PAGE_SIZE:
         raise InvalidInput(f"limit must be 1-{MAX_PAGE_SIZE}", {"limit": f"must be 1-{MAX_PAGE_SIZE}"})
     if offset < 0:

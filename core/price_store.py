@@ -23,10 +23,11 @@ from sqlalchemy.orm import Session
 
 from common.errors import InvalidInput, NotFound
 from core import audit
+from core.authz import authorize
 from core.catalog import PROVIDERS
 from core.keys import keys_in
 from core.pricing import PriceTable, ProviderPrice, parse_price
-from core.security import SETTINGS_EDITORS, Actor, require_role
+from core.security import SETTINGS_EDITORS, Actor
 from db.models import PriceVersion
 
 MAX_COMMENT_CHARS = 2000
@@ -119,7 +120,7 @@ def add_price_version(
     comment: str | None = None,
 ) -> PriceSaveResult:
     """Store `price` as the provider's next version, unless it equals the latest one."""
-    require_role(actor, *SETTINGS_EDITORS, action="change prices")
+    who = authorize(session, actor, *SETTINGS_EDITORS, action="change prices")
     parsed = parse_price(price_json(price) if isinstance(price, ProviderPrice) else price)
     if comment is not None and len(comment) > MAX_COMMENT_CHARS:
         raise InvalidInput("the comment is too long", {"comment": f"at most {MAX_COMMENT_CHARS} characters"})
@@ -136,15 +137,15 @@ def add_price_version(
         rule=rule,
         source=parsed.source,
         effective_date=parsed.effective_date,
-        created_by=actor.user_id,
-        created_by_name=actor.username,
+        created_by=who.user_id,
+        created_by_name=who.username,
         comment=comment.strip() or None if comment else None,
     )
     session.add(row)
     session.flush()
     audit.record(
         session,
-        actor,
+        who,
         "price.create" if latest is None else "price.update",
         "price",
         parsed.provider,

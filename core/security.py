@@ -1,32 +1,42 @@
-"""Passwords (argon2id), roles and the one permission check every core service calls.
+"""Passwords (argon2id), roles and who is acting.
 
 Roles:
 - ADMIN: everything, including managing users (create, change roles, reset passwords, deactivate).
 - HERO:  a power user: changes provider and global settings, prices, budgets; reads the audit log. Cannot
          manage users, so a HERO can never make themselves (or anyone) an ADMIN.
 - USER:  generates images and sees their own usage. Every mutating core call refuses a USER.
-Permission is checked in core, not in pages: the REST API, the CLI and the console get the same answer.
+Permission is checked in core (core.authz.authorize), from the database, not in pages: the REST API, the CLI and
+the console get the same answer, and the role an `Actor` carries is never what grants access.
+
+Password checks are bounded per process: argon2 with these parameters needs 64 MiB for each hash or
+verification, so at most MAX_CONCURRENT_PASSWORD_CHECKS run at once (about 256 MiB) and the rest wait their
+turn; 16 parallel sign-ins would otherwise take about 1 GB.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from common.errors import InvalidInput, PermissionDenied
+from common.errors import InvalidInput
 from db.models import Role
 
 __all__ = [
+    "MAX_CONCURRENT_PASSWORD_CHECKS",
     "PASSWORD_MAX_LENGTH",
     "PASSWORD_MIN_LENGTH",
     "SETTINGS_EDITORS",
     "Actor",
+    "ActorKind",
     "Role",
     "hash_password",
     "password_problem",
-    "require_role",
     "set_password_hasher",
     "verify_dummy",
     "verify_password",
@@ -39,9 +49,20 @@ PASSWORD_MAX_LENGTH = 1024
 SETTINGS_EDITORS: tuple[Role, ...] = (Role.ADMIN, Role.HERO)
 """Who may change provider/global settings, prices and imports."""
 
+MAX_CONCURRENT_PASSWORD_CHECKS = 4
+"""Hashes and verifications running at once in one process; each needs the hasher's memory (64 MiB)."""
+
 # argon2-cffi's defaults follow RFC 9106's low-memory profile (argon2id, 64 MiB, 3 passes).
 _hasher = PasswordHasher()
 _dummy_hash: str | None = None
+_check_slots = threading.BoundedSemaphore(MAX_CONCURRENT_PASSWORD_CHECKS)
+
+
+@contextmanager
+def _check_slot() -> Iterator[None]:
+    """Wait for one of the process's password-check slots (memory, not time, is what runs out first)."""
+    with _check_slots:
+        yield
 
 
 def set_password_hasher(hasher: PasswordHasher) -> PasswordHasher:
@@ -57,17 +78,19 @@ def set_password_hasher(hasher: PasswordHasher) -> PasswordHasher:
 
 
 def hash_password(password: str) -> str:
-    return _hasher.hash(password)
+    with _check_slot():
+        return _hasher.hash(password)
 
 
 def verify_password(password_hash: str, password: str) -> tuple[bool, str | None]:
     """(matches, new hash or None). A new hash is returned when the stored one uses outdated parameters."""
     try:
-        _hasher.verify(password_hash, password)
+        with _check_slot():
+            _hasher.verify(password_hash, password)
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False, None
     if _hasher.check_needs_rehash(password_hash):
-        return True, _hasher.hash(password)
+        return True, hash_password(password)
     return True, None
 
 
@@ -76,7 +99,7 @@ def verify_dummy(password: str) -> None:
     "wrong password", so response times do not reveal which usernames exist."""
     global _dummy_hash
     if _dummy_hash is None:
-        _dummy_hash = _hasher.hash("imagegate-dummy-password-for-timing")
+        _dummy_hash = hash_password("imagegate-dummy-password-for-timing")
     verify_password(_dummy_hash, password)
 
 
@@ -99,26 +122,40 @@ def check_password_policy(password: str, username: str, field: str = "password")
         raise InvalidInput(problem, {field: problem})
 
 
+class ActorKind(StrEnum):
+    USER = "user"
+    """A person with an account: authorized from the users table at every change."""
+    SYSTEM = "system"
+    """The process itself: an in-process privilege, never a role claim (see Actor.system)."""
+
+
 @dataclass(frozen=True)
 class Actor:
-    """Who is acting. `user_id` is None only for the system itself (seed, migrations, background jobs)."""
+    """Who says they are acting: a claim that core.authz.authorize checks against the database at every call.
+
+    - A person: `user_id` of their account (`UserView.actor()`). `username` and `role` are what the caller last
+      saw, for messages only: authorization reads the account (exists, active, role) in the transaction of the
+      change, so a stale or forged role grants nothing, and an Actor without a user_id is refused.
+    - The system: `Actor.system(name)`, for code that runs with the database's own credentials and no person
+      behind a request (seed, migrations, the `imagegate` CLI as `cli:<os user>`, background jobs). It may do
+      everything, because whoever runs that code can already write to the database directly. Never build one
+      from anything a request supplies (the console and the REST API act only as signed-in users).
+    """
 
     user_id: int | None
     username: str
-    role: Role
+    role: Role | None = None
+    kind: ActorKind = ActorKind.USER
+
+    def __post_init__(self) -> None:
+        if self.kind is ActorKind.SYSTEM and self.user_id is not None:
+            raise ValueError("a system actor has no user id")
 
     @classmethod
-    def system(cls) -> Actor:
-        return cls(user_id=None, username="system", role=Role.ADMIN)
+    def system(cls, name: str = "system") -> Actor:
+        """The process itself, audited under `name` (e.g. "cli:alice" for the CLI run by OS user alice)."""
+        return cls(user_id=None, username=name, role=None, kind=ActorKind.SYSTEM)
 
-    def has_role(self, *roles: Role) -> bool:
-        return self.role in roles
-
-
-def require_role(actor: Actor, *roles: Role, action: str = "do this") -> None:
-    """Raise PermissionDenied unless `actor` has one of `roles`."""
-    if not roles:
-        raise ValueError("require_role needs at least one role")
-    if actor.role not in roles:
-        allowed = " or ".join(r.value for r in roles)
-        raise PermissionDenied(f"{actor.username} ({actor.role.value}) may not {action}: this needs the {allowed} role")
+    @property
+    def is_system(self) -> bool:
+        return self.kind is ActorKind.SYSTEM

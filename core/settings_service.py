@@ -1,7 +1,8 @@
 """Provider and global settings, stored as immutable versions with an audit row for every change.
 
 Rules (decided here, enforced for every caller: console, REST API, CLI, import):
-- Every mutating call takes an `actor` and is refused unless the actor is ADMIN or HERO.
+- Every mutating call takes an `actor` and is refused unless that account is an active ADMIN or HERO, checked
+  from the database in the transaction of the change (core.authz); versions and audit rows name the account.
 - A save validates the whole settings object (core.settings), then writes a NEW version and an audit row in
   the caller's transaction. Nothing is edited in place.
 - A save that changes nothing is skipped: no version, no audit row, `changed=False` in the result. History
@@ -28,10 +29,11 @@ from pydantic import ValidationError
 from sqlalchemy import exc, func, select
 from sqlalchemy.orm import Session
 
-from core import audit
-from core.catalog import PROVIDERS
 from common.errors import Conflict, InvalidInput, NotFound
-from core.security import SETTINGS_EDITORS, Actor, require_role
+from core import audit
+from core.authz import AuthorizedActor, authorize
+from core.catalog import PROVIDERS
+from core.security import SETTINGS_EDITORS, Actor
 from core.settings import (
     GlobalSettings,
     ProviderSettings,
@@ -310,7 +312,7 @@ def _next_provider_version(session: Session, provider: str) -> int:
 
 def _write_provider(
     session: Session,
-    actor: Actor,
+    actor: AuthorizedActor,
     settings: ProviderSettings,
     *,
     action: str,
@@ -374,7 +376,7 @@ def _write_provider(
     return SaveResult(changed=True, version=version, changes=tuple(diff_settings(before, after)))
 
 
-def _clear_other_defaults(session: Session, actor: Actor, new_default: str) -> None:
+def _clear_other_defaults(session: Session, actor: AuthorizedActor, new_default: str) -> None:
     query = select(ProviderSettingsCurrent).where(
         ProviderSettingsCurrent.is_default.is_(True), ProviderSettingsCurrent.provider != new_default
     )
@@ -400,12 +402,12 @@ def save_provider_settings(
     expected_version: int | None = None,
 ) -> SaveResult:
     """Create or update a provider's settings (the whole object; missing fields take their defaults)."""
-    require_role(actor, *SETTINGS_EDITORS, action=f"change {provider} settings")
+    who = authorize(session, actor, *SETTINGS_EDITORS, action=f"change {provider} settings")
     settings = validate_settings(provider, data)
     pointer = _pointer(session, provider)
     action = "provider_settings.update" if pointer is not None and not pointer.deleted else "provider_settings.create"
     return _write_provider(
-        session, actor, settings, action=action, comment=_comment(comment), expected_version=expected_version
+        session, who, settings, action=action, comment=_comment(comment), expected_version=expected_version
     )
 
 
@@ -419,47 +421,48 @@ def update_provider_settings(
     expected_version: int | None = None,
 ) -> SaveResult:
     """Change some fields of the current settings; `params` given here replace the params mapping whole."""
-    require_role(actor, *SETTINGS_EDITORS, action=f"change {provider} settings")
+    authorize(session, actor, *SETTINGS_EDITORS, action=f"change {provider} settings")
     current = get_provider_settings(session, provider).settings
     merged = {**settings_json(current), **dict(changes)}
     return save_provider_settings(session, actor, provider, merged, comment=comment, expected_version=expected_version)
 
 
 def _modify(
-    session: Session, actor: Actor, provider: str, update: dict[str, Any], action: str, comment: str | None
+    session: Session, who: AuthorizedActor, provider: str, update: dict[str, Any], action: str, comment: str | None
 ) -> SaveResult:
-    require_role(actor, *SETTINGS_EDITORS, action=f"change {provider} settings")
     current = get_provider_settings(session, provider).settings
     settings = validate_settings(provider, {**settings_json(current), **update})
-    return _write_provider(session, actor, settings, action=action, comment=_comment(comment))
+    return _write_provider(session, who, settings, action=action, comment=_comment(comment))
 
 
 def set_provider_active(
     session: Session, actor: Actor, provider: str, active: bool, *, comment: str | None = None
 ) -> SaveResult:
+    who = authorize(session, actor, *SETTINGS_EDITORS, action=f"change {provider} settings")
     if not active and default_provider(session) == provider:
         msg = f"{provider} is the default provider; make another provider the default before deactivating it"
         raise InvalidInput(msg, {"active": msg})
     action = "provider_settings.activate" if active else "provider_settings.deactivate"
-    return _modify(session, actor, provider, {"active": active}, action, comment)
+    return _modify(session, who, provider, {"active": active}, action, comment)
 
 
 def set_default_provider(session: Session, actor: Actor, provider: str, *, comment: str | None = None) -> SaveResult:
     """Make `provider` the default; the previous default is cleared in the same transaction."""
-    return _modify(session, actor, provider, {"is_default": True}, "provider_settings.set_default", comment)
+    who = authorize(session, actor, *SETTINGS_EDITORS, action=f"change {provider} settings")
+    return _modify(session, who, provider, {"is_default": True}, "provider_settings.set_default", comment)
 
 
 def delete_provider_settings(
     session: Session, actor: Actor, provider: str, *, comment: str | None = None
 ) -> SaveResult:
     """Remove a provider's configuration (history kept; a rollback restores it). Refused for the default."""
-    require_role(actor, *SETTINGS_EDITORS, action=f"delete {provider} settings")
+    who = authorize(session, actor, *SETTINGS_EDITORS, action=f"delete {provider} settings")
     current = get_provider_settings(session, provider).settings
     if current.is_default:
         msg = f"{provider} is the default provider; make another provider the default before deleting it"
         raise InvalidInput(msg, {"provider": msg})
     return _write_provider(
-        session, actor, current, action="provider_settings.delete", comment=_comment(comment), deleted=True
+        session, who, current, action="provider_settings.delete", comment=_comment(comment), deleted=True
     )
 
 
@@ -467,7 +470,7 @@ def rollback_provider_settings(
     session: Session, actor: Actor, provider: str, to_version: int, *, comment: str | None = None
 ) -> SaveResult:
     """Make an old version current again, as a new version (re-validated against today's rules)."""
-    require_role(actor, *SETTINGS_EDITORS, action=f"roll back {provider} settings")
+    who = authorize(session, actor, *SETTINGS_EDITORS, action=f"roll back {provider} settings")
     target = provider_version(session, provider, to_version)
     if target.deleted:
         msg = f"version {to_version} records a deletion; roll back to a version before it"
@@ -475,7 +478,7 @@ def rollback_provider_settings(
     settings = validate_settings(provider, target.settings)
     return _write_provider(
         session,
-        actor,
+        who,
         settings,
         action="provider_settings.rollback",
         comment=_comment(comment) or f"rollback to version {to_version}",
@@ -525,7 +528,7 @@ def diff_global_versions(session: Session, from_version: int, to_version: int) -
 
 def _write_global(
     session: Session,
-    actor: Actor,
+    actor: AuthorizedActor,
     settings: GlobalSettings,
     *,
     action: str,
@@ -569,23 +572,23 @@ def save_global_settings(
     comment: str | None = None,
     expected_version: int | None = None,
 ) -> SaveResult:
-    require_role(actor, *SETTINGS_EDITORS, action="change the global settings")
+    who = authorize(session, actor, *SETTINGS_EDITORS, action="change the global settings")
     settings = validate_global_settings(settings_json(data) if isinstance(data, GlobalSettings) else data)
     action = "global_settings.update" if _latest_global(session) is not None else "global_settings.create"
     return _write_global(
-        session, actor, settings, action=action, comment=_comment(comment), expected_version=expected_version
+        session, who, settings, action=action, comment=_comment(comment), expected_version=expected_version
     )
 
 
 def rollback_global_settings(
     session: Session, actor: Actor, to_version: int, *, comment: str | None = None
 ) -> SaveResult:
-    require_role(actor, *SETTINGS_EDITORS, action="roll back the global settings")
+    who = authorize(session, actor, *SETTINGS_EDITORS, action="roll back the global settings")
     target = global_version(session, to_version)
     settings = validate_global_settings(target.settings)
     return _write_global(
         session,
-        actor,
+        who,
         settings,
         action="global_settings.rollback",
         comment=_comment(comment) or f"rollback to version {to_version}",

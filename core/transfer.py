@@ -42,11 +42,12 @@ from sqlalchemy.orm import Session
 
 from common.errors import InvalidInput, NotFound
 from core import price_store, settings_service
+from core.authz import authorize
 from core.catalog import PROVIDERS
 from core.keys import configured_secrets, keys_in, redact
 from core.money import WrittenNumber
 from core.pricing import ProviderPrice, parse_price
-from core.security import SETTINGS_EDITORS, Actor, require_role
+from core.security import SETTINGS_EDITORS, Actor
 from core.settings import GlobalSettings, ProviderSettings, field_errors_from_validation, validate_global_settings
 from core.settings_service import FieldChange, diff_settings
 
@@ -137,7 +138,7 @@ def show_value(value: Any) -> str:
 
 
 def export_document(session: Session, actor: Actor) -> dict[str, Any]:
-    require_role(actor, *SETTINGS_EDITORS, action="export settings")
+    authorize(session, actor, *SETTINGS_EDITORS, action="export settings", lock=False)
     providers = {
         view.provider: settings_service.settings_json(view.settings)
         for view in settings_service.list_provider_settings(session)
@@ -471,14 +472,14 @@ def _plan(session: Session, doc: ImportDocument) -> ImportPlan:
 
 def plan_import(session: Session, actor: Actor, raw: bytes | str) -> ImportPlan:
     """The dry run: what applying `raw` would change, per provider and field. Writes nothing."""
-    require_role(actor, *SETTINGS_EDITORS, action="import settings")
+    authorize(session, actor, *SETTINGS_EDITORS, action="import settings", lock=False)
     return _plan(session, parse_import(raw))
 
 
 def apply_import(session: Session, actor: Actor, raw: bytes | str, *, comment: str | None = None) -> ImportPlan:
     """Apply an import as new versions with audit rows, in the caller's transaction (use db.engine.transaction:
     any failure rolls the whole import back). Everything is validated before the first write."""
-    require_role(actor, *SETTINGS_EDITORS, action="import settings")
+    authorize(session, actor, *SETTINGS_EDITORS, action="import settings")
     doc = parse_import(raw)
     plan = _plan(session, doc)
     note = comment or "imported from a settings file"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from common.errors import InvalidInput, PermissionDenied
+from common.errors import Conflict, InvalidInput, PermissionDenied
 from core.security import Role
 from core.users import change_own_password
 from db.engine import transaction
@@ -36,7 +36,7 @@ if submitted:
         try:
             with transaction(state.runtime().sessions) as session:
                 change_own_password(session, user.actor(), current, new)
-        except (InvalidInput, PermissionDenied) as exc:
+        except (InvalidInput, PermissionDenied, Conflict) as exc:
             st.error(str(exc))
         else:
             st.success("Password changed.")

@@ -98,9 +98,8 @@ def test_users_create_set_role_and_reset_password(data_dir: Path) -> None:
     from core.users import authenticate
 
     runtime = open_runtime(prepare=False)
-    with runtime.sessions() as session:
-        assert authenticate(session, "carol", "another good password") is not None
-        assert authenticate(session, "carol", PASSWORD) is None
+    assert authenticate(runtime.sessions, "carol", "another good password") is not None
+    assert authenticate(runtime.sessions, "carol", PASSWORD) is None
     code, out = run("users", "list")
     assert "carol" in out and "USER" in out
 

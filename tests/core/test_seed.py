@@ -11,14 +11,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from core import price_store, settings_service
 from core.catalog import provider_ids
 from core.pricing import load_default_prices
-from core.security import Actor, Role
+from core.security import Actor
 from core.seed import seed_defaults
 from core.settings import default_provider_settings
 from db.engine import transaction
 from db.models import AuditLog, GlobalSettingsVersion, PriceVersion, ProviderSettingsVersion
 from tests.dbfixtures import *  # noqa: F403
 
-ADMIN = Actor(user_id=None, username="ada", role=Role.ADMIN)
+ADMIN = Actor.system("ada")
 
 
 def _counts(factory: sessionmaker[Session]) -> dict[str, int]:

@@ -8,18 +8,25 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import audit
-from core import settings_service as svc
 from common.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from core import audit, users
+from core import settings_service as svc
 from core.security import Actor, Role
 from core.settings import default_provider_settings
 from db.engine import transaction
 from db.models import AuditLog, GlobalSettingsVersion, ProviderSettingsCurrent, ProviderSettingsVersion
 from tests.dbfixtures import *  # noqa: F403
 
-ADMIN = Actor(user_id=None, username="ada", role=Role.ADMIN)
-HERO = Actor(user_id=None, username="hugo", role=Role.HERO)
-USER = Actor(user_id=None, username="ursula", role=Role.USER)
+ADMIN = Actor.system("ada")  # the process itself; core checks people's accounts (the `staff` fixture)
+
+
+@pytest.fixture
+def staff(db_session_factory: sessionmaker[Session], fast_password_hashing: None) -> tuple[Actor, Actor]:
+    """A HERO (hugo) and a USER (ursula) with accounts: core reads their roles from the database."""
+    with transaction(db_session_factory) as session:
+        hero = users.create_user(session, Actor.system(), "hugo", "a hero password", Role.HERO).actor()
+        user = users.create_user(session, Actor.system(), "ursula", "a user password", Role.USER).actor()
+    return hero, user
 
 
 def _counts(factory: sessionmaker[Session]) -> tuple[int, int, int]:
@@ -85,36 +92,40 @@ def test_invalid_settings_are_refused_with_field_errors_and_change_nothing(
     assert _counts(db_session_factory) == counts
 
 
-def test_a_user_is_refused_and_hero_and_admin_are_allowed(db_session_factory: sessionmaker[Session]) -> None:
+def test_a_user_is_refused_and_hero_and_admin_are_allowed(
+    db_session_factory: sessionmaker[Session], staff: tuple[Actor, Actor]
+) -> None:
+    hero, user = staff
     _save(db_session_factory, "sandbox", {})
     counts = _counts(db_session_factory)
     refused = [
-        lambda s: svc.save_provider_settings(s, USER, "sandbox", {"priority": 1}),
-        lambda s: svc.update_provider_settings(s, USER, "sandbox", {"priority": 1}),
-        lambda s: svc.set_provider_active(s, USER, "sandbox", False),
-        lambda s: svc.set_default_provider(s, USER, "sandbox"),
-        lambda s: svc.delete_provider_settings(s, USER, "sandbox"),
-        lambda s: svc.rollback_provider_settings(s, USER, "sandbox", 1),
-        lambda s: svc.save_global_settings(s, USER, {"num_images": 2}),
-        lambda s: svc.rollback_global_settings(s, USER, 1),
+        lambda s: svc.save_provider_settings(s, user, "sandbox", {"priority": 1}),
+        lambda s: svc.update_provider_settings(s, user, "sandbox", {"priority": 1}),
+        lambda s: svc.set_provider_active(s, user, "sandbox", False),
+        lambda s: svc.set_default_provider(s, user, "sandbox"),
+        lambda s: svc.delete_provider_settings(s, user, "sandbox"),
+        lambda s: svc.rollback_provider_settings(s, user, "sandbox", 1),
+        lambda s: svc.save_global_settings(s, user, {"num_images": 2}),
+        lambda s: svc.rollback_global_settings(s, user, 1),
     ]
     for call in refused:
         with pytest.raises(PermissionDenied, match=r"ursula \(USER\)"), transaction(db_session_factory) as session:
             call(session)
     assert _counts(db_session_factory) == counts
-    assert _save(db_session_factory, "sandbox", {"priority": 11}, HERO).changed
+    assert _save(db_session_factory, "sandbox", {"priority": 11}, hero).changed
     assert _save(db_session_factory, "sandbox", {"priority": 12}, ADMIN).changed
     with db_session_factory() as session:
         assert [v.created_by_name for v in svc.provider_history(session, "sandbox")][:2] == ["ada", "hugo"]
 
 
 def test_setting_a_default_clears_the_previous_one_with_versions_and_audit(
-    db_session_factory: sessionmaker[Session],
+    db_session_factory: sessionmaker[Session], staff: tuple[Actor, Actor]
 ) -> None:
+    hero, _ = staff
     _save(db_session_factory, "sandbox", {"is_default": True})
     _save(db_session_factory, "qwen", {})
     with transaction(db_session_factory) as session:
-        result = svc.set_default_provider(session, HERO, "qwen", comment="free first")
+        result = svc.set_default_provider(session, hero, "qwen", comment="free first")
     assert result.changed and [(c.field, c.before, c.after) for c in result.changes] == [("is_default", False, True)]
     with db_session_factory() as session:
         assert svc.default_provider(session) == "qwen"
@@ -151,7 +162,10 @@ def test_activate_and_deactivate(db_session_factory: sessionmaker[Session]) -> N
     assert [e.action for e in entries][:2] == ["provider_settings.activate", "provider_settings.deactivate"]
 
 
-def test_delete_keeps_history_and_rollback_restores(db_session_factory: sessionmaker[Session]) -> None:
+def test_delete_keeps_history_and_rollback_restores(
+    db_session_factory: sessionmaker[Session], staff: tuple[Actor, Actor]
+) -> None:
+    hero, _ = staff
     _save(db_session_factory, "ideogram", {"params": {"style_type": "DESIGN"}})
     with transaction(db_session_factory) as session:
         deleted = svc.delete_provider_settings(session, ADMIN, "ideogram", comment="not renewing")
@@ -166,7 +180,7 @@ def test_delete_keeps_history_and_rollback_restores(db_session_factory: sessionm
     with pytest.raises(InvalidInput, match="records a deletion"), transaction(db_session_factory) as session:
         svc.rollback_provider_settings(session, ADMIN, "ideogram", 2)
     with transaction(db_session_factory) as session:
-        restored = svc.rollback_provider_settings(session, HERO, "ideogram", 1)
+        restored = svc.rollback_provider_settings(session, hero, "ideogram", 1)
     assert restored.version == 3
     with db_session_factory() as session:
         view = svc.get_provider_settings(session, "ideogram")
@@ -220,13 +234,16 @@ def test_expected_version_refuses_a_stale_form(db_session_factory: sessionmaker[
         assert svc.save_provider_settings(session, ADMIN, "qwen", {"priority": 61}, expected_version=2).version == 3
 
 
-def test_global_settings_are_versioned_too(db_session_factory: sessionmaker[Session]) -> None:
+def test_global_settings_are_versioned_too(
+    db_session_factory: sessionmaker[Session], staff: tuple[Actor, Actor]
+) -> None:
+    hero, _ = staff
     with db_session_factory() as session:
         assert svc.get_global_settings(session).version == 0
     with transaction(db_session_factory) as session:
         assert svc.save_global_settings(session, ADMIN, {"num_images": 2}).version == 1
-        assert svc.save_global_settings(session, HERO, {"num_images": 3, "max_attempts": 2}).version == 2
-        assert not svc.save_global_settings(session, HERO, {"num_images": 3, "max_attempts": 2}).changed
+        assert svc.save_global_settings(session, hero, {"num_images": 3, "max_attempts": 2}).version == 2
+        assert not svc.save_global_settings(session, hero, {"num_images": 3, "max_attempts": 2}).changed
     with pytest.raises(InvalidInput) as caught, transaction(db_session_factory) as session:
         svc.save_global_settings(session, ADMIN, {"num_images": 0, "colour": "red"})
     assert set(caught.value.field_errors) == {"num_images", "colour"}
@@ -242,12 +259,15 @@ def test_global_settings_are_versioned_too(db_session_factory: sessionmaker[Sess
     assert actions == ["global_settings.rollback", "global_settings.update", "global_settings.create"]
 
 
-def test_audit_log_is_for_admins_and_heroes(db_session_factory: sessionmaker[Session]) -> None:
+def test_audit_log_is_for_admins_and_heroes(
+    db_session_factory: sessionmaker[Session], staff: tuple[Actor, Actor]
+) -> None:
+    hero, user = staff
     _save(db_session_factory, "sandbox", {})
     with db_session_factory() as session:
-        assert len(audit.list_entries(session, HERO)) == 1
+        assert len(audit.list_entries(session, hero, target_type="provider_settings")) == 1
         with pytest.raises(PermissionDenied):
-            audit.list_entries(session, USER)
+            audit.list_entries(session, user)
 
 
 def test_settings_for_routing_fill_in_catalog_defaults_and_skip_deleted(

@@ -17,7 +17,7 @@ from db.engine import transaction
 from db.models import Base
 from tests.dbfixtures import *  # noqa: F403
 
-ADMIN = Actor(user_id=None, username="ada", role=Role.ADMIN)
+ADMIN = Actor.system("ada")  # the process itself (as the CLI acts): authorization is tested in tests/core/test_authz*
 USER = Actor(user_id=None, username="ursula", role=Role.USER)
 
 

@@ -10,9 +10,9 @@ from argon2.profiles import CHEAPEST
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import audit, security, users
 from common.errors import AccountLocked, InvalidInput, NotFound, PermissionDenied
-from core.security import Actor, Role, require_role
+from core import audit, security, users
+from core.security import Actor, Role
 from db.engine import transaction
 from db.models import AuditLog, SystemFlag, User, utcnow
 from tests.dbfixtures import *  # noqa: F403
@@ -30,13 +30,6 @@ def _audit_rows(factory: sessionmaker[Session]) -> list[AuditLog]:
         return list(session.scalars(select(AuditLog).order_by(AuditLog.id)))
 
 
-def test_require_role_names_the_actor_and_the_roles_needed() -> None:
-    bob = Actor(user_id=7, username="bob", role=Role.USER)
-    with pytest.raises(PermissionDenied, match=r"bob \(USER\) may not change prices: this needs the ADMIN or HERO"):
-        require_role(bob, Role.ADMIN, Role.HERO, action="change prices")
-    require_role(Actor(1, "root-ish", Role.HERO), Role.ADMIN, Role.HERO)
-
-
 def test_passwords_are_stored_as_argon2id_hashes(db_session_factory: sessionmaker[Session], admin: Actor) -> None:
     with transaction(db_session_factory) as session:
         users.create_user(session, admin, "Bob", "another long secret", Role.HERO)
@@ -44,8 +37,7 @@ def test_passwords_are_stored_as_argon2id_hashes(db_session_factory: sessionmake
         stored = session.scalars(select(User.password_hash).where(User.username == "bob")).one()
     assert stored.startswith("$argon2id$")
     assert "another long secret" not in stored
-    with transaction(db_session_factory) as session:
-        signed_in = users.authenticate(session, "  BOB ", "another long secret")
+    signed_in = users.authenticate(db_session_factory, "  BOB ", "another long secret")
     assert signed_in is not None and signed_in.role is Role.HERO and signed_in.last_login_at is not None
 
 
@@ -54,12 +46,11 @@ def test_authenticate_refuses_wrong_password_unknown_user_and_inactive_account(
 ) -> None:
     with transaction(db_session_factory) as session:
         carol = users.create_user(session, admin, "carol", "carols password")
+    assert users.authenticate(db_session_factory, "carol", "wrong password!") is None
+    assert users.authenticate(db_session_factory, "nobody", "carols password") is None
     with transaction(db_session_factory) as session:
-        assert users.authenticate(session, "carol", "wrong password!") is None
-        assert users.authenticate(session, "nobody", "carols password") is None
         users.deactivate(session, admin, carol.id)
-    with transaction(db_session_factory) as session:
-        assert users.authenticate(session, "carol", "carols password") is None
+    assert users.authenticate(db_session_factory, "carol", "carols password") is None
 
 
 def test_too_many_wrong_passwords_lock_sign_in_until_it_expires_or_an_admin_resets(
@@ -68,20 +59,14 @@ def test_too_many_wrong_passwords_lock_sign_in_until_it_expires_or_an_admin_rese
     with transaction(db_session_factory) as session:
         dan = users.create_user(session, admin, "dan", "dans password!")
     for _ in range(users.MAX_FAILED_SIGN_INS - 1):
-        with transaction(db_session_factory) as session:
-            assert users.authenticate(session, "dan", "a wrong guess") is None
+        assert users.authenticate(db_session_factory, "dan", "a wrong guess") is None
     # A success before the limit starts the count again.
-    with transaction(db_session_factory) as session:
-        assert users.authenticate(session, "dan", "dans password!") is not None
+    assert users.authenticate(db_session_factory, "dan", "dans password!") is not None
     for _ in range(users.MAX_FAILED_SIGN_INS):
-        with transaction(db_session_factory) as session:
-            assert users.authenticate(session, "dan", "a wrong guess") is None
+        assert users.authenticate(db_session_factory, "dan", "a wrong guess") is None
     # Locked: even the right password is refused, and the reason is given.
-    with (
-        pytest.raises(AccountLocked, match="locked for about 15 more minutes") as locked,
-        transaction(db_session_factory) as session,
-    ):
-        users.authenticate(session, "dan", "dans password!")
+    with pytest.raises(AccountLocked, match="locked for about 15 more minutes") as locked:
+        users.authenticate(db_session_factory, "dan", "dans password!")
     assert locked.value.until > utcnow()
     assert [r.action for r in _audit_rows(db_session_factory)].count("user.sign_in_locked") == 1
 
@@ -90,17 +75,14 @@ def test_too_many_wrong_passwords_lock_sign_in_until_it_expires_or_an_admin_rese
         row = session.get(User, dan.id)
         assert row is not None
         row.locked_until = utcnow() - users.SIGN_IN_LOCK / 15
-    with transaction(db_session_factory) as session:
-        assert users.authenticate(session, "dan", "dans password!") is not None
+    assert users.authenticate(db_session_factory, "dan", "dans password!") is not None
 
     # ...or when an admin resets the password.
     for _ in range(users.MAX_FAILED_SIGN_INS):
-        with transaction(db_session_factory) as session:
-            users.authenticate(session, "dan", "a wrong guess")
+        users.authenticate(db_session_factory, "dan", "a wrong guess")
     with transaction(db_session_factory) as session:
         users.reset_password(session, admin, dan.id, "a brand new password")
-    with transaction(db_session_factory) as session:
-        assert users.authenticate(session, "dan", "a brand new password") is not None
+    assert users.authenticate(db_session_factory, "dan", "a brand new password") is not None
 
 
 def test_outdated_hash_is_upgraded_at_sign_in(db_session_factory: sessionmaker[Session], admin: Actor) -> None:
@@ -112,8 +94,7 @@ def test_outdated_hash_is_upgraded_at_sign_in(db_session_factory: sessionmaker[S
     )
     previous = security.set_password_hasher(stronger)
     try:
-        with transaction(db_session_factory) as session:
-            assert users.authenticate(session, "alice", PASSWORD) is not None
+        assert users.authenticate(db_session_factory, "alice", PASSWORD) is not None
     finally:
         security.set_password_hasher(previous)
     with db_session_factory() as session:

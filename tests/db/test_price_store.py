@@ -13,7 +13,7 @@ from common.errors import InvalidInput, PermissionDenied
 from core.security import Actor, Role
 from db.engine import transaction
 
-ADMIN = Actor(user_id=None, username="ada", role=Role.ADMIN)
+ADMIN = Actor.system("ada")  # the process itself; people are authorized from their accounts (test_authz)
 USER = Actor(user_id=None, username="ursula", role=Role.USER)
 
 

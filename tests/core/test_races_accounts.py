@@ -1,0 +1,251 @@
+"""Accounts under concurrency, with real processes on SQLite and PostgreSQL.
+
+- The last admin: two processes demote or deactivate the only two admins at the same moment, many times over.
+  Before the fix, both changes passed their "is this the last admin?" count (each read its own snapshot) and the
+  installation was left with no active admin: on SQLite in about half the trials, on PostgreSQL in nearly all.
+- Sign-in throttling: 16 wrong passwords at once on one account (threads, and processes). Before the fix the
+  counter was a read-then-write, so parallel guesses lost increments and each got its password verified; now a
+  guess is reserved by one atomic statement before its password is checked, so at most MAX_FAILED_SIGN_INS are
+  verified per lock window, and the account ends up locked.
+- Password checks are bounded per process (argon2 costs 64 MiB each).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Literal
+
+import pytest
+from argon2 import PasswordHasher
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from common.errors import AccountLocked
+from core import security, users
+from core.security import Actor, Role
+from db.engine import transaction
+from db.models import User
+from tests.core.account_racers import WAIT_S, WRONG, admin_racer, guesser, try_wrong_password
+from tests.dbfixtures import *  # noqa: F403
+
+PASSWORD = "the right password"
+ADMIN_TRIALS = 36
+"""Per backend; the plans below take turns (12 trials each)."""
+ADMIN_PLANS = ("demote", "deactivate", "crossed")
+GUESSERS = 16
+
+# Verification must take long enough for parallel guesses to overlap, as real argon2 (64 MiB, ~50 ms) does,
+# without 16 processes needing a gigabyte between them.
+RACE_HASHER = PasswordHasher(time_cost=2, memory_cost=8 * 1024, parallelism=1)
+
+
+@pytest.fixture
+def race_hashing() -> Iterator[None]:
+    previous = security.set_password_hasher(RACE_HASHER)
+    yield
+    security.set_password_hasher(previous)
+
+
+# --- the last admin ------------------------------------------------------------------------------------------
+
+
+def _active_admins(factory: sessionmaker[Session]) -> int:
+    with factory() as session:
+        query = select(func.count()).select_from(User).where(User.role == Role.ADMIN, User.active.is_(True))
+        return int(session.scalar(query) or 0)
+
+
+@pytest.mark.timeout(300)
+def test_two_processes_racing_to_remove_the_two_admins_never_leave_none(
+    db_url: str, db_session_factory: sessionmaker[Session], race_hashing: None
+) -> None:
+    ann = users.create_first_admin(db_session_factory, "ann", PASSWORD)
+    with transaction(db_session_factory) as session:
+        ben = users.create_user(session, Actor.system(), "ben", PASSWORD, Role.ADMIN)
+    ids = (ann.id, ben.id)
+    plans = [ADMIN_PLANS[t % len(ADMIN_PLANS)] for t in range(ADMIN_TRIALS)]
+
+    ctx = multiprocessing.get_context("spawn")
+    start, done, results = ctx.Barrier(3), ctx.Barrier(3), ctx.Queue()
+    racers = [ctx.Process(target=admin_racer, args=(db_url, i, ids, plans, start, done, results)) for i in (0, 1)]
+    for racer in racers:
+        racer.start()
+    left: dict[int, int] = {}
+    outcomes: dict[int, list[str]] = {t: [] for t in range(ADMIN_TRIALS)}
+    try:
+        for trial in range(ADMIN_TRIALS):
+            with transaction(db_session_factory) as session:
+                session.execute(update(User).where(User.id.in_(ids)).values(role=Role.ADMIN, active=True))
+            start.wait(timeout=WAIT_S)
+            done.wait(timeout=WAIT_S)
+            left[trial] = _active_admins(db_session_factory)
+            for _ in range(2):
+                got_trial, _index, outcome = results.get(timeout=WAIT_S)
+                outcomes[got_trial].append(outcome)
+    finally:
+        for racer in racers:
+            racer.join(timeout=30)
+            if racer.is_alive():
+                racer.kill()
+                racer.join()
+
+    none_left = sorted(t for t, n in left.items() if n == 0)
+    by_plan = {p: sum(1 for t in none_left if plans[t] == p) for p in ADMIN_PLANS}
+    assert not none_left, f"no active admin left in {len(none_left)}/{ADMIN_TRIALS} trials {by_plan}"
+    errors = [o for os in outcomes.values() for o in os if o.startswith("error")]
+    assert not errors, errors[:5]
+    # Exactly one of the two changes goes through each time: the other is refused, not lost or doubled.
+    assert all(sorted(os)[0] == "changed" and os.count("changed") == 1 for os in outcomes.values()), outcomes
+
+
+# --- sign-in throttling --------------------------------------------------------------------------------------
+
+
+def _target(factory: sessionmaker[Session]) -> str:
+    users.create_first_admin(factory, "root", "the root password")
+    with transaction(factory) as session:
+        users.create_user(session, Actor.system(), "target", PASSWORD, Role.USER)
+    return "target"
+
+
+def _check_throttled(factory: sessionmaker[Session], username: str, outcomes: list[str]) -> None:
+    verified = outcomes.count("verified, wrong")
+    assert len(outcomes) == GUESSERS and not [o for o in outcomes if o.startswith(("error", "signed"))], outcomes
+    assert verified <= users.MAX_FAILED_SIGN_INS, (
+        f"{verified} of {GUESSERS} parallel wrong passwords were verified (at most {users.MAX_FAILED_SIGN_INS})"
+    )
+    assert outcomes.count("locked") == GUESSERS - verified
+    # The account is locked now: even the right password is refused.
+    with pytest.raises(AccountLocked):
+        users.authenticate(factory, username, PASSWORD)
+
+
+@pytest.mark.timeout(300)
+def test_sixteen_parallel_wrong_passwords_in_threads_lock_the_account(
+    db_session_factory: sessionmaker[Session], race_hashing: None
+) -> None:
+    username = _target(db_session_factory)
+    barrier = threading.Barrier(GUESSERS, timeout=WAIT_S)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def guess() -> None:
+        barrier.wait()
+        outcome = try_wrong_password(db_session_factory, username)
+        with lock:
+            outcomes.append(outcome)
+
+    threads = [threading.Thread(target=guess) for _ in range(GUESSERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=WAIT_S)
+    _check_throttled(db_session_factory, username, outcomes)
+
+
+@pytest.mark.timeout(300)
+def test_sixteen_parallel_wrong_passwords_in_processes_lock_the_account(
+    db_url: str, db_session_factory: sessionmaker[Session], race_hashing: None
+) -> None:
+    username = _target(db_session_factory)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(GUESSERS), ctx.Queue()
+    procs = [ctx.Process(target=guesser, args=(db_url, username, barrier, results)) for _ in range(GUESSERS)]
+    for proc in procs:
+        proc.start()
+    outcomes: list[str] = []
+    try:
+        for _ in range(GUESSERS):
+            try:
+                outcomes.append(results.get(timeout=WAIT_S))
+            except queue.Empty:
+                pytest.fail(f"the guessers stopped reporting after {outcomes}")
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    _check_throttled(db_session_factory, username, outcomes)
+
+
+def test_a_success_among_parallel_guesses_resets_the_count(
+    db_session_factory: sessionmaker[Session], race_hashing: None
+) -> None:
+    """The reservation counts a guess before it is checked; a right password then clears the count again."""
+    username = _target(db_session_factory)
+    for _ in range(users.MAX_FAILED_SIGN_INS - 1):
+        assert users.authenticate(db_session_factory, username, WRONG) is None
+    assert users.authenticate(db_session_factory, username, PASSWORD) is not None
+    with db_session_factory() as session:
+        row = session.scalars(select(User).where(User.username == username)).one()
+        assert (row.failed_sign_ins, row.locked_until) == (0, None)
+
+
+# --- bounded password checks ---------------------------------------------------------------------------------
+
+
+class _CountingHasher(PasswordHasher):
+    """Records how many hashes/verifications run at the same moment (each one lasts a little while)."""
+
+    def __init__(self) -> None:
+        cheap = RACE_HASHER
+        super().__init__(time_cost=cheap.time_cost, memory_cost=cheap.memory_cost, parallelism=cheap.parallelism)
+        self._lock = threading.Lock()
+        self.running = 0
+        self.peak = 0
+
+    def _enter(self) -> None:
+        with self._lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.running -= 1
+
+    def verify(self, hash: str | bytes, password: str | bytes) -> Literal[True]:
+        self._enter()
+        try:
+            time.sleep(0.02)
+            return super().verify(hash, password)
+        finally:
+            self._leave()
+
+    def hash(self, password: str | bytes, *, salt: bytes | None = None) -> str:
+        self._enter()
+        try:
+            time.sleep(0.02)
+            return super().hash(password, salt=salt)
+        finally:
+            self._leave()
+
+
+def test_password_checks_run_at_most_a_few_at_a_time_in_a_process() -> None:
+    counting = _CountingHasher()
+    previous = security.set_password_hasher(counting)
+    try:
+        stored = security.hash_password(PASSWORD)
+        barrier = threading.Barrier(GUESSERS, timeout=WAIT_S)
+
+        def check(n: int) -> None:
+            barrier.wait()
+            if n % 4 == 0:
+                security.hash_password(PASSWORD)
+            elif n % 4 == 1:
+                security.verify_dummy(WRONG)
+            else:
+                security.verify_password(stored, WRONG if n % 2 else PASSWORD)
+
+        threads = [threading.Thread(target=check, args=(n,)) for n in range(GUESSERS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=WAIT_S)
+    finally:
+        security.set_password_hasher(previous)
+    assert 1 <= counting.peak <= security.MAX_CONCURRENT_PASSWORD_CHECKS, counting.peak
