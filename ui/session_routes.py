@@ -41,10 +41,16 @@ _served = False
 
 
 def routes() -> list[BaseRoute]:
-    """The routes app.py mounts; calling this also tells the pages that the cookie can be set."""
+    """The routes app.py mounts; calling this also tells the pages that the cookie can be set.
+
+    st.App mounts its own routes under server.baseUrlPath but ours as given, so they carry the prefix here."""
     global _served
     _served = True
-    return [Route(SESSION_PATH, _collect, methods=["GET"]), Route(SIGN_OUT_PATH, _sign_out, methods=["GET"])]
+    base = base_path()
+    return [
+        Route(f"{base}{SESSION_PATH}", _collect, methods=["GET"]),
+        Route(f"{base}{SIGN_OUT_PATH}", _sign_out, methods=["GET"]),
+    ]
 
 
 def served() -> bool:

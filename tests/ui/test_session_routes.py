@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
+from streamlit import config
 
 from core import console_sessions
 from core.security import hash_password
@@ -138,3 +139,22 @@ def test_sign_out_revokes_the_cookie_and_deletes_it(client: TestClient, sessions
         assert console_sessions.validate_token(session, token) is None
         row = session.get(ConsoleSession, started.session_id)
         assert row is not None and row.revoked_at is not None
+
+
+def test_under_a_url_prefix_routes_redirects_and_cookie_stay_under_it(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(session_routes, "_served", False)
+    previous = config.get_option("server.baseUrlPath")
+    config.set_option("server.baseUrlPath", "/imagegate/")  # as `--server.baseUrlPath /imagegate/` would
+    try:
+        with TestClient(Starlette(routes=session_routes.routes()), follow_redirects=False) as client:
+            url = session_routes.collect_url(_handoff(sessions).handoff, "account")
+            assert url.startswith("/imagegate/_imagegate/session?")
+            response = client.get(url, headers=SAME_ORIGIN)
+            assert response.status_code == 303 and response.headers["location"] == "/imagegate/account"
+            assert "Path=/imagegate" in _set_cookie_header(response)
+            signed_out = client.get(session_routes.sign_out_url(), headers=SAME_ORIGIN)
+            assert signed_out.status_code == 303 and signed_out.headers["location"] == "/imagegate/"
+    finally:
+        config.set_option("server.baseUrlPath", previous)
