@@ -21,6 +21,7 @@ from cli.main import app
 from common.errors import (
     AccountLocked,
     Billing,
+    BudgetExceeded,
     Conflict,
     DatabaseUnavailable,
     ErrorClass,
@@ -264,6 +265,18 @@ def _raiser(error: BaseException) -> Callable[..., object]:
         (Conflict("changed by someone else"), 5),
         (DatabaseUnavailable("database gone"), 6),
         (ProviderError(ErrorClass.UNAVAILABLE, "provider down", provider="x", billing=Billing.NOT_BILLED), 7),
+        (
+            BudgetExceeded(
+                budget_id=1,
+                budget_name="team",
+                mode="live",
+                limit_micro_usd=5_000_000,
+                spent_micro_usd=4_990_000,
+                reserved_micro_usd=0,
+                requested_micro_usd=52_429,
+            ),
+            8,
+        ),
     ],
 )
 def test_the_error_tree_maps_to_the_documented_exit_codes(
@@ -276,6 +289,18 @@ def test_the_error_tree_maps_to_the_documented_exit_codes(
     assert got == code and str(error) in out and "Traceback" not in out
     if isinstance(error, InvalidInput):
         assert "field: what is wrong" in out
+
+
+def test_every_class_of_the_error_tree_has_its_own_exit_code() -> None:
+    import common.errors
+    from cli.main import EXIT_CODES
+
+    tree = {
+        cls
+        for cls in vars(common.errors).values()
+        if isinstance(cls, type) and issubclass(cls, ImagegateError) and cls is not ImagegateError
+    }
+    assert tree == {cls for cls, _ in EXIT_CODES}, "map a new error class in cli.main.EXIT_CODES"
 
 
 def test_an_unexpected_error_is_one_line_unless_debugging(ready: Path, monkeypatch: pytest.MonkeyPatch) -> None:
