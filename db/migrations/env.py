@@ -2,6 +2,9 @@
 
 A caller may also hand over an open connection (`config.attributes["connection"]`), so tests and the app can
 migrate inside a connection they already hold.
+
+Every online upgrade or downgrade holds the database's migration lock (db.upgrade_lock) on its connection, so
+any number of processes may migrate at start at once: one does the work, the others find it done.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from sqlalchemy import Connection
 from common.config import database_url
 from db.engine import make_engine, normalize_url
 from db.models import Base
+from db.upgrade_lock import upgrade_lock
 
 config = context.config
 target_metadata = Base.metadata
@@ -46,19 +50,23 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
-def run_migrations_online() -> None:
-    connection = config.attributes.get("connection")
-    if connection is not None:
+def _migrate(connection: Connection) -> None:
+    # The lock comes first: Alembic must read the version table only once no one else is migrating.
+    with upgrade_lock(connection):
         _configure(connection)
         with context.begin_transaction():
             context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _migrate(connection)
         return
     engine = make_engine(_url())
     try:
         with engine.connect() as conn:
-            _configure(conn)
-            with context.begin_transaction():
-                context.run_migrations()
+            _migrate(conn)
     finally:
         engine.dispose()
 

@@ -1,0 +1,129 @@
+"""Several processes starting at once on a fresh database: each migrates and seeds at start, and all must succeed.
+
+Four real processes (spawn) meet at a barrier, then call `open_runtime(prepare=True)` on the same fresh database
+at the same moment; this repeats over several fresh databases per backend, the same four processes taking part
+in every trial. Before the migration lock (db.upgrade_lock), 3 of 4 starters crashed in every PostgreSQL trial
+(UniqueViolation on a CREATE) and about half the SQLite trials lost one to three ("table ... already exists").
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from core.catalog import provider_ids
+from core.pricing import load_default_prices
+from db import migrate
+from db.engine import make_engine
+from db.models import GlobalSettingsVersion, PriceVersion, ProviderSettingsVersion
+from tests.dbfixtures import create_pg_database, drop_pg_database
+
+PROCESSES = 4
+TRIALS = 6
+BARRIER_TIMEOUT_S = 120.0
+RUN_TIMEOUT_S = 600.0
+
+
+def _starter(urls: list[str], barrier: Any, results: Any) -> None:
+    """One process: for each database in turn, wait for the others, then start up on it (migrate + seed)."""
+    from core.runtime import open_runtime  # imported before the barrier, so only the start itself races
+
+    for trial, url in enumerate(urls):
+        try:
+            barrier.wait(timeout=BARRIER_TIMEOUT_S)
+        except threading.BrokenBarrierError:
+            results.put((trial, "the barrier broke: another starter died or hung"))
+            return
+        try:
+            runtime = open_runtime(url, prepare=True)
+            runtime.engine.dispose()
+            results.put((trial, None))
+        except BaseException as exc:  # reported to the parent, which fails the test with it
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            results.put((trial, f"{type(exc).__name__}: {first_line}"[:400]))
+
+
+def _start_all_at_once(urls: list[str]) -> dict[int, list[str]]:
+    """Run PROCESSES starters over `urls`; the errors per trial (empty lists when every start succeeded)."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(PROCESSES)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_starter, args=(urls, barrier, results)) for _ in range(PROCESSES)]
+    for proc in procs:
+        proc.start()
+    errors: dict[int, list[str]] = {trial: [] for trial in range(len(urls))}
+    try:
+        for _ in range(PROCESSES * len(urls)):
+            try:
+                trial, error = results.get(timeout=RUN_TIMEOUT_S)
+            except queue.Empty:
+                pytest.fail("the starters stopped reporting (a hung start?)")
+            if error is not None:
+                errors[trial].append(error)
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    return errors
+
+
+def _check_started_once(url: str) -> None:
+    """Schema at head and matching the models; the defaults seeded exactly once (one version of each)."""
+    assert migrate.current_revision(url) == migrate.head_revision()
+    assert migrate.schema_diff(url) == []
+    engine = make_engine(url)
+    try:
+        with Session(engine) as session:
+            settings_versions = dict(
+                session.execute(
+                    select(ProviderSettingsVersion.provider, func.count()).group_by(ProviderSettingsVersion.provider)
+                ).all()
+            )
+            price_versions = dict(
+                session.execute(select(PriceVersion.provider, func.count()).group_by(PriceVersion.provider)).all()
+            )
+            global_versions = session.scalar(select(func.count()).select_from(GlobalSettingsVersion))
+    finally:
+        engine.dispose()
+    assert settings_versions == {provider: 1 for provider in provider_ids()}
+    assert price_versions == {provider: 1 for provider in load_default_prices().prices}
+    assert global_versions == 1
+
+
+def _assert_all_started(urls: list[str]) -> None:
+    errors = _start_all_at_once(urls)
+    failed = {trial: errs for trial, errs in errors.items() if errs}
+    crashed = sum(len(errs) for errs in failed.values())
+    assert not failed, f"{crashed} of {PROCESSES * len(urls)} starts failed: {failed}"
+    for url in urls:
+        _check_started_once(url)
+
+
+def test_four_processes_start_at_once_on_a_fresh_sqlite_file(tmp_path: Path) -> None:
+    _assert_all_started([f"sqlite:///{tmp_path / f'fresh-{trial}.db'}" for trial in range(TRIALS)])
+
+
+@pytest.fixture
+def fresh_pg_urls(pg_admin_dsn: str) -> Iterator[list[str]]:
+    """TRIALS empty PostgreSQL databases, never migrated; dropped afterwards."""
+    created = [create_pg_database(pg_admin_dsn, prefix="imagegate_start") for _ in range(TRIALS)]
+    try:
+        yield [url for _, url in created]
+    finally:
+        for name, _ in created:
+            drop_pg_database(pg_admin_dsn, name)
+
+
+@pytest.mark.postgres
+def test_four_processes_start_at_once_on_a_fresh_postgresql_database(fresh_pg_urls: list[str]) -> None:
+    _assert_all_started(fresh_pg_urls)
