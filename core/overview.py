@@ -1,7 +1,8 @@
 """One read of everything a person needs to see about each provider: connection, key, settings, effective
 parameters with their sources, price, and the cost of one image at these settings.
 
-The console's Settings page and `imagegate debug-config` both show this; neither computes any of it.
+The console's Settings page and `imagegate debug-config` both show this; neither computes any of it, and this
+module only arranges what the one preparation step (core.generation.prepare) works out.
 """
 
 from __future__ import annotations
@@ -10,13 +11,12 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
 
-from core import price_store, settings_service
 from core.catalog import PROVIDERS, ProviderSpec
-from common.errors import InvalidInput
+from core.generation.prepare import prepare
 from core.keys import KeyStatus, key_status
-from core.pricing import CostEstimate, estimate_cost
+from core.pricing import CostEstimate
 from core.providers.registry import ProviderConnection, connection_for
-from core.settings import EffectiveParams, ProviderSettings, describe_source, resolve_effective
+from core.settings import EffectiveParams, ProviderSettings, describe_source
 
 PREVIEW_PROMPT = "settings preview"
 
@@ -53,51 +53,24 @@ class ProviderOverview:
 
 def provider_overviews(session: Session) -> list[ProviderOverview]:
     """Every provider in the catalog, highest configured priority first (unconfigured ones last)."""
-    global_settings = settings_service.get_global_settings(session).settings
-    configured = {view.provider: view for view in settings_service.list_provider_settings(session)}
-    prices = price_store.active_prices(session)
     out: list[ProviderOverview] = []
     for provider_id, spec in PROVIDERS.items():
-        view = configured.get(provider_id)
-        price_view = prices.get(provider_id)
-        problems: list[str] = []
-        effective: EffectiveParams | None = None
-        estimate: CostEstimate | None = None
-        try:
-            effective = resolve_effective(
-                provider_id,
-                global_settings=global_settings,
-                provider_settings=view.settings if view else None,
-                preset=None,
-                overrides=None,
-                prompt=PREVIEW_PROMPT,
-            )
-        except InvalidInput as exc:
-            problems.append(f"the stored settings do not validate: {exc}")
-        if view is None:
-            problems.append("no settings saved: catalog defaults shown; run `imagegate seed`")
-        if price_view is None:
-            problems.append("no price in force: estimates are impossible (an unpriced provider is never free)")
-        elif effective is not None:
-            try:
-                estimate = estimate_cost(
-                    price_view.price, provider_id=provider_id, params={**effective.values(), "num_images": 1}
-                )
-            except ValueError as exc:
-                problems.append(f"cannot price these settings: {exc}")
+        # The one preparation step (core.generation.prepare), priced for one image.
+        prepared = prepare(session, provider_id, prompt=PREVIEW_PROMPT, priced_images=1)
+        price_view = prepared.price
         out.append(
             ProviderOverview(
                 spec=spec,
                 connection=connection_for(provider_id),
                 key=key_status(spec),
-                settings=view.settings if view else None,
-                settings_version=view.version if view else None,
-                effective=effective,
+                settings=prepared.settings.settings if prepared.settings else None,
+                settings_version=prepared.settings.version if prepared.settings else None,
+                effective=prepared.effective,
                 price_description=price_view.price.describe() if price_view else None,
                 price_version=price_view.version if price_view else None,
                 price_source=price_view.price.source if price_view else None,
-                one_image=estimate,
-                problems=problems,
+                one_image=prepared.estimate,
+                problems=list(prepared.problems),
             )
         )
     out.sort(key=lambda o: (o.settings is None, -(o.settings.priority if o.settings else 0), o.provider))

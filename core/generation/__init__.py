@@ -1,0 +1,1 @@
+"""The generation service: prepare, admit, route, run and settle one request."""
