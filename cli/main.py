@@ -520,59 +520,66 @@ def test_provider(
         str | None, typer.Option("--emulator", help="Run against this emulator URL (no key needed).")
     ] = None,
     timeout: Annotated[float | None, typer.Option(help="Deadline in seconds for the whole attempt.")] = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Make the call even though the provider is live and it costs money.")
+    ] = False,
 ) -> None:
     """One real call through the provider's adapter: progress, timings, cost, and the error class on failure.
 
-    With a key in the environment this reaches the real provider and may cost money."""
-    from core import price_store, settings_service
-    from core.pricing import estimate_cost
-    from core.providers.base import AdapterRequest, ConnectionMode, ProgressEvent
+    With a key in the environment this reaches the real provider and costs money, with no usage record (the
+    generation service will keep those): it shows the estimate and runs only with --yes. Sandbox and emulator
+    runs are free and need no --yes."""
+    from core.catalog import PROVIDERS
+    from core.generation.prepare import prepare
+    from core.providers.base import ConnectionMode, ProgressEvent, ProviderResult
     from core.providers.registry import EMULATOR_URL_ENV, build_adapter, connection_for
-    from core.settings import resolve_effective
 
     if emulator_url:
         os.environ[EMULATOR_URL_ENV] = emulator_url
     runtime = _runtime(prepare=True)
     overrides = dict(_parse_param(p) for p in (param or []))
+    # An unknown name gets no adapter; the preparation step reports it as a field error.
+    adapter = build_adapter(name) if name in PROVIDERS else None
+
+    def close_unused_adapter() -> None:
+        if adapter is not None:
+            asyncio.run(adapter.aclose())
+
     with runtime.sessions() as session:
-        global_settings = settings_service.get_global_settings(session).settings
-        try:
-            provider_settings = settings_service.get_provider_settings(session, name).settings
-        except ImagegateError:  # unknown or unconfigured: the resolver below says which
-            provider_settings = None
-        price = price_store.active_price(session, name)
-    try:
-        effective = resolve_effective(
-            name,
-            global_settings=global_settings,
-            provider_settings=provider_settings,
-            preset=preset,
-            overrides=overrides,
-            prompt=prompt,
+        prepared = prepare(
+            session, name, prompt=prompt, preset=preset, overrides=overrides, adapter=adapter, timeout_s=timeout
         )
-    except InvalidInput as exc:
-        _report_field_errors(exc)
-        raise typer.Exit(2) from None
+    refusal = prepared.refusal()
+    if refusal is not None or adapter is None or prepared.request is None or prepared.effective is None:
+        close_unused_adapter()
+        _report_field_errors(refusal or InvalidInput(f"cannot prepare a request for {name}"))
+        raise typer.Exit(2)
 
     connection = connection_for(name)
     typer.echo(f"{name}: {connection.mode.value} ({connection.reason})")
-    for note in effective.notes:
+    for note in prepared.effective.notes:
         typer.echo(f"  note: {note}")
-    estimate = None
-    if price is not None:
-        estimate = estimate_cost(price.price, provider_id=name, params=effective.values())
+    estimate = prepared.estimate
+    if estimate is not None:
         typer.echo(f"estimate: {estimate.formatted}  ({'; '.join(estimate.breakdown)})")
     else:
-        typer.secho("no price in force for this provider: no estimate", fg=typer.colors.YELLOW)
+        for problem in prepared.problems:
+            typer.secho(f"no estimate: {problem}", fg=typer.colors.YELLOW)
+    request = prepared.request
+    if prepared.translation is not None:
+        typer.echo(f"wire parameters: {json.dumps(prepared.translation.wire_params, default=str)}")
+        for note in prepared.translation.notes:
+            typer.echo(f"  changed: {note}")
 
-    adapter = build_adapter(name)
-    request = AdapterRequest(
-        prompt=effective.prompt, params=effective.values(), timeout_s=timeout or effective.request_timeout_s
-    )
-    translation = adapter.translate(request)
-    typer.echo(f"wire parameters: {json.dumps(translation.wire_params, default=str)}")
-    for note in translation.notes:
-        typer.echo(f"  changed: {note}")
+    if connection.mode is ConnectionMode.LIVE and not yes:
+        close_unused_adapter()
+        cost = f"about {estimate.formatted}" if estimate is not None else "an unknown amount (no usable price)"
+        raise _fail(
+            f"{name} is live ({connection.reason}): this call goes to the real provider and costs {cost}, "
+            "and nothing records it yet. Run again with --yes to make it (without the key in the environment "
+            "it runs free, in the sandbox or with --emulator URL).",
+            code=2,
+        )
 
     def on_event(event: ProgressEvent) -> None:
         parts = [event.kind.value]
@@ -588,8 +595,16 @@ def test_provider(
     def on_request_id(request_id: str) -> None:
         typer.echo(f"  provider request id: {request_id}")
 
+    runner = adapter  # narrowed above: this one is not None
+
+    async def run_once() -> ProviderResult:
+        try:
+            return await runner.generate(request, on_event=on_event, on_request_id=on_request_id)
+        finally:
+            await runner.aclose()
+
     try:
-        result = asyncio.run(adapter.generate(request, on_event=on_event, on_request_id=on_request_id))
+        result = asyncio.run(run_once())
     except ProviderError as exc:
         traits = exc.traits
         typer.secho(f"FAILED: {exc.error_class.value}: {exc.message}", fg=typer.colors.RED, err=True)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
+from common.errors import Billing, ErrorClass, ProviderError
 from core.audit import count_entries
 from core.runtime import open_runtime
 from db import migrate
@@ -173,6 +175,52 @@ def test_test_provider_against_the_emulator(data_dir: Path, emulator: Background
     assert code == 1
     assert "FAILED: rate_limited" in out
     assert "retryable: True" in out and "retry after" in out
+
+
+class _LiveCallsStopped:
+    """Stands in for the live fal adapter's generate(): a test must never reach fal, so it only counts calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, *args: object, **kwargs: object) -> NoReturn:
+        self.calls += 1
+        raise ProviderError(
+            ErrorClass.AUTH, "stopped by the test: no live call", provider="fal-qwen", billing=Billing.NOT_BILLED
+        )
+
+
+@pytest.fixture
+def live_fal(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> _LiveCallsStopped:
+    """fal-qwen in LIVE mode (a fake key in the environment) with its generate() replaced: no network."""
+    from core.providers.fal import FalQwenAdapter
+
+    stopped = _LiveCallsStopped()
+    monkeypatch.setattr(FalQwenAdapter, "generate", stopped)
+    monkeypatch.setenv("FAL_KEY", "fake-fal-key-0000-for-tests-only")
+    return stopped
+
+
+def test_test_provider_live_shows_the_estimate_and_refuses_without_yes(live_fal: _LiveCallsStopped) -> None:
+    code, out = run("test-provider", "fal-qwen", "--param", "num_inference_steps=4")
+    assert code == 2, out
+    assert "fal-qwen: live" in out
+    assert "estimate: $0.015729" in out
+    assert "costs about $0.015729" in out and "--yes" in out
+    assert "fake-fal-key" not in out  # the key is never shown, not even in the refusal
+    assert live_fal.calls == 0
+
+
+def test_test_provider_live_runs_only_with_yes(live_fal: _LiveCallsStopped) -> None:
+    code, out = run("test-provider", "fal-qwen", "--yes")
+    assert live_fal.calls == 1  # --yes lets the call through (to the stand-in, never to fal)
+    assert code == 1 and "stopped by the test" in out
+
+
+def test_test_provider_needs_no_yes_in_the_emulator(data_dir: Path, emulator: BackgroundServer) -> None:
+    code, out = run("test-provider", "fal-qwen", "--emulator", emulator.url, "--param", "num_inference_steps=4")
+    assert code == 0, out
+    assert "fal-qwen: emulator" in out and "cost: $0 (emulator" in out
 
 
 def test_health_probes(data_dir: Path, emulator: BackgroundServer) -> None:
