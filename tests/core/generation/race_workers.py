@@ -1,0 +1,175 @@
+"""Worker processes for the budget races (spawned: they import this module, never the test module).
+
+Each worker is a separate process with its own engine, running many threads with a session each, so the
+reservations race across processes AND within one, as under several API workers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from common.errors import Billing, BudgetExceeded
+from core.generation import budgets
+from core.generation.budgets import Reservation, SpendMode
+from db.engine import make_engine, session_factory, transaction
+from db.models import BudgetPeriod
+
+HOUR = timedelta(hours=1)
+BARRIER_TIMEOUT_S = 90
+
+
+@dataclass(frozen=True)
+class Trial:
+    budget_id: int
+    period_id: int
+    amounts: tuple[int, ...]
+    """This worker's share: one reservation per amount, each in its own thread, all released at once."""
+
+
+def _factory(url: str, threads: int) -> sessionmaker[Session]:
+    # A bounded pool, as in production: the threads still race, on at most `threads` connections per process.
+    if url.startswith("postgresql"):
+        return session_factory(make_engine(url, pool_size=min(threads, 8), max_overflow=0, pool_timeout=120))
+    return session_factory(make_engine(url, pool_size=threads, max_overflow=0, pool_timeout=120))
+
+
+def _run_threads(count: int, work: Callable[[int], Any]) -> list[Any]:
+    results: list[Any] = [None] * count
+    go = threading.Event()
+
+    def run(i: int) -> None:
+        go.wait()
+        results[i] = work(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    go.set()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def naive_reserve(session: Session, period_id: int, limit: int, amount: int) -> bool:
+    """The read-then-write version this design replaces (test helper only): check in Python, then write the
+    total back. Two requests that read the same figures both "fit", and one write overwrites the other."""
+    spent, reserved = session.execute(
+        select(BudgetPeriod.spent_micro_usd, BudgetPeriod.reserved_micro_usd).where(BudgetPeriod.id == period_id)
+    ).one()
+    if spent + reserved + amount > limit:
+        return False
+    time.sleep(0.002)  # any work between the read and the write: a network hop, a GC pause
+    session.execute(
+        update(BudgetPeriod)
+        .where(BudgetPeriod.id == period_id)
+        .values(reserved_micro_usd=reserved + amount)
+        .execution_options(synchronize_session=False)
+    )
+    return True
+
+
+def reserve_then_settle(
+    url: str, trials: list[Trial], naive: bool, start: Barrier, mid: Barrier, done: Barrier, out: Queue[Any]
+) -> None:
+    """Per trial: every thread reserves its amount at once (phase 1); the parent checks the figures; then every
+    winner settles (most) or releases (every fourth) at once (phase 2)."""
+    threads = max(len(t.amounts) for t in trials)
+    factory = _factory(url, threads)
+    for trial in trials:
+        with factory() as session:
+            budget = budgets.get_budget(session, trial.budget_id)
+
+        def reserve_one(i: int, trial: Trial = trial, budget: budgets.BudgetView = budget) -> tuple[Any, float]:
+            amount = trial.amounts[i]
+            began = time.perf_counter()
+            try:
+                with transaction(factory) as session:
+                    if naive:
+                        won: Reservation | bool | None = naive_reserve(
+                            session, trial.period_id, budget.limit_micro_usd, amount
+                        )
+                    else:
+                        won = budgets.reserve(session, [budget], amount, SpendMode.LIVE, None, HOUR).reservation
+            except BudgetExceeded:
+                won = None
+            return won, time.perf_counter() - began
+
+        start.wait(BARRIER_TIMEOUT_S)
+        began = time.perf_counter()
+        phase1 = _run_threads(len(trial.amounts), reserve_one)
+        phase1_s = time.perf_counter() - began
+        won = [(i, r) for i, (r, _) in enumerate(phase1) if r]
+        out.put(
+            {
+                "phase": 1,
+                "won": [trial.amounts[i] for i, _ in won],
+                "refused": sum(1 for r, _ in phase1 if not r),
+                "latencies": [s for _, s in phase1],
+                "seconds": phase1_s,
+            }
+        )
+        mid.wait(BARRIER_TIMEOUT_S)
+
+        def close_one(k: int, won: list[tuple[int, Any]] = won, trial: Trial = trial) -> int:
+            i, reservation = won[k]
+            with transaction(factory) as session:
+                if k % 4 == 3:
+                    budgets.release(session, reservation)
+                    return 0
+                actual = trial.amounts[i] - (i % 3)  # at most the estimate: the limit must then hold throughout
+                budgets.settle(session, reservation, actual, Billing.BILLED)
+                return actual
+
+        settled: list[int] = []
+        if not naive:
+            began = time.perf_counter()
+            settled = _run_threads(len(won), close_one)
+            out.put({"phase": 2, "settled_actuals": settled, "seconds": time.perf_counter() - began})
+        else:
+            out.put({"phase": 2, "settled_actuals": [], "seconds": 0.0})
+        done.wait(BARRIER_TIMEOUT_S)
+
+
+def settle_all(
+    url: str,
+    reservations: list[Reservation],
+    actuals: list[int],
+    action: str,
+    start: Barrier,
+    out: Queue[Any],
+) -> None:
+    """Close the same reservations as another process at the same moment: `settle` (billed), `release`, or
+    `expire` (sweeps with a clock past every expiry, until nothing is left)."""
+    factory = _factory(url, 1)
+    closed: list[int] = []
+    start.wait(BARRIER_TIMEOUT_S)
+    began = time.perf_counter()
+    if action == "expire":
+        later = datetime.now(UTC) + 2 * HOUR
+        total = 0
+        while True:
+            with transaction(factory) as session:
+                count = budgets.expire_stale(session, later, limit=5)
+            total += count
+            if count == 0:
+                break
+        closed = [total]
+    else:
+        for reservation, actual in zip(reservations, actuals, strict=True):
+            with transaction(factory) as session:
+                if action == "settle":
+                    outcome = budgets.settle(session, reservation, actual, Billing.BILLED)
+                else:
+                    outcome = budgets.release(session, reservation)
+            closed.append(outcome.closed)
+    out.put({"action": action, "closed": closed, "seconds": time.perf_counter() - began})
