@@ -20,7 +20,8 @@ from ui import session_routes, state
 
 # A local image: an icon name like ":material/image:" makes the browser fetch the favicon from Google's font
 # server, and the console must never need the internet.
-FAVICON = Path(__file__).resolve().parent / "ui" / "assets" / "favicon.png"
+ROOT = Path(__file__).resolve().parents[1]
+FAVICON = ROOT / "ui" / "assets" / "favicon.png"
 
 st.set_page_config(page_title="Imagegate", page_icon=str(FAVICON), layout="wide")
 
@@ -35,11 +36,12 @@ class PageSpec:
 
 
 # Every page, in menu order; a role's first page is its start page. (Comments, not a docstring: Streamlit would
-# print a bare string.) The folder is deliberately not named `pages/`: Streamlit runs a script from `pages/`
-# directly, without this file's sign-in, when the first request a server process gets is a link to it.
+# print a bare string.) This router lives in ui/, not beside pages/: Streamlit runs a script from a `pages/`
+# folder next to the main script directly, without this file's sign-in, when the first request a server process
+# gets is a link to it. Every page also checks its user itself (`state.require_user`).
 PAGES = (
-    PageSpec("settings", "views/settings.py", "Settings", ":material/tune:", state.STAFF),
-    PageSpec("account", "views/account.py", "Account", ":material/person:", frozenset(Role)),
+    PageSpec("settings", str(ROOT / "pages" / "settings.py"), "Settings", ":material/tune:", state.STAFF),
+    PageSpec("account", str(ROOT / "pages" / "account.py"), "Account", ":material/person:", frozenset(Role)),
 )
 
 

@@ -55,7 +55,7 @@ def routes() -> list[BaseRoute]:
 
 def served() -> bool:
     """True when this process serves the routes (started as `streamlit run app.py`). Without them (AppTest, or
-    `streamlit run console.py`), a sign-in lasts as long as the browser tab's Streamlit session."""
+    `streamlit run ui/console.py`), a sign-in lasts as long as the browser tab's Streamlit session."""
     return _served
 
 

@@ -99,7 +99,7 @@ def current_user() -> UserView | None:
 def require_user(roles: frozenset[Role] = frozenset(Role)) -> UserView:
     """The signed-in user if their role is one of `roles`; otherwise the page stops here, showing nothing.
 
-    Every page calls this first. console.py registers only the pages a role may see, and this check holds
+    Every page calls this first. ui/console.py registers only the pages a role may see, and this check holds
     even if a page script is ever run some other way."""
     user = current_user()
     if user is None or user.role not in roles:

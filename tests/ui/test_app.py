@@ -19,7 +19,7 @@ from db.engine import transaction
 from db.models import ConsoleSession, User
 
 ROOT = Path(__file__).resolve().parents[2]
-APP = str(ROOT / "console.py")
+APP = str(ROOT / "ui" / "console.py")
 PASSWORD = "correct horse battery"
 
 
@@ -35,7 +35,7 @@ def fresh_console(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
 
 
 def _app(deep_link: str | None = None) -> AppTest:
-    """A new browser session; `deep_link` (e.g. "views/settings.py") opens that page's URL directly."""
+    """A new browser session; `deep_link` (e.g. "pages/settings.py") opens that page's URL directly."""
     at = AppTest.from_file(APP, default_timeout=60)
     if deep_link is not None:
         at.switch_page(deep_link)  # before the first run: the page is named by its URL, as a link would
@@ -142,16 +142,16 @@ def test_sign_in_and_roles(fresh_console: Path) -> None:
 
     # A USER cannot reach the Settings page: it is not registered for the role at all.
     with pytest.raises(ValueError, match="Could not find a navigation page"):
-        at.switch_page("views/settings.py")
+        at.switch_page(str(ROOT / "pages" / "settings.py"))
 
 
 def test_staff_can_switch_to_settings(fresh_console: Path) -> None:
     at = _app()
     _fill_first_run(at, _setup_code(), "alice", PASSWORD)
-    at.switch_page("views/account.py")
+    at.switch_page(str(ROOT / "pages" / "account.py"))
     at.run()
     assert at.title[0].value == "Your account"
-    at.switch_page("views/settings.py")
+    at.switch_page(str(ROOT / "pages" / "settings.py"))
     at.run()
     assert at.title[0].value == "Provider settings"
 
@@ -234,19 +234,19 @@ def test_a_deep_link_shows_the_sign_in_form_and_then_its_page(fresh_console: Pat
     _fill_first_run(at, _setup_code(), "alice", PASSWORD)
     _with_bob()
 
-    at = _app(deep_link="views/settings.py")  # a new browser session, signed out, opening /settings
+    at = _app(deep_link=str(ROOT / "pages" / "settings.py"))  # a new browser session, signed out, opening /settings
     assert _titles(at) == ["Sign in to Imagegate"]  # the form, at the page's own URL
     _sign_in(at, "alice")
     assert _titles(at) == ["Provider settings"]
 
     # A USER following the same link lands on their own start page: their role has no such page.
-    at = _app(deep_link="views/settings.py")
+    at = _app(deep_link=str(ROOT / "pages" / "settings.py"))
     _sign_in(at, "bob")
     assert _titles(at) == ["Your account"]
 
 
 def test_the_first_run_form_answers_at_a_deep_link_too(fresh_console: Path) -> None:
-    at = _app(deep_link="views/account.py")
+    at = _app(deep_link=str(ROOT / "pages" / "account.py"))
     assert _titles(at) == ["Welcome to Imagegate"]
     _fill_first_run(at, _setup_code(), "alice", PASSWORD)
     assert _titles(at) == ["Your account"]
@@ -317,7 +317,7 @@ def test_with_the_session_routes_sign_in_sends_the_browser_to_collect_its_cookie
     at = _app()
     _fill_first_run(at, _setup_code(), "alice", PASSWORD)
     monkeypatch.setattr(session_routes, "_served", True)
-    at = _app(deep_link="views/settings.py")
+    at = _app(deep_link=str(ROOT / "pages" / "settings.py"))
     _sign_in(at, "alice")
     scripts = [h.proto.body for h in at.get("html")]
     assert len(scripts) == 1 and "window.location.replace" in scripts[0]
