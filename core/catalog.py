@@ -144,13 +144,14 @@ IDEOGRAM_ASPECT_RATIOS: dict[str, tuple[int, int]] = {
     "5:4": (1120, 896),
 }
 
-# The Qwen-Image Space renders one fixed size per aspect ratio.
+# The Qwen-Image Space renders one fixed size per aspect ratio. 4:3 is 1472x1104 (the Space's get_image_size();
+# providers.md: "1472x1140 or 1472x1104"): the model card's 1472x1140 is not a multiple of 16 and cannot come out.
 QWEN_SPACE_ASPECT_RATIOS: dict[str, tuple[int, int]] = {
     "1:1": (1328, 1328),
     "16:9": (1664, 928),
     "9:16": (928, 1664),
-    "4:3": (1472, 1140),
-    "3:4": (1140, 1472),
+    "4:3": (1472, 1104),
+    "3:4": (1104, 1472),
     "3:2": (1584, 1056),
     "2:3": (1056, 1584),
 }

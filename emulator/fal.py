@@ -35,18 +35,33 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from core.catalog import FAL_SIZE_PRESETS
+from emulator.api_facts import (
+    FAL_ACCELERATIONS,
+    FAL_DEFAULT_GUIDANCE,
+    FAL_DEFAULT_IMAGE_SIZE,
+    FAL_DEFAULT_NEGATIVE_PROMPT,
+    FAL_DEFAULT_STEPS,
+    FAL_GUIDANCE,
+    FAL_IMAGE_SIZE_PRESETS,
+    FAL_LORA_SCALE,
+    FAL_MAX_LORAS,
+    FAL_MAX_SIDE,
+    FAL_NUM_IMAGES,
+    FAL_OUTPUT_FORMATS,
+    FAL_STEPS,
+)
 from emulator.faults import BOARD, Fault, FaultBoard
 from emulator.http_faults import DroppedResponse, quiet_emulated_drops
 from emulator.images import render_image
@@ -72,15 +87,12 @@ SUPPORTED_FAULTS: frozenset[Fault] = frozenset(
         Fault.CANCELLED_400,
     }
 )
-MAX_SIDE = 14142
+MAX_SIDE = FAL_MAX_SIDE
 QUEUE_STEP_S = 0.5
 """A queued request also moves on one step per this many seconds, polled or not: an abandoned request must
 run (and leave the queue) like on fal, not hold everyone's position forever."""
 MAX_FILES = 512
 """Generated files kept for download; older ones are dropped (fal's CDN URLs expire too)."""
-
-_SizePreset = Literal["square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"]
-
 
 class ImageSize(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -90,32 +102,54 @@ class ImageSize(BaseModel):
 
 class LoraWeight(BaseModel):
     path: str = Field(min_length=1)
-    scale: float = Field(1.0, ge=0, le=4)
+    scale: float = Field(1.0, ge=FAL_LORA_SCALE[0], le=FAL_LORA_SCALE[1])
+
+
+def _one_of(value: str, choices: Iterable[str]) -> str:
+    allowed = tuple(choices)
+    if value not in allowed:
+        raise ValueError(f"Input should be {' or '.join(repr(c) for c in allowed)}")
+    return value
 
 
 class QwenImageInput(BaseModel):
-    """fal-ai/qwen-image's input schema (fal ignores unknown fields, so does this)."""
+    """fal-ai/qwen-image's input schema (fal ignores unknown fields, so does this); limits from api_facts."""
 
     model_config = ConfigDict(extra="ignore")
 
     prompt: str = Field(min_length=1)
-    image_size: _SizePreset | ImageSize = "landscape_4_3"
-    num_inference_steps: int = Field(30, ge=2, le=250)
-    guidance_scale: float = Field(2.5, ge=0, le=20)
-    num_images: int = Field(1, ge=1, le=4)
+    image_size: str | ImageSize = FAL_DEFAULT_IMAGE_SIZE
+    num_inference_steps: int = Field(FAL_DEFAULT_STEPS, ge=FAL_STEPS[0], le=FAL_STEPS[1])
+    guidance_scale: float = Field(FAL_DEFAULT_GUIDANCE, ge=FAL_GUIDANCE[0], le=FAL_GUIDANCE[1])
+    num_images: int = Field(1, ge=FAL_NUM_IMAGES[0], le=FAL_NUM_IMAGES[1])
     seed: int | None = Field(None, ge=0)
-    negative_prompt: str = " "
-    acceleration: Literal["none", "regular", "high"] = "none"
+    negative_prompt: str = FAL_DEFAULT_NEGATIVE_PROMPT
+    acceleration: str = FAL_ACCELERATIONS[0]
     enable_safety_checker: bool = True
-    output_format: Literal["jpeg", "png"] = "png"
+    output_format: str = "png"
     sync_mode: bool = False
-    loras: list[LoraWeight] = Field(default_factory=list, max_length=3)
+    loras: list[LoraWeight] = Field(default_factory=list, max_length=FAL_MAX_LORAS)
     use_turbo: bool = False
+
+    @field_validator("image_size")
+    @classmethod
+    def _preset(cls, value: str | ImageSize) -> str | ImageSize:
+        return _one_of(value, FAL_IMAGE_SIZE_PRESETS) if isinstance(value, str) else value
+
+    @field_validator("acceleration")
+    @classmethod
+    def _acceleration(cls, value: str) -> str:
+        return _one_of(value, FAL_ACCELERATIONS)
+
+    @field_validator("output_format")
+    @classmethod
+    def _output_format(cls, value: str) -> str:
+        return _one_of(value, FAL_OUTPUT_FORMATS)
 
     def dimensions(self) -> tuple[int, int]:
         if isinstance(self.image_size, ImageSize):
             return self.image_size.width, self.image_size.height
-        return FAL_SIZE_PRESETS[self.image_size]
+        return FAL_IMAGE_SIZE_PRESETS[self.image_size]
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """A local stand-in for Ideogram's 3.0 REST API: `POST /v1/ideogram-v3/generate`.
 
-It speaks the wire protocol the real API speaks (core docs: shared/reference/providers.md), strictly enough that
-an adapter bug shows up here rather than in production:
+It speaks the wire protocol the real API speaks (emulator.api_facts, from shared/reference/providers.md),
+strictly enough that an adapter bug shows up here rather than in production:
 - multipart/form-data only (a url-encoded or JSON body gets 415), `Api-Key` header required (401 when missing,
   or when it is the literal `bad-key`);
 - synchronous: the answer holds the images, as signed URLs that EXPIRE (`?expires=<unix>&sig=<hmac>`; a late or
@@ -37,7 +37,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from core.catalog import IDEOGRAM_ASPECT_RATIOS, IDEOGRAM_RESOLUTIONS, SEED_MAX
+from emulator.api_facts import (
+    IDEOGRAM_ASPECT_RATIOS,
+    IDEOGRAM_DEFAULT_ASPECT_RATIO,
+    IDEOGRAM_MAGIC_PROMPT,
+    IDEOGRAM_NUM_IMAGES,
+    IDEOGRAM_RENDERING_SPEEDS,
+    IDEOGRAM_RESOLUTIONS,
+    IDEOGRAM_SEED,
+    IDEOGRAM_STYLE_TYPES,
+    ideogram_size_for,
+)
 from emulator.faults import Fault, FaultBoard
 from emulator.http_faults import DroppedResponse, hold_open, quiet_emulated_drops
 from emulator.images import render_image
@@ -62,14 +72,13 @@ PROVIDER = "ideogram"
 GENERATE_PATH = "/v1/ideogram-v3/generate"
 BAD_KEY = "bad-key"
 
-RENDERING_SPEEDS = ("TURBO", "DEFAULT", "QUALITY")
-MAGIC_PROMPT = ("AUTO", "ON", "OFF")
-STYLE_TYPES = ("AUTO", "GENERAL", "REALISTIC", "DESIGN", "FICTION")
-# Wire spelling of aspect ratios: "16x9", not "16:9".
-WIRE_ASPECT_RATIOS: dict[str, tuple[int, int]] = {
-    ratio.replace(":", "x"): dims for ratio, dims in IDEOGRAM_ASPECT_RATIOS.items()
-}
-WIRE_RESOLUTIONS = frozenset(f"{w}x{h}" for w, h in IDEOGRAM_RESOLUTIONS)
+SEED_MAX = IDEOGRAM_SEED[1]
+RENDERING_SPEEDS = IDEOGRAM_RENDERING_SPEEDS
+MAGIC_PROMPT = IDEOGRAM_MAGIC_PROMPT
+STYLE_TYPES = IDEOGRAM_STYLE_TYPES
+# Wire spelling of aspect ratios: "16x9", not "16:9"; each rendered at api_facts.ideogram_size_for's choice.
+WIRE_ASPECT_RATIOS: dict[str, tuple[int, int]] = {ratio: ideogram_size_for(ratio) for ratio in IDEOGRAM_ASPECT_RATIOS}
+WIRE_RESOLUTIONS = IDEOGRAM_RESOLUTIONS
 KNOWN_FIELDS = frozenset(
     {
         "prompt",
@@ -197,8 +206,8 @@ def _validate(form: FormData) -> _GenerateRequest:
     prompt = (_text(form, "prompt") or "").strip()
     if not prompt:
         raise _Invalid("prompt is required")
-    seed = _int_field(form, "seed", 0, SEED_MAX)
-    num_images = _int_field(form, "num_images", 1, 8) or 1
+    seed = _int_field(form, "seed", *IDEOGRAM_SEED)
+    num_images = _int_field(form, "num_images", *IDEOGRAM_NUM_IMAGES) or 1
     _enum_field(form, "rendering_speed", RENDERING_SPEEDS)
     magic = _enum_field(form, "magic_prompt", MAGIC_PROMPT) or "AUTO"
     style = _enum_field(form, "style_type", STYLE_TYPES) or "AUTO"
@@ -218,7 +227,7 @@ def _validate(form: FormData) -> _GenerateRequest:
             raise _Invalid(f"aspect_ratio {aspect_ratio!r} is not one of {choices} (use an x: 16x9)")
         w, h = WIRE_ASPECT_RATIOS[aspect_ratio]
     else:
-        w, h = WIRE_ASPECT_RATIOS["1x1"]
+        w, h = WIRE_ASPECT_RATIOS[IDEOGRAM_DEFAULT_ASPECT_RATIO]
     return _GenerateRequest(prompt, seed, w, h, num_images, magic, style)
 
 

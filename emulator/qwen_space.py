@@ -5,7 +5,8 @@ SSE stream with estimation/progress/completion messages, file download, cancel) 
 
 Signature (as on the Space): `infer(prompt, seed=0, randomize_seed=True, aspect_ratio="16:9",
 guidance_scale=4.0, num_inference_steps=50, prompt_enhance=True) -> (image, seed)`. The image is a WEBP at the
-Space's real size for the aspect ratio (core.catalog.QWEN_SPACE_ASPECT_RATIOS).
+Space's real size for the aspect ratio (emulator.api_facts.QWEN_SPACE_SIZES: the emulator's own statement, never
+the product's catalog).
 
 Knobs (emulator.faults.FaultBoard, provider "qwen"), read on every request so they can change at run time:
 `latency_s` (spread over the steps, with a progress report per step) and `concurrency` (jobs run at once; the
@@ -37,7 +38,15 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from core.catalog import QWEN_SPACE_ASPECT_RATIOS, SEED_MAX
+from emulator.api_facts import (
+    QWEN_SPACE_DEFAULT_ASPECT_RATIO,
+    QWEN_SPACE_DEFAULT_GUIDANCE,
+    QWEN_SPACE_DEFAULT_STEPS,
+    QWEN_SPACE_GUIDANCE,
+    QWEN_SPACE_SEED,
+    QWEN_SPACE_SIZES,
+    QWEN_SPACE_STEPS,
+)
 from emulator.faults import BOARD, Fault, FaultBoard, fault_in_prompt
 from emulator.images import render_image
 
@@ -57,6 +66,7 @@ SUPPORTED_FAULTS: frozenset[Fault] = frozenset(
 
 PROVIDER = "qwen"
 API_NAME = "infer"
+SEED_MAX = QWEN_SPACE_SEED[1]
 HANG_S = 600.0
 """A hang is bounded so a test that never cancels does not leave a task alive for the life of the process."""
 
@@ -108,7 +118,7 @@ def build_blocks(board: FaultBoard | None = None) -> Any:
     gr = _import_gradio()
     board = board or BOARD
     outputs = _Outputs()
-    ratios = list(QWEN_SPACE_ASPECT_RATIOS)
+    ratios = list(QWEN_SPACE_SIZES)
 
     def validate(
         prompt: str,
@@ -161,7 +171,7 @@ def build_blocks(board: FaultBoard | None = None) -> Any:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         if fault is Fault.HANG:
             await asyncio.sleep(HANG_S)
-        if aspect_ratio not in QWEN_SPACE_ASPECT_RATIOS:
+        if aspect_ratio not in QWEN_SPACE_SIZES:
             # Gradio's Radio already refuses unknown choices; this guards direct calls of the function.
             raise gr.Error(f"Value: {aspect_ratio!r} is not in the list of choices: {ratios}")
 
@@ -181,7 +191,7 @@ def build_blocks(board: FaultBoard | None = None) -> Any:
             return None, None
         if fault is Fault.NOT_AN_IMAGE:
             return outputs.write(b"<html>502 Bad Gateway</html>", ".webp"), used_seed
-        width, height = QWEN_SPACE_ASPECT_RATIOS[aspect_ratio]
+        width, height = QWEN_SPACE_SIZES[aspect_ratio]
         # The guidance, step count and prompt-enhance flag change the picture, as they would on the Space.
         key = f"{prompt}\x00{guidance_scale}\x00{steps}\x00{bool(prompt_enhance)}"
         data = await asyncio.to_thread(render_image, key, used_seed, width, height, "webp")
@@ -194,11 +204,23 @@ def build_blocks(board: FaultBoard | None = None) -> Any:
             run_button = gr.Button("Run", variant="primary", scale=1)
         result = gr.Image(label="Result", show_label=False, type="filepath", format="webp")
         with gr.Accordion("Advanced Settings", open=False):
-            seed = gr.Slider(label="Seed", minimum=0, maximum=SEED_MAX, step=1, value=0)
+            seed = gr.Slider(label="Seed", minimum=QWEN_SPACE_SEED[0], maximum=SEED_MAX, step=1, value=0)
             randomize_seed = gr.Checkbox(label="Randomize seed", value=True)
-            aspect_ratio = gr.Radio(label="Aspect ratio", choices=ratios, value="16:9")
-            guidance_scale = gr.Slider(label="Guidance scale", minimum=0.0, maximum=10.0, step=0.1, value=4.0)
-            num_inference_steps = gr.Slider(label="Number of inference steps", minimum=1, maximum=50, step=1, value=50)
+            aspect_ratio = gr.Radio(label="Aspect ratio", choices=ratios, value=QWEN_SPACE_DEFAULT_ASPECT_RATIO)
+            guidance_scale = gr.Slider(
+                label="Guidance scale",
+                minimum=QWEN_SPACE_GUIDANCE[0],
+                maximum=QWEN_SPACE_GUIDANCE[1],
+                step=0.1,
+                value=QWEN_SPACE_DEFAULT_GUIDANCE,
+            )
+            num_inference_steps = gr.Slider(
+                label="Number of inference steps",
+                minimum=QWEN_SPACE_STEPS[0],
+                maximum=QWEN_SPACE_STEPS[1],
+                step=1,
+                value=QWEN_SPACE_DEFAULT_STEPS,
+            )
             prompt_enhance = gr.Checkbox(label="Prompt Enhance", value=True)
         gr.on(
             triggers=[run_button.click, prompt.submit],
