@@ -300,6 +300,24 @@ class GlobalSettings(BaseModel):
     """Deadline for one provider attempt; a provider's own setting overrides it. Strict like every parameter:
     `true` and `"30"` are refused (a whole number such as 30 is a number)."""
 
+    # Circuit breakers and health (read by core.generation.breaker and core.generation.health).
+    breaker_consecutive_failures: StrictInt = Field(5, ge=1, le=1000)
+    """A provider's breaker opens after this many failures in a row (failures that say something about it)."""
+    breaker_failure_rate: StrictFloat = Field(0.5, gt=0, le=1)
+    """...or when at least this share of its requests in the current window failed,"""
+    breaker_min_requests: StrictInt = Field(10, ge=1, le=100_000)
+    """...counted only once the window holds this many requests."""
+    breaker_window_s: StrictInt = Field(60, ge=1, le=86_400)
+    """Length of the fixed failure-rate window; its counters start again when a new window begins."""
+    breaker_cooldown_s: StrictInt = Field(30, ge=1, le=86_400)
+    """An open breaker refuses requests this long before one request may probe the provider."""
+    breaker_max_cooldown_s: StrictInt = Field(600, ge=1, le=86_400)
+    """Failed probes double the cooldown, up to this."""
+    breaker_probe_lease_s: StrictInt = Field(60, ge=1, le=86_400)
+    """A probe's owner must report within this; after it another process may probe (its owner died)."""
+    health_probe_interval_s: StrictInt = Field(60, ge=10, le=86_400)
+    """How often the worker runs each provider's cheap health probe."""
+
     # Routing defaults (read by core.routing).
     default_preset: str | None = None
     """Quality preset `resolve_effective` applies when a request names none (None = no preset)."""
