@@ -41,16 +41,17 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, func, literal, select, update
+from sqlalchemy import case, func, insert, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from common.errors import Billing, InvalidInput, NotFound
+from common.errors import Billing, Conflict, InvalidInput, NotFound
 from core.catalog import PROVIDERS
+from core.money import MICRO
 from db.models import (
     LATENCY_BUCKET_BOUNDS_MS,
     LATENCY_BUCKET_COLUMNS,
@@ -58,6 +59,7 @@ from db.models import (
     StoredImage,
     UsageAttempt,
     UsageDailyRollup,
+    new_uuid,
     utcnow,
 )
 
@@ -75,6 +77,8 @@ __all__ = [
     "UsageSummaryRow",
     "finish_attempt",
     "finish_generation",
+    "generation_images",
+    "get_generation",
     "latency_bucket",
     "pending_attempts",
     "percentile_from_histogram",
@@ -98,6 +102,21 @@ MAX_IDEMPOTENCY_KEY_CHARS = 160
 ATTEMPT_FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "recovered"})
 GENERATION_FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "refused"})
 GENERATION_MODES = frozenset({"live", "simulated"})
+MAX_REQUEST_ID_CHARS = 128
+MAX_ERROR_MESSAGE_CHARS = 4000
+_START_ATTEMPTS = 3
+"""A winner that rolls back between our insert and our read makes `start_generation` try again, this often."""
+_COUNTER_COLUMNS: tuple[str, ...] = (
+    "attempts",
+    "images",
+    "megapixels_micro",
+    "billed_units_micro",
+    "estimated_micro_usd",
+    "actual_micro_usd",
+    "unknown_billing",
+    "latency_sum_ms",
+    *LATENCY_BUCKET_COLUMNS,
+)
 SUMMARY_DIMENSIONS = ("provider", "user", "day", "mode", "status", "error_class")
 """What `usage_summary` can group by. `mode` is the connection mode (live | emulator | sandbox); the spend mode
 (live | simulated) is always a group."""
@@ -373,6 +392,33 @@ def percentile_from_histogram(counts: Sequence[int], q: float) -> float | None:
     return float(LATENCY_BUCKET_BOUNDS_MS[-1])  # pragma: no cover - rank <= total always lands above
 
 
+def _units_micro(units: Decimal | None) -> int | None:
+    """Billed units in millionths, rounded half up (a provider may report more places than we keep)."""
+    if units is None:
+        return None
+    return int((units * MICRO).to_integral_value(rounding=ROUND_HALF_UP))
+
+
+def _jsonable(value: Any) -> Any:
+    """A request as plain JSON (Decimals as their exact text): what the generation row keeps."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, StrEnum):
+        return value.value
+    return value
+
+
+def _require_generation(session: Session, generation_id: str) -> None:
+    if session.execute(select(Generation.id).where(Generation.id == generation_id)).first() is None:
+        raise NotFound(f"no generation {generation_id}")
+
+
 # --- generations ----------------------------------------------------------------------------------------------
 
 
@@ -395,7 +441,67 @@ def start_generation(
     """Create the generation (status `pending`), or return the one an earlier request with the same
     idempotency key created (`created=False`, its current state). A key reused with a different request
     (another `fingerprint`) raises `InvalidInput` naming the key. Without a key every call creates one."""
-    raise NotImplementedError
+    if mode not in GENERATION_MODES:
+        raise ValueError(f"a generation's mode is live or simulated, not {mode!r}")
+    key = None if idempotency_key is None else scoped_idempotency_key(user_id, idempotency_key)
+    values: dict[str, Any] = {
+        "id": new_uuid(),
+        "idempotency_key": key,
+        "request_fingerprint": fingerprint,
+        "mode": mode,
+        "user_id": user_id,
+        "prompt": prompt,
+        "request": _jsonable(request),
+        "routing_policy": routing_policy,
+        "requested_provider": requested_provider,
+        "status": "pending",
+        "estimated_micro_usd": estimated_micro_usd,
+        "lease_owner": lease_owner,
+        "lease_expires_at": lease_expires_at,
+        "created_at": _now(now),
+    }
+    if key is None:
+        session.execute(insert(Generation).values(**values))
+        return _generation_start(_load_generation(session, values["id"]), created=True)
+
+    # The insert is the race guard: of any number of concurrent requests with this key exactly one inserts;
+    # the others insert nothing (PostgreSQL makes them wait for the winner's commit) and read the winner's row.
+    for _ in range(_START_ATTEMPTS):
+        statement = (
+            _dialect_insert(session, Generation)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=[Generation.idempotency_key])
+            .returning(Generation.id)
+        )
+        if session.execute(statement).first() is not None:
+            return _generation_start(_load_generation(session, values["id"]), created=True)
+        existing = session.execute(
+            select(Generation).where(Generation.idempotency_key == key).execution_options(populate_existing=True)
+        ).scalar_one_or_none()
+        if existing is None:  # pragma: no cover - the winner rolled back between our insert and our read
+            continue
+        if existing.request_fingerprint != fingerprint:
+            raise InvalidInput(
+                f"the idempotency key {idempotency_key!r} was already used for a different request; "
+                "a repeated request must be identical, and a new request needs a new key",
+                {"idempotency_key": "already used for a different request"},
+            )
+        return _generation_start(existing, created=False)
+    raise Conflict(f"the idempotency key {idempotency_key!r} is being used by a request that keeps failing")
+
+
+def _load_generation(session: Session, generation_id: str) -> Generation:
+    row = session.execute(
+        select(Generation).where(Generation.id == generation_id).execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+    if row is None:
+        raise NotFound(f"no generation {generation_id}")
+    return row
+
+
+def get_generation(session: Session, generation_id: str) -> GenerationStart:
+    """A generation's current state (the same view `start_generation` returns for a repeated key)."""
+    return _generation_start(_load_generation(session, generation_id), created=False)
 
 
 def take_over_generation(
@@ -403,12 +509,35 @@ def take_over_generation(
 ) -> bool:
     """Recovery: take the lease of an unfinished generation whose lease has expired. True for exactly one of
     any number of processes trying at once."""
-    raise NotImplementedError
+    moment = _now(now)
+    statement = (
+        update(Generation)
+        .where(
+            Generation.id == generation_id,
+            Generation.finished_at.is_(None),
+            or_(Generation.lease_expires_at.is_(None), Generation.lease_expires_at < moment),
+        )
+        .values(lease_owner=lease_owner, lease_expires_at=lease_expires_at)
+        .returning(Generation.id)
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(statement).first() is not None
 
 
 def renew_lease(session: Session, generation_id: str, *, lease_owner: str, lease_expires_at: datetime) -> bool:
     """Extend the lease this owner holds on an unfinished generation; False when another owner took it over."""
-    raise NotImplementedError
+    statement = (
+        update(Generation)
+        .where(
+            Generation.id == generation_id,
+            Generation.finished_at.is_(None),
+            Generation.lease_owner == lease_owner,
+        )
+        .values(lease_expires_at=lease_expires_at)
+        .returning(Generation.id)
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(statement).first() is not None
 
 
 def finish_generation(
@@ -424,13 +553,51 @@ def finish_generation(
     now: datetime | None = None,
 ) -> bool:
     """Write the generation's final state exactly once (succeeded | failed | cancelled | refused); False when
-    it was already finished."""
-    raise NotImplementedError
+    it was already finished. `final_cost_micro_usd` is None while some attempt's billing is unknown."""
+    if status not in GENERATION_FINAL_STATUSES:
+        raise ValueError(f"a generation ends as one of {sorted(GENERATION_FINAL_STATUSES)}, not {status!r}")
+    if final_cost_micro_usd is not None and final_cost_micro_usd < 0:
+        raise ValueError("a generation's cost cannot be negative")
+    statement = (
+        update(Generation)
+        .where(Generation.id == generation_id, Generation.finished_at.is_(None))
+        .values(
+            status=status,
+            final_provider=final_provider,
+            final_cost_micro_usd=final_cost_micro_usd,
+            error_class=error_class,
+            error_message=_clip(error_message),
+            degraded=None if degraded is None else _jsonable(degraded),
+            finished_at=_now(now),
+        )
+        .returning(Generation.id)
+        .execution_options(synchronize_session=False)
+    )
+    if session.execute(statement).first() is not None:
+        return True
+    _require_generation(session, generation_id)
+    return False
 
 
 def soft_delete_generation(session: Session, generation_id: str, *, now: datetime | None = None) -> bool:
     """Hide a generation (its attempts, rollups and images stay: they are the ledger). False if already deleted."""
-    raise NotImplementedError
+    statement = (
+        update(Generation)
+        .where(Generation.id == generation_id, Generation.deleted_at.is_(None))
+        .values(deleted_at=_now(now))
+        .returning(Generation.id)
+        .execution_options(synchronize_session=False)
+    )
+    if session.execute(statement).first() is not None:
+        return True
+    _require_generation(session, generation_id)
+    return False
+
+
+def _clip(message: str | None) -> str | None:
+    if message is None or len(message) <= MAX_ERROR_MESSAGE_CHARS:
+        return message
+    return message[: MAX_ERROR_MESSAGE_CHARS - 1] + "…"
 
 
 # --- attempts -------------------------------------------------------------------------------------------------
@@ -452,20 +619,144 @@ def start_attempt(
     price_version_id: int | None,
     now: datetime | None = None,
 ) -> int:
-    """Insert the attempt row (status `submitted`) as the attempt starts; returns its id. Refuses an attempt
-    without a price version (`InvalidInput`): an unpriced provider is never run as free."""
-    raise NotImplementedError
+    """Insert the attempt row (status `submitted`) as the attempt starts and mark the generation `running`;
+    returns the attempt's id. Refuses an attempt without a price version (`InvalidInput`: an unpriced provider
+    is never run as free) and one for a finished generation (`Conflict`)."""
+    attempt_mode = AttemptMode(mode)
+    if price_version_id is None:
+        raise InvalidInput(
+            f"{provider} has no price in force: an attempt is never run unpriced (an unpriced provider is never "
+            "free); enter a price first",
+            {"provider": "no price in force"},
+        )
+    if attempt_no < 1 or fallback_position < 0:
+        raise ValueError("attempt_no starts at 1 and fallback_position at 0")
+    if estimated_micro_usd < 0:
+        raise ValueError("an estimate cannot be negative")
+    running = (
+        update(Generation)
+        .where(Generation.id == generation_id, Generation.finished_at.is_(None))
+        .values(status="running")
+        .returning(Generation.id)
+        .execution_options(synchronize_session=False)
+    )
+    if session.execute(running).first() is None:
+        _require_generation(session, generation_id)
+        raise Conflict(f"generation {generation_id} is already finished; it takes no new attempt")
+    statement = (
+        insert(UsageAttempt)
+        .values(
+            generation_id=generation_id,
+            attempt_no=attempt_no,
+            fallback_position=fallback_position,
+            user_id=user_id,
+            provider=provider,
+            mode=attempt_mode.value,
+            endpoint=endpoint,
+            effective_params=_jsonable(effective_params),
+            translation_notes=list(translation_notes),
+            estimated_micro_usd=estimated_micro_usd,
+            price_version_id=price_version_id,
+            status="submitted",
+            started_at=_now(now),
+        )
+        .returning(UsageAttempt.id)
+    )
+    return int(session.execute(statement).scalar_one())
 
 
 def record_request_id(session: Session, attempt_id: int, provider_request_id: str) -> bool:
     """Store the provider's request id before polling (status `running`); False if the attempt is finished."""
-    raise NotImplementedError
+    if not provider_request_id or len(provider_request_id) > MAX_REQUEST_ID_CHARS:
+        raise ValueError(f"a provider request id has 1 to {MAX_REQUEST_ID_CHARS} characters")
+    statement = (
+        update(UsageAttempt)
+        .where(UsageAttempt.id == attempt_id, UsageAttempt.finished_at.is_(None))
+        .values(provider_request_id=provider_request_id, status="running")
+        .returning(UsageAttempt.id)
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(statement).first() is not None
+
+
+_ROLLUP_KEYS = ("day", "provider", "user_id", "mode", "status", "error_class")
+
+
+def _add_to_rollup(session: Session, keys: dict[str, Any], deltas: dict[str, int]) -> None:
+    """One upsert: create the rollup row for `keys` with `deltas`, or add `deltas` to it, atomically."""
+    table = UsageDailyRollup.__table__
+    counters = {name: 0 for name in _COUNTER_COLUMNS}
+    counters.update(deltas)
+    statement = _dialect_insert(session, table).values(**keys, **counters)
+    changed = {name: table.c[name] + statement.excluded[name] for name, value in deltas.items() if value != 0}
+    if not changed:
+        return
+    session.execute(statement.on_conflict_do_update(index_elements=list(_ROLLUP_KEYS), set_=changed))
 
 
 def finish_attempt(session: Session, attempt_id: int, outcome: AttemptOutcome) -> bool:
     """The attempt's final state, exactly once, with its rollup row in the same transaction. False (and nothing
-    written) when it was already finished."""
-    raise NotImplementedError
+    written) when it was already finished.
+
+    In a transaction that also settles budgets, settle them FIRST (budgets lock their period rows, then this
+    locks the attempt and its rollup row): one lock order for every writer, so PostgreSQL never deadlocks.
+    Finish one attempt per transaction, or several in attempt id order, for the same reason."""
+    billing = Billing(outcome.billing)
+    units_micro = _units_micro(outcome.billed_units)
+    statement = (
+        update(UsageAttempt)
+        .where(UsageAttempt.id == attempt_id, UsageAttempt.finished_at.is_(None))
+        .values(
+            status=outcome.status,
+            billing=billing.value,
+            actual_micro_usd=outcome.actual_micro_usd,
+            billed_units_micro=units_micro,
+            error_class=outcome.error_class,
+            error_message=_clip(outcome.error_message),
+            images_count=outcome.images_count,
+            megapixels_micro=outcome.megapixels_micro,
+            submit_ms=outcome.submit_ms,
+            queue_ms=outcome.queue_ms,
+            run_ms=outcome.run_ms,
+            download_ms=outcome.download_ms,
+            total_ms=outcome.total_ms,
+            image_refs=[dict(ref) for ref in outcome.image_refs],
+            finished_at=_now(outcome.finished_at),
+        )
+        .returning(
+            UsageAttempt.provider, UsageAttempt.user_id, UsageAttempt.mode, UsageAttempt.started_at,
+            UsageAttempt.estimated_micro_usd,
+        )
+        .execution_options(synchronize_session=False)
+    )  # fmt: skip
+    row = session.execute(statement).first()
+    if row is None:
+        if session.execute(select(UsageAttempt.id).where(UsageAttempt.id == attempt_id)).first() is None:
+            raise NotFound(f"no usage attempt {attempt_id}")
+        return False
+    provider, user_id, mode, started_at, estimated = row
+    deltas = {
+        "attempts": 1,
+        "images": outcome.images_count,
+        "megapixels_micro": outcome.megapixels_micro,
+        "billed_units_micro": units_micro or 0,
+        "estimated_micro_usd": int(estimated),
+        "actual_micro_usd": outcome.actual_micro_usd or 0,
+        "unknown_billing": 1 if billing is Billing.UNKNOWN else 0,
+    }
+    if outcome.total_ms is not None:
+        deltas["latency_sum_ms"] = outcome.total_ms
+        deltas[LATENCY_BUCKET_COLUMNS[latency_bucket(outcome.total_ms)]] = 1
+    keys = {
+        "day": started_at.astimezone(UTC).date(),
+        "provider": provider,
+        "user_id": user_id or 0,
+        "mode": mode,
+        "status": outcome.status,
+        "error_class": outcome.error_class or "",
+    }
+    _add_to_rollup(session, keys, deltas)
+    return True
 
 
 def reconcile_attempt(
@@ -477,8 +768,76 @@ def reconcile_attempt(
     billed_units: Decimal | None = None,
 ) -> bool:
     """Turn a finished attempt's unknown billing into a known one (recovery learnt the facts), exactly once,
-    moving its rollup figures (unknown -1, actual + units) in the same transaction."""
-    raise NotImplementedError
+    moving its rollup figures (unknown -1, actual and billed units added) in the same transaction. False when
+    the attempt's billing was not (or is no longer) unknown."""
+    known = Billing(billing)
+    if known is Billing.UNKNOWN:
+        raise ValueError("reconciling needs the billing facts: billed or not_billed")
+    if actual_micro_usd < 0 or (known is Billing.NOT_BILLED and (actual_micro_usd or billed_units is not None)):
+        raise ValueError("an attempt that was not billed costs 0 and has no billed units")
+    units_micro = _units_micro(billed_units)
+    # Units recorded at finish were counted then; only the change is added. The units of a finished attempt
+    # change only together with its billing (here, under the guard below), so the value read now is the one
+    # the guarded UPDATE replaces whenever that UPDATE wins.
+    units_before = session.execute(
+        select(UsageAttempt.billed_units_micro).where(UsageAttempt.id == attempt_id)
+    ).scalar_one_or_none()
+    values: dict[str, Any] = {"billing": known.value, "actual_micro_usd": actual_micro_usd}
+    if units_micro is not None:
+        values["billed_units_micro"] = units_micro
+    statement = (
+        update(UsageAttempt)
+        .where(
+            UsageAttempt.id == attempt_id,
+            UsageAttempt.finished_at.is_not(None),
+            UsageAttempt.billing == Billing.UNKNOWN.value,
+        )
+        .values(**values)
+        .returning(
+            UsageAttempt.provider, UsageAttempt.user_id, UsageAttempt.mode, UsageAttempt.started_at,
+            UsageAttempt.status, UsageAttempt.error_class,
+        )
+        .execution_options(synchronize_session=False)
+    )  # fmt: skip
+    row = session.execute(statement).first()
+    if row is None:
+        if session.execute(select(UsageAttempt.id).where(UsageAttempt.id == attempt_id)).first() is None:
+            raise NotFound(f"no usage attempt {attempt_id}")
+        return False
+    provider, user_id, mode, started_at, status, error_class = row
+    keys = {
+        "day": started_at.astimezone(UTC).date(),
+        "provider": provider,
+        "user_id": user_id or 0,
+        "mode": mode,
+        "status": status,
+        "error_class": error_class or "",
+    }
+    deltas = {"unknown_billing": -1, "actual_micro_usd": actual_micro_usd}
+    if units_micro is not None:
+        deltas["billed_units_micro"] = units_micro - (units_before or 0)
+    _add_to_rollup(session, keys, deltas)
+    return True
+
+
+# --- images ---------------------------------------------------------------------------------------------------
+
+
+def _image_view(row: StoredImage) -> StoredImageView:
+    return StoredImageView(
+        id=row.id,
+        generation_id=row.generation_id,
+        attempt_id=row.attempt_id,
+        user_id=row.user_id,
+        position=row.position,
+        sha256=row.sha256,
+        content_type=row.content_type,
+        width=row.width,
+        height=row.height,
+        size_bytes=row.size_bytes,
+        seed=row.seed,
+        created_at=row.created_at,
+    )
 
 
 def record_images(
@@ -489,10 +848,60 @@ def record_images(
     images: Sequence[ImageRecord],
     *,
     first_position: int = 0,
+    now: datetime | None = None,
 ) -> list[StoredImageView]:
     """Index a generation's stored images at positions first_position, first_position + 1, ...; a position
-    already recorded is kept as it is (a recovery replay writes nothing twice)."""
-    raise NotImplementedError
+    already recorded is kept as it is (a recovery replay writes nothing twice). Returns the rows at those
+    positions, in order."""
+    if not images:
+        return []
+    if first_position < 0:
+        raise ValueError("image positions start at 0")
+    moment = _now(now)
+    rows = [
+        {
+            "generation_id": generation_id,
+            "attempt_id": attempt_id,
+            "user_id": user_id,
+            "position": first_position + i,
+            "sha256": image.sha256,
+            "content_type": image.content_type,
+            "width": image.width,
+            "height": image.height,
+            "size_bytes": image.size_bytes,
+            "seed": image.seed,
+            "created_at": moment,
+        }
+        for i, image in enumerate(images)
+    ]
+    statement = (
+        _dialect_insert(session, StoredImage)
+        .values(rows)
+        .on_conflict_do_nothing(index_elements=[StoredImage.generation_id, StoredImage.position])
+    )
+    session.execute(statement)
+    stored = session.execute(
+        select(StoredImage)
+        .where(
+            StoredImage.generation_id == generation_id,
+            StoredImage.position >= first_position,
+            StoredImage.position < first_position + len(images),
+        )
+        .order_by(StoredImage.position)
+        .execution_options(populate_existing=True)
+    ).scalars()
+    return [_image_view(row) for row in stored]
+
+
+def generation_images(session: Session, generation_id: str) -> list[StoredImageView]:
+    """A generation's images in order."""
+    rows = session.execute(
+        select(StoredImage).where(StoredImage.generation_id == generation_id).order_by(StoredImage.position)
+    ).scalars()
+    return [_image_view(row) for row in rows]
+
+
+# --- crash recovery -------------------------------------------------------------------------------------------
 
 
 def pending_attempts(
@@ -502,20 +911,89 @@ def pending_attempts(
     include_without_request_id: bool = False,
     limit: int = 100,
 ) -> list[PendingAttempt]:
-    """Unfinished attempts whose generation's lease expired before `older_than` (normally now) and that have a
-    provider request id (with `include_without_request_id`, also those that never got one), oldest first."""
-    raise NotImplementedError
+    """Unfinished attempts whose generation's lease expired before `older_than` (normally now), or whose
+    generation is finished (nothing runs them any more), and that have a provider request id (with
+    `include_without_request_id`, also those that never got one), oldest first."""
+    moment = _now(older_than)
+    conditions = [
+        UsageAttempt.finished_at.is_(None),
+        or_(
+            Generation.finished_at.is_not(None),
+            Generation.lease_expires_at.is_(None),
+            Generation.lease_expires_at < moment,
+        ),
+    ]
+    if not include_without_request_id:
+        conditions.append(UsageAttempt.provider_request_id.is_not(None))
+    rows = session.execute(
+        select(UsageAttempt, Generation.lease_owner, Generation.lease_expires_at)
+        .join(Generation, Generation.id == UsageAttempt.generation_id)
+        .where(*conditions)
+        .order_by(UsageAttempt.started_at, UsageAttempt.id)
+        .limit(limit)
+    ).all()
+    return [
+        PendingAttempt(
+            attempt_id=attempt.id,
+            generation_id=attempt.generation_id,
+            attempt_no=attempt.attempt_no,
+            provider=attempt.provider,
+            mode=attempt.mode,
+            provider_request_id=attempt.provider_request_id,
+            endpoint=attempt.endpoint,
+            user_id=attempt.user_id,
+            estimated_micro_usd=attempt.estimated_micro_usd,
+            price_version_id=attempt.price_version_id,
+            effective_params=dict(attempt.effective_params or {}),
+            started_at=attempt.started_at,
+            lease_owner=lease_owner,
+            lease_expires_at=lease_expires_at,
+        )
+        for attempt, lease_owner, lease_expires_at in rows
+    ]
 
 
 # --- reads from the rollups -----------------------------------------------------------------------------------
 
 
-def provider_latency_p50(
-    session: Session, since_day: date, *, mode: str | None = None
-) -> dict[str, float | None]:
+def _bucket_sums() -> list[Any]:
+    table = UsageDailyRollup.__table__
+    return [func.sum(table.c[name]) for name in LATENCY_BUCKET_COLUMNS]
+
+
+def provider_latency_p50(session: Session, since_day: date, *, mode: str | None = None) -> dict[str, float | None]:
     """Every catalog provider's median latency (ms) of succeeded attempts since `since_day` (UTC, inclusive),
     from the rollups; None for a provider without one. `mode` limits it to one connection mode."""
-    raise NotImplementedError
+    conditions = [UsageDailyRollup.day >= since_day, UsageDailyRollup.status == "succeeded"]
+    if mode is not None:
+        conditions.append(UsageDailyRollup.mode == AttemptMode(mode).value)
+    rows = session.execute(
+        select(UsageDailyRollup.provider, *_bucket_sums()).where(*conditions).group_by(UsageDailyRollup.provider)
+    ).all()
+    result: dict[str, float | None] = dict.fromkeys(PROVIDERS, None)
+    for provider, *counts in rows:
+        result[provider] = percentile_from_histogram([int(c or 0) for c in counts], 0.5)
+    return result
+
+
+_DIMENSION_COLUMNS: dict[str, Any] = {
+    "provider": UsageDailyRollup.provider,
+    "user": UsageDailyRollup.user_id,
+    "day": UsageDailyRollup.day,
+    "mode": UsageDailyRollup.mode,
+    "status": UsageDailyRollup.status,
+    "error_class": UsageDailyRollup.error_class,
+}
+_SUMMED = (
+    "attempts",
+    "images",
+    "megapixels_micro",
+    "billed_units_micro",
+    "estimated_micro_usd",
+    "actual_micro_usd",
+    "unknown_billing",
+    "latency_sum_ms",
+)
 
 
 def usage_summary(
@@ -527,9 +1005,66 @@ def usage_summary(
     mode: str | None = None,
 ) -> list[UsageSummaryRow]:
     """Totals from the rollups for the UTC days date_from..date_to (inclusive), grouped by spend mode (always:
-    live and simulated never add up into one figure) and by the `by` dimensions (SUMMARY_DIMENSIONS). `mode`
-    (live | simulated) keeps one spend mode only."""
-    raise NotImplementedError
+    live and simulated never add up into one figure) and by the `by` dimensions (SUMMARY_DIMENSIONS), ordered
+    by them. `mode` (live | simulated) keeps one spend mode only."""
+    dimensions = tuple(dict.fromkeys(by))
+    unknown = [d for d in dimensions if d not in _DIMENSION_COLUMNS]
+    if unknown:
+        raise InvalidInput(
+            f"cannot group usage by {', '.join(map(repr, unknown))}; choose from {', '.join(SUMMARY_DIMENSIONS)}",
+            {"by": f"one of {', '.join(SUMMARY_DIMENSIONS)}"},
+        )
+    if date_to < date_from:
+        raise InvalidInput("the date range ends before it starts", {"date_to": "before date_from"})
+    if mode not in (None, "live", "simulated"):
+        raise InvalidInput(f"the spend mode is live or simulated, not {mode!r}", {"mode": "live or simulated"})
 
-
-_UNUSED: tuple[Any, ...] = (ColumnElement, and_, case, func, literal, select, update, NotFound, PROVIDERS, GENERATION_MODES)
+    rollup = UsageDailyRollup
+    spend = case((rollup.mode == AttemptMode.LIVE.value, literal("live")), else_=literal("simulated"))
+    group_columns = [spend, *(_DIMENSION_COLUMNS[d] for d in dimensions)]
+    table = rollup.__table__
+    succeeded = func.sum(case((rollup.status == "succeeded", rollup.attempts), else_=0))
+    conditions = [rollup.day >= date_from, rollup.day <= date_to]
+    if mode == "live":
+        conditions.append(rollup.mode == AttemptMode.LIVE.value)
+    elif mode == "simulated":
+        conditions.append(rollup.mode != AttemptMode.LIVE.value)
+    statement = (
+        select(
+            *group_columns,
+            succeeded,
+            *(func.sum(table.c[name]) for name in _SUMMED),
+            *_bucket_sums(),
+        )
+        .where(*conditions)
+        .group_by(*group_columns)
+        .order_by(*group_columns)
+    )
+    out: list[UsageSummaryRow] = []
+    width = len(group_columns)
+    for row in session.execute(statement).all():
+        spend_mode = str(row[0])
+        group = dict(zip(dimensions, row[1:width], strict=True))
+        numbers = [int(v or 0) for v in row[width:]]
+        succeeded_count = numbers[0]
+        sums = dict(zip(_SUMMED, numbers[1 : 1 + len(_SUMMED)], strict=True))
+        counts = numbers[1 + len(_SUMMED) :]
+        timed = sum(counts)
+        out.append(
+            UsageSummaryRow(
+                spend_mode=spend_mode,
+                group=group,
+                attempts=sums["attempts"],
+                succeeded=succeeded_count,
+                images=sums["images"],
+                megapixels_micro=sums["megapixels_micro"],
+                billed_units_micro=sums["billed_units_micro"],
+                estimated_micro_usd=sums["estimated_micro_usd"],
+                actual_micro_usd=sums["actual_micro_usd"],
+                unknown_billing=sums["unknown_billing"],
+                latency_mean_ms=sums["latency_sum_ms"] / timed if timed else None,
+                p50_ms=percentile_from_histogram(counts, 0.5),
+                p95_ms=percentile_from_histogram(counts, 0.95),
+            )
+        )
+    return out
