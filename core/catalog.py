@@ -86,6 +86,9 @@ class ProviderSpec:
     default_priority: int
     premium: bool = False
     """Premium providers are used only when asked for by name, unless an admin enables automatic routing."""
+    max_in_flight: int | None = None
+    """Requests the provider accepts in flight per account (Ideogram: 10); None = no limit we must keep (fal
+    queues requests over its cap instead of refusing them). A provider's settings may set their own."""
     docs_url: str = ""
 
     def param(self, name: str) -> ParamSpec | None:
@@ -310,6 +313,7 @@ IDEOGRAM = ProviderSpec(
     ),
     default_priority=100,
     premium=True,
+    max_in_flight=10,
     docs_url="https://developer.ideogram.ai/api-reference/api-reference/generate-v3",
 )
 

@@ -49,6 +49,8 @@ DEFAULT_REQUEST_TIMEOUT_S = 120.0
 MAX_REQUEST_TIMEOUT_S = 600.0
 MAX_PRIORITY = 1000
 MAX_ROUTING_ATTEMPTS = 10
+MAX_IN_FLIGHT = 1000
+"""The highest per-provider concurrency limit (core.generation.limits.MAX_LIMIT)."""
 _STR_PARAM_MAX_CHARS = 2000
 """Free-text parameters other than the negative prompt (a model id or an endpoint URL)."""
 
@@ -394,6 +396,9 @@ class ProviderSettings(BaseModel):
     request_timeout_s: StrictFloat | None = Field(None, gt=0, le=MAX_REQUEST_TIMEOUT_S)
     daily_cost_limit_usd: Decimal | None = Field(None, ge=0)
     """None = no provider-level daily limit. Whole micro-dollars, at most core.money.MAX_LIMIT_USD."""
+    max_in_flight: StrictInt | None = Field(None, ge=1, le=MAX_IN_FLIGHT, exclude_if=lambda value: value is None)
+    """Requests in flight at once across every process (core.generation.limits); None = the catalog's limit
+    (Ideogram: 10 per account), if any. Left out of the stored form when None, so older versions compare equal."""
 
     @model_validator(mode="before")
     @classmethod

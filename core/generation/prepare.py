@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
@@ -24,6 +24,9 @@ from core.pricing import CostEstimate, estimate_cost
 from core.providers.base import AdapterRequest, ProviderAdapter, Translation
 from core.settings import EffectiveParams, resolve_effective
 from core.settings_service import ProviderSettingsView
+
+if TYPE_CHECKING:
+    from core.generation.snapshot import SettingsSnapshot
 
 NO_SETTINGS = "no settings saved: catalog defaults shown; run `imagegate seed`"
 NO_PRICE = "no price in force: estimates are impossible (an unpriced provider is never free)"
@@ -85,7 +88,7 @@ def _stored_settings(session: Session, provider: str) -> ProviderSettingsView | 
 
 
 def prepare(
-    session: Session,
+    session: Session | None,
     provider: str,
     *,
     prompt: str,
@@ -96,6 +99,7 @@ def prepare(
     timeout_s: float | None = None,
     priced_images: int | None = None,
     units_used_this_month: Decimal | int = 0,
+    snapshot: SettingsSnapshot | None = None,
 ) -> PreparedRequest:
     """Prepare one request for `provider` from what the database holds now.
 
@@ -104,10 +108,18 @@ def prepare(
     has `adapter` (the one that would run it, sandbox or emulator included) translate it when one is given, and
     estimates the cost. `timeout_s` replaces the settings' attempt deadline; `priced_images` prices that many
     images instead of the request's `num_images` (the overview shows the cost of one image);
-    `units_used_this_month` places the request on the price's volume tiers."""
-    global_view = settings_service.get_global_settings(session)
-    stored = _stored_settings(session, provider)
-    price = price_store.active_price(session, provider)
+    `units_used_this_month` places the request on the price's volume tiers. With a `snapshot`
+    (core.generation.snapshot) the settings and the price come from it and `session` may be None."""
+    if snapshot is not None:
+        global_view = snapshot.global_settings
+        stored = snapshot.stored_settings(provider)
+        price = snapshot.price(provider)
+    elif session is None:
+        raise ValueError("prepare needs a session or a settings snapshot")
+    else:
+        global_view = settings_service.get_global_settings(session)
+        stored = _stored_settings(session, provider)
+        price = price_store.active_price(session, provider)
     requested = dict(overrides or {})
     if negative_prompt is not None:
         requested["negative_prompt"] = negative_prompt

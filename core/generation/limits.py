@@ -1,0 +1,574 @@
+"""Per-provider concurrency limits that hold across processes and machines, fair between users.
+
+Ideogram allows 10 requests in flight per account, whichever process sends them; so the slots are rows in the
+shared database (`provider_slots`), not a semaphore in one process.
+
+Public API (async code goes through core.generation.dbexec; the event loop never waits on the database):
+- `async with provider_slot(factory, provider, holder, user_id, limit, deadline) as slot:` waits for one of
+  `provider`'s `limit` slots until `deadline` (a `time.monotonic()` instant), holds it (renewing its lease in
+  the background) for the block, and releases it on the way out, also on an exception or a cancellation.
+  `slot` is a `HeldSlot`, or None when `limit` is None (unlimited: no database work at all).
+  Raises `SlotTimeout` (a `Conflict`: busy, try later; not a ProviderError, nothing was sent or billed) when no
+  slot came free in time.
+- `effective_limit(settings) -> int | None`: the limit for a provider (its settings' `max_in_flight`, else the
+  catalog's `ProviderSpec.max_in_flight`; None = unlimited).
+- Synchronous building blocks, one short transaction each (the worker and tests use them directly):
+  `ensure_slots`, `try_acquire`, `renew`, `release`, `leave_queue`, `sweep_waiters`, `holders`, `waiters`.
+
+Rules, each ONE guarded statement:
+- Slots are created on demand: `INSERT ... ON CONFLICT DO NOTHING` of slot numbers 0..limit-1. A lowered limit
+  takes effect as the higher-numbered slots are released (they are never handed out again).
+- Acquire: one UPDATE takes a slot that is free or whose lease expired (a dead holder's slot comes back after
+  its lease) if (a) the holder holds no slot of this provider already, and (b) fewer live waiters are ahead of
+  it in the fairness order than there are free slots. PostgreSQL picks the slot with a sub-select
+  `FOR UPDATE SKIP LOCKED` (two acquirers never take, or wait on, the same row); SQLite's single writer lock
+  serialises the whole transaction. At most `limit` holders at once follows from the rows alone: whatever the
+  fairness test says, one slot row has one holder.
+- Release and renew: UPDATE ... WHERE provider AND holder (a holder whose lease lapsed and whose slot was taken
+  over releases nothing and learns its renewal failed).
+
+Fairness (decided here): every acquirer is a waiter (`slot_waiters`, renewed while it polls; a dead waiter is
+ignored once its short lease lapses). The order is: the user holding the fewest live slots of this provider
+first; among equals, the user whose last slot was granted longest ago (never = first; a released slot keeps
+its last user and grant time for this), then the oldest waiter (id). The last-grant rule is what stops a burst
+from one user going first again and again when the limit is small (with limit 1 nobody holds anything at the
+moment of a decision). A waiter may take a slot only while its rank in that order is below the number of free
+slots, so one user's 20 queued requests cannot starve another user's one: user B holding nothing gets the
+next free slot ahead of user A's queue whenever A holds one or more slots, or got one more recently.
+Waiters poll: first at once, then with a jittered doubling backoff from 10 ms to 250 ms, and they check with
+a read first (free slots and their rank), writing only when they may take a slot or must renew their waiter
+lease; a release in the same process wakes that process's waiters at once. Cost: each check is O(waiters +
+slots) of the provider.
+
+Times come from the application's clock (`db.models.utcnow`), like every lease in this schema; machines that
+share a database are expected to keep their clocks in sync (NTP), and the leases (30 s by default) dwarf
+ordinary skew.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import Table, and_, case, delete, func, literal, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session, sessionmaker
+
+from common.errors import Conflict
+from core.catalog import PROVIDERS
+from core.generation import dbexec
+from core.settings import ProviderSettings
+from db.engine import transaction
+from db.models import ProviderSlot, SlotWaiter, UTCDateTime, utcnow
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEASE_S = 30.0
+"""A held slot's lease; renewed every third of it while the block runs. A killed holder's slot is back after it."""
+WAITER_LEASE_S = 3.0
+"""A waiter that stops polling (its process died) is skipped after this; a live one renews well before."""
+WAITER_RENEW_S = 1.0
+POLL_MIN_S = 0.010
+POLL_MAX_S = 0.250
+STALE_WAITER_S = 60.0
+"""Waiter rows expired this long ago are deleted (by a release or by the worker's sweep)."""
+MAX_LIMIT = 1000
+_NO_USER = 0
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+_slots = cast(Table, ProviderSlot.__table__)
+_waiters = cast(Table, SlotWaiter.__table__)
+
+
+class SlotTimeout(Conflict):
+    """No slot of the provider came free before the deadline. Nothing was sent to the provider and nothing was
+    billed; the caller may try another provider or later."""
+
+    def __init__(self, provider: str, limit: int, waited_s: float) -> None:
+        self.provider = provider
+        self.limit = limit
+        self.waited_s = waited_s
+        super().__init__(
+            f"{provider}: no slot within the deadline: all {limit} allowed in flight stayed busy for "
+            f"{waited_s:.1f} s (other requests hold them); try again later or another provider"
+        )
+
+
+@dataclass
+class HeldSlot:
+    """One slot held by `holder`."""
+
+    provider: str
+    holder: str
+    user_id: int
+    slot_no: int
+    limit: int
+    lease_s: float
+    acquired_at: datetime
+    waited_s: float
+    lost: bool = False
+    """Set when a renewal found the slot taken over (this process stalled past the lease)."""
+
+
+def effective_limit(settings: ProviderSettings | None, provider: str | None = None) -> int | None:
+    """The provider's concurrency limit: the settings' `max_in_flight` if set, else the catalog's; None =
+    unlimited."""
+    if settings is not None and settings.max_in_flight is not None:
+        return settings.max_in_flight
+    spec = PROVIDERS.get(settings.provider if settings is not None else provider or "")
+    return None if spec is None else spec.max_in_flight
+
+
+# --- statements ------------------------------------------------------------------------------------------------
+
+
+def _check_limit(limit: int) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise ValueError(f"a concurrency limit is a whole number from 1 to {MAX_LIMIT}, not {limit!r}")
+
+
+def _user(user_id: int | None) -> int:
+    return _NO_USER if user_id is None else user_id
+
+
+def _free(table: Any, provider: str, limit: int, now: Any) -> Any:
+    return and_(
+        table.c.provider == provider,
+        table.c.slot_no < limit,
+        or_(table.c.holder.is_(None), table.c.lease_until < now),
+    )
+
+
+def _rank_and_free(provider: str, holder: str, user_id: int, limit: int, now: datetime) -> tuple[Any, Any]:
+    """Scalar sub-selects: live waiters ahead of `holder` in the fairness order, and free slots."""
+    now_ = literal(now, UTCDateTime())
+    epoch = literal(_EPOCH, UTCDateTime())
+    per_user_slots = _slots.alias("per_user_slots")
+    live = and_(per_user_slots.c.holder.is_not(None), per_user_slots.c.lease_until >= now_)
+    users = (
+        select(
+            per_user_slots.c.user_id.label("user_id"),
+            func.sum(case((live, 1), else_=0)).label("held"),
+            func.max(per_user_slots.c.acquired_at).label("last_grant"),
+        )
+        .where(per_user_slots.c.provider == provider)
+        .group_by(per_user_slots.c.user_id)
+        .subquery("users")
+    )
+    mine_slots = _slots.alias("mine_slots")
+    my_held = (
+        select(func.count())
+        .select_from(mine_slots)
+        .where(
+            mine_slots.c.provider == provider,
+            mine_slots.c.user_id == user_id,
+            mine_slots.c.holder.is_not(None),
+            mine_slots.c.lease_until >= now_,
+        )
+        .scalar_subquery()
+    )
+    my_last = (
+        select(func.coalesce(func.max(mine_slots.c.acquired_at), epoch))
+        .where(mine_slots.c.provider == provider, mine_slots.c.user_id == user_id)
+        .scalar_subquery()
+    )
+    me = _waiters.alias("me")
+    my_id = select(me.c.id).where(me.c.holder == holder).scalar_subquery()
+    other = _waiters.alias("other")
+    held = func.coalesce(users.c.held, 0)
+    last = func.coalesce(users.c.last_grant, epoch)
+    ahead = (
+        select(func.count())
+        .select_from(other.outerjoin(users, users.c.user_id == other.c.user_id))
+        .where(
+            other.c.provider == provider,
+            other.c.lease_until >= now_,
+            other.c.holder != holder,
+            or_(
+                held < my_held,
+                and_(held == my_held, last < my_last),
+                and_(held == my_held, last == my_last, other.c.id < my_id),
+            ),
+        )
+        .scalar_subquery()
+    )
+    free_slots = _slots.alias("free_slots")
+    free = (
+        select(func.count()).select_from(free_slots).where(_free(free_slots, provider, limit, now_)).scalar_subquery()
+    )
+    return ahead, free
+
+
+def ensure_slots(session: Session, provider: str, limit: int) -> None:
+    """Create the provider's slots 0..limit-1 that do not exist yet (racing creators cannot collide)."""
+    _check_limit(limit)
+    rows = [{"provider": provider, "slot_no": n} for n in range(limit)]
+    dialect = session.get_bind().dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    session.execute(insert(_slots).values(rows).on_conflict_do_nothing(index_elements=["provider", "slot_no"]))
+
+
+def _enqueue(session: Session, provider: str, holder: str, user_id: int, now: datetime) -> None:
+    """Register (or renew) the waiter; a renewal keeps its id, so it keeps its place."""
+    dialect = session.get_bind().dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    values = {
+        "provider": provider,
+        "holder": holder,
+        "user_id": user_id,
+        "enqueued_at": now,
+        "lease_until": now + timedelta(seconds=WAITER_LEASE_S),
+    }
+    statement = insert(_waiters).values(values)
+    statement = statement.on_conflict_do_update(
+        index_elements=["holder"],
+        set_={
+            "provider": statement.excluded.provider,
+            "user_id": statement.excluded.user_id,
+            "lease_until": statement.excluded.lease_until,
+        },
+    )
+    session.execute(statement)
+
+
+def try_acquire(
+    session: Session,
+    provider: str,
+    holder: str,
+    user_id: int | None,
+    limit: int,
+    *,
+    lease_s: float = DEFAULT_LEASE_S,
+    now: datetime | None = None,
+) -> int | None:
+    """One attempt, in the caller's transaction: register `holder` as a waiter (or renew it), then take a
+    free slot if the fairness order lets it (module docstring); returns the slot number, or None. On success
+    the waiter row is gone. The slots must exist (`ensure_slots`)."""
+    _check_limit(limit)
+    at = now or utcnow()
+    user = _user(user_id)
+    # The first statement writes: SQLite takes its write lock here, so the rest of the attempt is serialised.
+    _enqueue(session, provider, holder, user, at)
+    ahead, free = _rank_and_free(provider, holder, user, limit, at)
+    now_ = literal(at, UTCDateTime())
+    candidate = _slots.alias("candidate")
+    pick = (
+        select(candidate.c.slot_no)
+        .where(_free(candidate, provider, limit, now_))
+        .order_by(candidate.c.slot_no)
+        .limit(1)
+        .with_for_update(skip_locked=True)  # PostgreSQL only; SQLite renders nothing
+        .scalar_subquery()
+    )
+    already = _slots.alias("already")
+    holds_one = select(already.c.slot_no).where(already.c.provider == provider, already.c.holder == holder).exists()
+    statement = (
+        update(_slots)
+        .where(
+            _slots.c.provider == provider,
+            _slots.c.slot_no == pick,
+            or_(_slots.c.holder.is_(None), _slots.c.lease_until < now_),
+            ~holds_one,
+            ahead < free,
+        )
+        .values(holder=holder, user_id=user, lease_until=at + timedelta(seconds=lease_s), acquired_at=at)
+        .returning(_slots.c.slot_no)
+    )
+    slot_no = session.execute(statement).scalar_one_or_none()
+    if slot_no is not None:
+        session.execute(delete(_waiters).where(_waiters.c.holder == holder))
+    return slot_no
+
+
+def may_acquire(session: Session, provider: str, holder: str, user_id: int | None, limit: int) -> bool:
+    """A read-only look: is a slot free that this waiter's rank lets it take? (A True is re-checked by the
+    guarded UPDATE; it only saves a write when the answer is no.)"""
+    ahead, free = _rank_and_free(provider, holder, _user(user_id), limit, utcnow())
+    row = session.execute(select(ahead, free)).one()
+    return bool(row[1] > 0 and row[0] < row[1])
+
+
+def renew(session: Session, provider: str, holder: str, *, lease_s: float = DEFAULT_LEASE_S) -> bool:
+    """Extend the holder's lease; False when it no longer holds a slot (its lease lapsed and it was taken)."""
+    until = utcnow() + timedelta(seconds=lease_s)
+    result = session.execute(
+        update(_slots).where(_slots.c.provider == provider, _slots.c.holder == holder).values(lease_until=until)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def release(session: Session, provider: str, holder: str) -> bool:
+    """Give the holder's slot back; False when it held none. The row keeps its last user and grant time (the
+    fairness order reads them). Also deletes this provider's long-expired waiter rows."""
+    result = session.execute(
+        update(_slots)
+        .where(_slots.c.provider == provider, _slots.c.holder == holder)
+        .values(holder=None, lease_until=None)
+    )
+    _delete_stale_waiters(session, provider)
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def leave_queue(session: Session, holder: str) -> None:
+    """Stop waiting (timeout, cancellation)."""
+    session.execute(delete(_waiters).where(_waiters.c.holder == holder))
+
+
+def _delete_stale_waiters(session: Session, provider: str | None) -> int:
+    cutoff = utcnow() - timedelta(seconds=STALE_WAITER_S)
+    statement = delete(_waiters).where(_waiters.c.lease_until < cutoff)
+    if provider is not None:
+        statement = statement.where(_waiters.c.provider == provider)
+    return int(session.execute(statement).rowcount)  # type: ignore[attr-defined]
+
+
+def sweep_waiters(session: Session) -> int:
+    """Delete waiter rows whose process died long ago (the worker's periodic clean-up); returns how many."""
+    return _delete_stale_waiters(session, None)
+
+
+def holders(session: Session, provider: str) -> list[tuple[int, str, int, datetime]]:
+    """Live holders of the provider's slots: (slot number, holder, user id, lease until)."""
+    now = utcnow()
+    query = (
+        select(ProviderSlot.slot_no, ProviderSlot.holder, ProviderSlot.user_id, ProviderSlot.lease_until)
+        .where(ProviderSlot.provider == provider, ProviderSlot.holder.is_not(None), ProviderSlot.lease_until >= now)
+        .order_by(ProviderSlot.slot_no)
+    )
+    return [(n, str(h), int(u or 0), until) for n, h, u, until in session.execute(query).tuples() if until]
+
+
+def waiters(session: Session, provider: str) -> list[tuple[str, int]]:
+    """Live waiters of the provider, oldest first: (holder, user id)."""
+    query = (
+        select(SlotWaiter.holder, SlotWaiter.user_id)
+        .where(SlotWaiter.provider == provider, SlotWaiter.lease_until >= utcnow())
+        .order_by(SlotWaiter.id)
+    )
+    return [(h, u) for h, u in session.execute(query).tuples()]
+
+
+# --- in-process wake-ups ---------------------------------------------------------------------------------------
+
+_wake_lock = threading.Lock()
+_sleepers: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+
+
+def _wake(provider: str) -> None:
+    """A slot of `provider` was released here: let this process's waiters look at once (any event loop)."""
+    with _wake_lock:
+        sleepers = list(_sleepers.get(provider, ()))
+    for loop, event in sleepers:
+        with contextlib.suppress(RuntimeError):  # that loop is closed
+            loop.call_soon_threadsafe(event.set)
+
+
+async def _sleep_or_wake(provider: str, seconds: float) -> None:
+    loop = asyncio.get_running_loop()
+    event = asyncio.Event()
+    entry = (loop, event)
+    with _wake_lock:
+        _sleepers.setdefault(provider, set()).add(entry)
+    try:
+        await asyncio.wait_for(event.wait(), timeout=seconds)
+    except TimeoutError:
+        pass
+    finally:
+        with _wake_lock:
+            entries = _sleepers.get(provider)
+            if entries is not None:
+                entries.discard(entry)
+                if not entries:
+                    del _sleepers[provider]
+
+
+# --- the async API ---------------------------------------------------------------------------------------------
+
+_ensured_lock = threading.Lock()
+_ensured: set[tuple[int, str, int]] = set()
+
+
+def _ensure_once(factory: sessionmaker[Session], provider: str, limit: int) -> None:
+    key = (id(factory), provider, limit)
+    if key in _ensured:
+        return
+    with transaction(factory) as session:
+        ensure_slots(session, provider, limit)
+    with _ensured_lock:
+        _ensured.add(key)
+
+
+def _attempt(
+    factory: sessionmaker[Session],
+    provider: str,
+    holder: str,
+    user_id: int,
+    limit: int,
+    lease_s: float,
+    look_first: bool,
+) -> int | None:
+    if look_first:
+        with factory() as session:
+            if not may_acquire(session, provider, holder, user_id, limit):
+                return None
+    with transaction(factory) as session:
+        return try_acquire(session, provider, holder, user_id, limit, lease_s=lease_s)
+
+
+def _renew_waiter(factory: sessionmaker[Session], provider: str, holder: str, user_id: int) -> None:
+    with transaction(factory) as session:
+        _enqueue(session, provider, holder, user_id, utcnow())
+
+
+def _leave(factory: sessionmaker[Session], holder: str) -> None:
+    with transaction(factory) as session:
+        leave_queue(session, holder)
+
+
+def _release(factory: sessionmaker[Session], provider: str, holder: str) -> None:
+    with transaction(factory) as session:
+        release(session, provider, holder)
+
+
+def _renew(factory: sessionmaker[Session], provider: str, holder: str, lease_s: float) -> bool:
+    with transaction(factory) as session:
+        return renew(session, provider, holder, lease_s=lease_s)
+
+
+def _give_back(factory: sessionmaker[Session], provider: str, holder: str) -> Callable[[int | None], None]:
+    """What a cancelled acquirer leaves behind: its slot if the attempt took one, else its waiter row."""
+
+    def cleanup(slot_no: int | None) -> None:
+        if slot_no is not None:
+            _release(factory, provider, holder)
+            _wake(provider)
+        else:
+            _leave(factory, holder)
+
+    return cleanup
+
+
+async def acquire(
+    factory: sessionmaker[Session],
+    provider: str,
+    holder: str,
+    user_id: int | None,
+    limit: int,
+    deadline: float,
+    *,
+    lease_s: float = DEFAULT_LEASE_S,
+    clock: Callable[[], float] = time.monotonic,
+) -> HeldSlot:
+    """Wait for a slot until `deadline` (on `clock`, `time.monotonic()` by default); the caller must `release`
+    it (`provider_slot` does). Raises SlotTimeout. A cancellation leaves nothing behind."""
+    _check_limit(limit)
+    if lease_s <= 0:
+        raise ValueError("lease_s must be positive")
+    user = _user(user_id)
+    started = clock()
+    await dbexec.run_db(_ensure_once, factory, provider, limit)
+    backoff = POLL_MIN_S
+    look_first = False  # the first attempt writes at once: it registers the waiter
+    renewed_at = clock()
+    cleanup = _give_back(factory, provider, holder)
+    while True:
+        future = dbexec.submit(_attempt, factory, provider, holder, user, limit, lease_s, look_first)
+        slot_no = await dbexec.finish_even_if_cancelled(future, cleanup)
+        if slot_no is not None:
+            return HeldSlot(
+                provider=provider,
+                holder=holder,
+                user_id=user,
+                slot_no=slot_no,
+                limit=limit,
+                lease_s=lease_s,
+                acquired_at=utcnow(),
+                waited_s=clock() - started,
+            )
+        remaining = deadline - clock()
+        if remaining <= 0:
+            await _run_to_end(dbexec.submit(_leave, factory, holder))
+            raise SlotTimeout(provider, limit, clock() - started)
+        try:
+            await _sleep_or_wake(provider, min(remaining, backoff * random.uniform(0.8, 1.2)))
+        except asyncio.CancelledError:
+            dbexec.submit(_leave, factory, holder)
+            raise
+        backoff = min(backoff * 2, POLL_MAX_S)
+        look_first = True
+        if clock() - renewed_at >= WAITER_RENEW_S:
+            # A read-only look does not renew the waiter; keep its place while it waits.
+            future = dbexec.submit(_renew_waiter, factory, provider, holder, user)
+            await dbexec.finish_even_if_cancelled(future, lambda _: _leave(factory, holder))
+            renewed_at = clock()
+
+
+async def _run_to_end(future: Any) -> None:
+    """Await work that must finish even if this task is cancelled meanwhile (it keeps running regardless)."""
+    await asyncio.shield(asyncio.wrap_future(future))
+
+
+async def release_slot(factory: sessionmaker[Session], slot: HeldSlot) -> None:
+    """Give the slot back (the work runs to its end even if the caller is cancelled meanwhile)."""
+    try:
+        await _run_to_end(dbexec.submit(_release, factory, slot.provider, slot.holder))
+    finally:
+        _wake(slot.provider)
+
+
+async def _keep_renewed(factory: sessionmaker[Session], slot: HeldSlot) -> None:
+    interval = slot.lease_s / 3
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            held = await dbexec.run_db(_renew, factory, slot.provider, slot.holder, slot.lease_s)
+        except Exception:  # a database blip: the lease has two more intervals to go; try again next time
+            log.warning("could not renew the %s slot of %s", slot.provider, slot.holder, exc_info=True)
+            continue
+        if not held:
+            slot.lost = True
+            log.warning(
+                "%s lost its %s slot: its lease lapsed before it was renewed (the process stalled?)",
+                slot.holder,
+                slot.provider,
+            )
+            return
+
+
+@asynccontextmanager
+async def provider_slot(
+    factory: sessionmaker[Session],
+    provider: str,
+    holder: str,
+    user_id: int | None,
+    limit: int | None,
+    deadline: float,
+    *,
+    lease_s: float = DEFAULT_LEASE_S,
+    clock: Callable[[], float] = time.monotonic,
+) -> AsyncIterator[HeldSlot | None]:
+    """Hold one of `provider`'s `limit` slots for the block (None = unlimited: yields None, no database work).
+    `holder` must be unique per acquisition (the attempt's id); `user_id` None = no user (all such requests
+    share one place in the fairness order)."""
+    if limit is None:
+        yield None
+        return
+    slot = await acquire(factory, provider, holder, user_id, limit, deadline, lease_s=lease_s, clock=clock)
+    renewer = asyncio.create_task(_keep_renewed(factory, slot), name=f"renew {provider} slot {holder}")
+    try:
+        yield slot
+    finally:
+        # Not awaited: a renewal already running in a thread may land before or after the release; after it,
+        # it matches no row (the holder is gone), before it, the release clears it anyway.
+        renewer.cancel()
+        await release_slot(factory, slot)
