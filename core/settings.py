@@ -21,7 +21,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -51,6 +51,9 @@ MAX_PRIORITY = 1000
 MAX_ROUTING_ATTEMPTS = 10
 MAX_IN_FLIGHT = 1000
 """The highest per-provider concurrency limit (core.generation.limits.MAX_LIMIT)."""
+MAX_RETRY_BACKOFF_S = 60.0
+RoutingPolicyName = Literal["priority", "cheapest", "fastest", "explicit"]
+"""The routing policies (core.generation.routing.RoutingPolicy has the same values)."""
 _STR_PARAM_MAX_CHARS = 2000
 """Free-text parameters other than the negative prompt (a model id or an endpoint URL)."""
 
@@ -327,6 +330,25 @@ class GlobalSettings(BaseModel):
     """On a retryable failure, try the next candidate provider."""
     max_attempts: StrictInt = Field(3, ge=1, le=MAX_ROUTING_ATTEMPTS)
     """Provider attempts per request, the first included."""
+    routing_policy: RoutingPolicyName = "priority"
+    """How a request that names no provider orders them (core.generation.routing): priority (higher first),
+    cheapest (each priced at its own parameters), fastest (recent p50 latency) or explicit (the default
+    provider first, then the others by priority)."""
+    premium_in_auto_routing: StrictBool = False
+    """Premium providers (Ideogram) are used only when a request names them, unless this is on."""
+    fallback_on_safety: StrictBool = False
+    """A safety rejection stops the request unless this is on (another provider might render what one refused)."""
+    retries_per_provider: StrictInt = Field(1, ge=0, le=MAX_ROUTING_ATTEMPTS)
+    """Retries of a transiently failing provider (rate limit, unavailable, bad response, timeout) before fallback."""
+    retry_backoff_s: StrictFloat = Field(0.5, gt=0, le=MAX_RETRY_BACKOFF_S)
+    """First retry's backoff; it doubles with every retry of the same provider, with jitter."""
+    retry_backoff_max_s: StrictFloat = Field(8.0, gt=0, le=MAX_RETRY_BACKOFF_S)
+    """The longest backoff. A provider asking for a longer wait (Retry-After) is left for the next candidate."""
+
+    @field_validator("routing_policy", mode="before")
+    @classmethod
+    def _routing_policy(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("negative_prompt")
     @classmethod
