@@ -6,7 +6,6 @@ SQLite or PostgreSQL agree:
 - `start_generation` inserts the generation with `INSERT ... ON CONFLICT DO NOTHING` on the unique idempotency
   key (`"<user id or 0>:<key>"`), then reads the winner: a repeated request gets the first generation, never a
   second; a key reused with another request (another `request_fingerprint`) is refused with `InvalidInput`.
-  Call it first in its transaction (on SQLite a read before the insert would pin an old snapshot).
 - `start_attempt` inserts the attempt row (status `submitted`) when the attempt starts, priced at its own
   provider's price version (an attempt without a price version is refused: unpriced is never free), and marks
   the generation `running`. `record_request_id` stores the provider's request id before polling (status
@@ -29,6 +28,10 @@ never one figure) and `provider_latency_p50` (the "fastest" routing policy). Per
 linearly inside the histogram bucket holding the wanted rank, so an estimate is always in the same bucket as
 the exact value: off by at most that bucket's width (x1.26-1.33 steps: at most 33 % of the value, 50 % above
 80 s; on smooth distributions a few per cent). The open-ended last bucket (over 180 s) reports 180 s.
+
+Lock order, for PostgreSQL (no deadlock to break): a transaction that settles budgets and finishes an attempt
+settles the budgets FIRST (period rows), then calls `finish_attempt` (the attempt row, then its rollup row); a
+transaction finishing several attempts finishes them in attempt id order.
 
 `pending_attempts` lists, for crash recovery, the attempts that reached the provider (a request id) but never
 finished, whose generation's lease has expired.

@@ -1,0 +1,210 @@
+"""Worker processes for the usage ledger's races (spawned: they import this module, never the test module).
+
+Each worker is a separate process with its own engine and several threads with a session each, so the ledger's
+writes race across processes AND within one, as under several API workers. Every round starts at a barrier
+shared with the other workers, and every thread of a round is released at once.
+
+The `naive` variants are the read-then-write versions the ledger's single statements replace (test helpers
+only): they show that the race tests can fail.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from common.errors import Billing
+from core.generation import usage
+from core.generation.usage import AttemptOutcome
+from db.engine import make_engine, session_factory, transaction
+from db.models import LATENCY_BUCKET_COLUMNS, Generation, UsageAttempt, UsageDailyRollup
+
+BARRIER_TIMEOUT_S = 90
+NAIVE_PAUSE_S = 0.002
+"""Any work between a read and the write that depends on it: a network hop, a GC pause."""
+
+
+def _factory(url: str, threads: int) -> sessionmaker[Session]:
+    if url.startswith("postgresql"):
+        return session_factory(make_engine(url, pool_size=min(threads, 8), max_overflow=0, pool_timeout=120))
+    return session_factory(make_engine(url, pool_size=threads, max_overflow=0, pool_timeout=120))
+
+
+def _run_threads(count: int, work: Callable[[int], Any]) -> list[Any]:
+    results: list[Any] = [None] * count
+    go = threading.Event()
+
+    def run(i: int) -> None:
+        go.wait()
+        try:
+            results[i] = work(i)
+        except Exception as exc:  # reported to the parent, which fails the test with it
+            results[i] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    go.set()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+# --- idempotent start -----------------------------------------------------------------------------------------
+
+
+def naive_start(session: Session, key: str, fingerprint: str) -> tuple[bool, str]:
+    """Look for the key, and insert when it is not there: two requests that both look first both insert."""
+    scoped = usage.scoped_idempotency_key(None, key)
+    existing = session.scalar(select(Generation.id).where(Generation.idempotency_key == scoped))
+    if existing is not None:
+        return False, existing
+    time.sleep(NAIVE_PAUSE_S)
+    row = Generation(
+        idempotency_key=scoped, request_fingerprint=fingerprint, mode="live", prompt="p", request={},
+        routing_policy="explicit", status="pending",
+    )  # fmt: skip
+    session.add(row)
+    session.flush()
+    return True, row.id
+
+
+def start_same_keys(url: str, keys: list[str], threads: int, naive: bool, barrier: Barrier, out: Queue[Any]) -> None:
+    """Per key: every thread of every worker starts a generation with that key at the same moment."""
+    factory = _factory(url, threads)
+    request = {"prompt": "a fox", "provider": "fal-qwen"}
+    fingerprint = usage.request_fingerprint(request)
+    results: list[tuple[str, Any]] = []
+    for key in keys:
+
+        def start(_: int, key: str = key) -> tuple[bool, str]:
+            with transaction(factory) as session:
+                if naive:
+                    return naive_start(session, key, fingerprint)
+                started = usage.start_generation(
+                    session, user_id=None, prompt="a fox", request=request, routing_policy="explicit",
+                    requested_provider="fal-qwen", mode="live", estimated_micro_usd=20_972, idempotency_key=key,
+                    fingerprint=fingerprint, lease_owner=f"worker:{key}",
+                    lease_expires_at=datetime.now(UTC) + timedelta(hours=1),
+                )  # fmt: skip
+                return started.created, started.generation_id
+
+        barrier.wait(BARRIER_TIMEOUT_S)
+        results.extend((key, r) for r in _run_threads(threads, start))
+    out.put(results)
+
+
+# --- finishing attempts ---------------------------------------------------------------------------------------
+
+
+def naive_finish(session: Session, attempt_id: int, outcome: AttemptOutcome) -> bool:
+    """Check that the attempt is unfinished, then write it and its rollup: both racers see it unfinished."""
+    row = session.execute(
+        select(UsageAttempt.finished_at, UsageAttempt.provider, UsageAttempt.user_id, UsageAttempt.mode,
+               UsageAttempt.started_at, UsageAttempt.estimated_micro_usd).where(UsageAttempt.id == attempt_id)
+    ).one()  # fmt: skip
+    if row.finished_at is not None:
+        return False
+    time.sleep(NAIVE_PAUSE_S)
+    session.execute(
+        update(UsageAttempt)
+        .where(UsageAttempt.id == attempt_id)
+        .values(status=outcome.status, billing=Billing(outcome.billing).value,
+                actual_micro_usd=outcome.actual_micro_usd, finished_at=datetime.now(UTC))
+        .execution_options(synchronize_session=False)
+    )  # fmt: skip
+    keys = {
+        "day": row.started_at.date(), "provider": row.provider, "user_id": row.user_id or 0, "mode": row.mode,
+        "status": outcome.status, "error_class": outcome.error_class or "",
+    }  # fmt: skip
+    usage._add_to_rollup(
+        session, keys, {"attempts": 1, "estimated_micro_usd": row.estimated_micro_usd,
+                        "actual_micro_usd": outcome.actual_micro_usd or 0}
+    )  # fmt: skip
+    return True
+
+
+def naive_rollup_finish(session: Session, attempt_id: int, outcome: AttemptOutcome) -> bool:
+    """Read the attempt's rollup row, finish the attempt (with its guard), then write the row's new totals back
+    (inserting it when it was missing): concurrent finishes overwrite each other's counts, or collide on the
+    insert."""
+    attempt = session.execute(
+        select(UsageAttempt.provider, UsageAttempt.user_id, UsageAttempt.mode, UsageAttempt.started_at,
+               UsageAttempt.estimated_micro_usd).where(UsageAttempt.id == attempt_id)
+    ).one()  # fmt: skip
+    key = {
+        "day": attempt.started_at.date(), "provider": attempt.provider, "user_id": attempt.user_id or 0,
+        "mode": attempt.mode, "status": outcome.status, "error_class": outcome.error_class or "",
+    }  # fmt: skip
+    rollup = session.execute(
+        select(UsageDailyRollup).filter_by(**key).execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+    time.sleep(NAIVE_PAUSE_S)
+    finished = session.execute(
+        update(UsageAttempt)
+        .where(UsageAttempt.id == attempt_id, UsageAttempt.finished_at.is_(None))
+        .values(status=outcome.status, billing=Billing(outcome.billing).value, error_class=outcome.error_class,
+                actual_micro_usd=outcome.actual_micro_usd, total_ms=outcome.total_ms,
+                images_count=outcome.images_count, megapixels_micro=outcome.megapixels_micro,
+                finished_at=datetime.now(UTC))
+        .returning(UsageAttempt.id)
+        .execution_options(synchronize_session=False)
+    ).first()  # fmt: skip
+    if finished is None:
+        return False
+    if rollup is None:
+        rollup = UsageDailyRollup(**key, **{c: 0 for c in usage._COUNTER_COLUMNS})
+        session.add(rollup)
+    rollup.attempts += 1
+    rollup.images += outcome.images_count
+    rollup.megapixels_micro += outcome.megapixels_micro
+    rollup.estimated_micro_usd += attempt.estimated_micro_usd
+    rollup.actual_micro_usd += outcome.actual_micro_usd or 0
+    rollup.unknown_billing += Billing(outcome.billing) is Billing.UNKNOWN
+    if outcome.total_ms is not None:
+        rollup.latency_sum_ms += outcome.total_ms
+        column = LATENCY_BUCKET_COLUMNS[usage.latency_bucket(outcome.total_ms)]
+        setattr(rollup, column, getattr(rollup, column) + 1)
+    session.flush()
+    return True
+
+
+FINISHERS: dict[str, Callable[[Session, int, AttemptOutcome], bool]] = {
+    "ledger": usage.finish_attempt,
+    "naive_guard": naive_finish,
+    "naive_rollup": naive_rollup_finish,
+}
+
+
+def finish_rounds(
+    url: str,
+    rounds: list[list[tuple[int, AttemptOutcome]]],
+    finisher: str,
+    barrier: Barrier,
+    out: Queue[Any],
+) -> None:
+    """Per round: one thread per (attempt, outcome), all finishing at once (the other workers are given the
+    same attempts to race on them, or other attempts with the same rollup keys)."""
+    finish = FINISHERS[finisher]
+    factory = _factory(url, max(len(r) for r in rounds))
+    results: list[tuple[int, Any]] = []
+    began = time.perf_counter()
+    for work in rounds:
+
+        def finish_one(i: int, work: list[tuple[int, AttemptOutcome]] = work) -> bool:
+            attempt_id, outcome = work[i]
+            with transaction(factory) as session:
+                return finish(session, attempt_id, outcome)
+
+        barrier.wait(BARRIER_TIMEOUT_S)
+        results.extend((attempt_id, won) for (attempt_id, _), won in zip(work, _run_threads(len(work), finish_one),
+                                                                          strict=True))  # fmt: skip
+    out.put({"results": results, "seconds": time.perf_counter() - began})
