@@ -14,6 +14,8 @@ error instead of a silent double write.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -43,13 +45,28 @@ def safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+def _set_wal(cursor: Any) -> None:
+    """Switch to WAL. On a new file the switch takes an exclusive lock and SQLite does not wait for it (no busy
+    handler), so processes opening a fresh database at once got "database is locked": retry within the busy
+    timeout. Once the file is in WAL (a persistent setting) this is a no-op."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys = ON")
         # In-memory databases cannot use WAL; asking is harmless (SQLite answers "memory").
-        cursor.execute("PRAGMA journal_mode = WAL")
+        _set_wal(cursor)
         # NORMAL is durable across application crashes in WAL mode, and much faster than FULL.
         cursor.execute("PRAGMA synchronous = NORMAL")
     finally:

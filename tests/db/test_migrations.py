@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from sqlalchemy import inspect, text
 from db import migrate
 from db.engine import make_engine
 from db.models import Base
+from db.upgrade_lock import upgrade_lock
 from tests.dbfixtures import create_pg_database, drop_pg_database
 
 EXPECTED_TABLES = set(Base.metadata.tables)
@@ -81,3 +84,46 @@ def test_default_url_comes_from_the_environment(tmp_path: Path, monkeypatch: pyt
     migrate.upgrade()
     assert migrate.current_revision() == migrate.head_revision()
     assert db_file.exists()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def never_migrated_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database on each backend in turn, never migrated."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'never-migrated.db'}"
+        return
+    admin_dsn = request.getfixturevalue("pg_admin_dsn")
+    name, url = create_pg_database(admin_dsn, prefix="imagegate_lock")
+    try:
+        yield url
+    finally:
+        drop_pg_database(admin_dsn, name)
+
+
+def test_an_upgrade_waits_while_another_holds_the_migration_lock(never_migrated_url: str) -> None:
+    """What keeps processes starting together from migrating twice (tests/db/test_concurrent_start.py races
+    real processes): while one connection holds the lock, another process's upgrade does nothing, then runs."""
+    url = never_migrated_url
+    finished = threading.Event()
+    errors: list[BaseException] = []
+
+    def upgrade_elsewhere() -> None:
+        try:
+            migrate.upgrade(url)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            finished.set()
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection, upgrade_lock(connection):
+            waiting = threading.Thread(target=upgrade_elsewhere)
+            waiting.start()
+            assert not finished.wait(1.0), errors  # held back by the lock
+            assert migrate.current_revision(url) is None
+    finally:
+        engine.dispose()
+    waiting.join(timeout=120)
+    assert finished.is_set() and errors == []
+    assert migrate.current_revision(url) == migrate.head_revision()
