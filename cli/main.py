@@ -110,6 +110,12 @@ settings_app = typer.Typer(help="Provider settings and prices as JSON.", no_args
 app.add_typer(db_app, name="db")
 app.add_typer(users_app, name="users")
 app.add_typer(settings_app, name="settings")
+budgets_app = typer.Typer(
+    help="Spending limits: global, per provider, per user; daily or monthly (UTC).", no_args_is_help=True
+)
+usage_app = typer.Typer(help="Usage and spend from the daily rollups.", no_args_is_help=True)
+app.add_typer(budgets_app, name="budgets")
+app.add_typer(usage_app, name="usage")
 
 
 def _cli_actor() -> Actor:
@@ -524,14 +530,17 @@ def test_provider(
         bool, typer.Option("--yes", help="Make the call even though the provider is live and it costs money.")
     ] = False,
 ) -> None:
-    """One real call through the provider's adapter: progress, timings, cost, and the error class on failure.
+    """One call to one provider through the generation service (no retry, no fallback): progress, timings,
+    cost, and the error class on failure. It is recorded like any request: a usage row, and its cost against
+    the budgets (simulated for the sandbox and the emulator).
 
-    With a key in the environment this reaches the real provider and costs money, with no usage record (the
-    generation service will keep those): it shows the estimate and runs only with --yes. Sandbox and emulator
-    runs are free and need no --yes."""
+    With a key in the environment this reaches the real provider and costs money: it shows the estimate and
+    runs only with --yes. Sandbox and emulator runs need none."""
     from core.catalog import PROVIDERS
+    from core.generation.models import GenerationFailed, GenerationRequest, ProgressUpdate
     from core.generation.prepare import prepare
-    from core.providers.base import ConnectionMode, ProgressEvent, ProviderResult
+    from core.generation.service import generate_sync
+    from core.providers.base import ConnectionMode
     from core.providers.registry import EMULATOR_URL_ENV, build_adapter, connection_for
 
     if emulator_url:
@@ -540,18 +549,16 @@ def test_provider(
     overrides = dict(_parse_param(p) for p in (param or []))
     # An unknown name gets no adapter; the preparation step reports it as a field error.
     adapter = build_adapter(name) if name in PROVIDERS else None
-
-    def close_unused_adapter() -> None:
-        if adapter is not None:
+    try:
+        with runtime.sessions() as session:
+            prepared = prepare(
+                session, name, prompt=prompt, preset=preset, overrides=overrides, adapter=adapter, timeout_s=timeout
+            )
+    finally:
+        if adapter is not None:  # only for the preview: the service builds the adapter it runs
             asyncio.run(adapter.aclose())
-
-    with runtime.sessions() as session:
-        prepared = prepare(
-            session, name, prompt=prompt, preset=preset, overrides=overrides, adapter=adapter, timeout_s=timeout
-        )
     refusal = prepared.refusal()
     if refusal is not None or adapter is None or prepared.request is None or prepared.effective is None:
-        close_unused_adapter()
         _report_field_errors(refusal or InvalidInput(f"cannot prepare a request for {name}"))
         raise typer.Exit(2)
 
@@ -565,71 +572,496 @@ def test_provider(
     else:
         for problem in prepared.problems:
             typer.secho(f"no estimate: {problem}", fg=typer.colors.YELLOW)
-    request = prepared.request
     if prepared.translation is not None:
         typer.echo(f"wire parameters: {json.dumps(prepared.translation.wire_params, default=str)}")
         for note in prepared.translation.notes:
             typer.echo(f"  changed: {note}")
 
     if connection.mode is ConnectionMode.LIVE and not yes:
-        close_unused_adapter()
         cost = f"about {estimate.formatted}" if estimate is not None else "an unknown amount (no usable price)"
         raise _fail(
-            f"{name} is live ({connection.reason}): this call goes to the real provider and costs {cost}, "
-            "and nothing records it yet. Run again with --yes to make it (without the key in the environment "
-            "it runs free, in the sandbox or with --emulator URL).",
+            f"{name} is live ({connection.reason}): this call goes to the real provider and costs {cost}. "
+            "Run again with --yes to make it (without the key in the environment it runs free, in the sandbox "
+            "or with --emulator URL).",
             code=2,
         )
 
-    def on_event(event: ProgressEvent) -> None:
-        parts = [event.kind.value]
-        if event.queue_position is not None:
-            parts.append(f"position {event.queue_position}")
-        if event.progress is not None:
-            parts.append(f"{event.progress:.0%}")
-        if event.message:
-            parts.append(event.message)
-        parts.extend(event.logs)
-        typer.echo("  " + " · ".join(parts))
+    def on_progress(update: ProgressUpdate) -> None:
+        event = update.event
+        if event is not None and event.kind.value == "submitted" and event.provider_request_id:
+            typer.echo(f"  provider request id: {event.provider_request_id}")
+        if update.kind != "attempt":
+            typer.echo(f"  {update.message}")
 
-    def on_request_id(request_id: str) -> None:
-        typer.echo(f"  provider request id: {request_id}")
-
-    runner = adapter  # narrowed above: this one is not None
-
-    async def run_once() -> ProviderResult:
-        try:
-            return await runner.generate(request, on_event=on_event, on_request_id=on_request_id)
-        finally:
-            await runner.aclose()
-
+    request = GenerationRequest(
+        prompt,
+        provider=name,
+        preset=preset,
+        params=overrides,
+        deadline_s=timeout,
+        allow_fallback=False,
+        max_attempts=1,
+    )
     try:
-        result = asyncio.run(run_once())
-    except ProviderError as exc:
-        traits = exc.traits
-        typer.secho(f"FAILED: {exc.error_class.value}: {exc.message}", fg=typer.colors.RED, err=True)
+        result = generate_sync(request, _cli_actor(), factory=runtime.sessions, on_progress=on_progress)
+    except GenerationFailed as exc:
+        failed = exc.errors[-1] if exc.errors else None
+        message = failed.message if failed is not None else exc.message
+        typer.secho(f"FAILED: {exc.error_class.value}: {message}", fg=typer.colors.RED, err=True)
         typer.echo(
-            f"  retryable: {traits.retryable}; billing: {exc.billing.value}"
+            f"  retryable: {exc.traits.retryable}; billing: {exc.billing.value}"
             + (f" ({exc.billed_units} units)" if exc.billed_units is not None else "")
             + (f"; retry after {exc.retry_after_s:g}s" if exc.retry_after_s is not None else "")
             + (f"; quota back at {exc.reset_at.isoformat()}" if exc.reset_at is not None else "")
         )
+        typer.echo(f"  recorded: generation {exc.result.generation_id}, {len(exc.result.attempts)} usage row(s)")
         raise typer.Exit(1) from None
     t = result.timings
     typer.echo(
         f"timings: submit {t.submit_s:.3f}s, queue {t.queue_s:.3f}s, run {t.run_s:.3f}s, "
         f"download {t.download_s:.3f}s, total {t.total_s:.3f}s"
     )
-    typer.echo(f"seed: {result.seed}; mode: {result.mode.value}")
-    if result.billed_units is not None:
-        typer.echo(f"billed units reported by the provider: {result.billed_units}")
-    if estimate is not None:
-        if result.mode is ConnectionMode.LIVE:
-            typer.echo(f"cost (estimate): {estimate.formatted}")
-        else:
-            typer.echo(f"cost: $0 ({result.mode.value}; live, this would be about {estimate.formatted})")
+    typer.echo(f"seed: {result.seed}; mode: {result.mode}")
+    if result.cost.billed_units is not None:
+        typer.echo(f"billed units reported by the provider: {result.cost.billed_units}")
+    from core.money import format_usd
+
+    if result.cost.live:
+        estimated = format_usd(result.cost.estimated_micro_usd)
+        typer.echo(f"cost: {format_usd(result.cost.actual_micro_usd)} (estimate {estimated})")
+    else:
+        typer.echo(
+            f"cost: $0 ({result.mode}; live, this would be about {format_usd(result.cost.actual_micro_usd)}, "
+            "counted as simulated spend)"
+        )
     for image in result.images:
         typer.echo(f"image: {image.path} ({image.width}x{image.height} {image.format}, {image.size_bytes} bytes)")
+    typer.echo(f"recorded: generation {result.generation_id}, {len(result.attempts)} usage row(s)")
+
+
+# --- generate, recover, worker ------------------------------------------------------------------------------
+
+
+def _acting(runtime: Runtime, as_user: str | None) -> Actor:
+    """The CLI's own system actor, or `--as USER`: that account, authorized from the database by the service
+    (exists, active; a USER within their budgets)."""
+    if as_user is None:
+        return _cli_actor()
+    from core.users import find_user
+
+    with runtime.sessions() as session:
+        return find_user(session, as_user).actor()
+
+
+def _progress_printer(err: bool) -> Any:
+    from core.generation.models import ProgressUpdate
+
+    def on_progress(update: ProgressUpdate) -> None:
+        typer.echo(f"  {update.line}", err=err)
+
+    return on_progress
+
+
+def _print_result(result: Any) -> None:
+    from core.generation.models import GenerationResult
+    from core.money import format_usd
+
+    assert isinstance(result, GenerationResult)
+    where = f" at {result.provider} ({result.mode})" if result.provider else ""
+    replay = " (a repeat: the stored result of the first request with this key)" if result.replayed else ""
+    typer.echo(f"generation {result.generation_id}: {result.status.value}{where}{replay}")
+    for image in result.images:
+        typer.echo(
+            f"image: {image.path} ({image.width}x{image.height} {image.format}, {image.size_bytes} bytes, "
+            f"seed {image.seed})"
+        )
+    cost = result.cost
+    if cost.live:
+        spend = f"{format_usd(cost.actual_micro_usd)} live"
+    else:
+        spend = f"$0 live; {format_usd(cost.actual_micro_usd)} simulated (the would-be cost, sandbox/emulator)"
+    unknown = cost.unknown_billing_micro_usd
+    held = f"; {format_usd(unknown)} held (billing unknown)" if unknown else ""
+    units = f"; billed units {cost.billed_units}" if cost.billed_units is not None else ""
+    typer.echo(f"cost: {spend} (estimate {format_usd(cost.estimated_micro_usd)}){units}{held}")
+    t = result.timings
+    typer.echo(
+        f"latency: total {t.total_s:.3f}s (admission {t.admission_s:.3f}s, submit {t.submit_s:.3f}s, "
+        f"queue {t.queue_s:.3f}s, run {t.run_s:.3f}s, download {t.download_s:.3f}s)"
+    )
+    typer.echo(f"attempts: {len(result.attempts)}")
+    for a in result.attempts:
+        cost_text = "unknown" if a.actual_micro_usd is None else format_usd(a.actual_micro_usd)
+        typer.echo(
+            f"  {a.attempt_no}. {a.provider} ({a.mode}, fallback {a.fallback_position}): {a.status}"
+            + (f" {a.error_class}" if a.error_class else "")
+            + f" [{a.billing}, {cost_text}, {a.total_ms if a.total_ms is not None else '?'} ms]"
+        )
+    for adjustment in result.adjustments:
+        typer.echo(f"  {adjustment.kind.value}: {adjustment.message}")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    provider: Annotated[str | None, typer.Option("--provider", help="Run on this provider first.")] = None,
+    policy: Annotated[
+        str | None, typer.Option("--policy", help="priority, cheapest, fastest or explicit (default: settings).")
+    ] = None,
+    preset: Annotated[str | None, typer.Option(help="Fast, Standard, High or Ultra.")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="NAME=VALUE override.")] = None,
+    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", help="What to avoid.")] = None,
+    as_user: Annotated[str | None, typer.Option("--as", help="Act as this account (its budgets apply).")] = None,
+    key: Annotated[
+        str | None, typer.Option("--key", help="Idempotency key: a repeat returns the first result, pays nothing.")
+    ] = None,
+    deadline: Annotated[
+        float | None, typer.Option("--deadline", help="Seconds for the whole request, retries and fallbacks.")
+    ] = None,
+    no_fallback: Annotated[bool, typer.Option("--no-fallback", help="Only the first provider runs.")] = False,
+    emulator_url: Annotated[
+        str | None, typer.Option("--emulator", help="Providers without a key use this emulator URL.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The result as JSON (progress on stderr).")] = False,
+) -> None:
+    """Generate images through the service: routing, fallback, budgets and a usage row per attempt. Prints
+    progress, then the images, the cost, the latency and every attempt."""
+    from core.generation.models import GenerationFailed, GenerationRequest
+    from core.generation.service import generate_sync
+    from core.providers.registry import EMULATOR_URL_ENV
+
+    if emulator_url:
+        os.environ[EMULATOR_URL_ENV] = emulator_url
+    runtime = _runtime()
+    overrides = dict(_parse_param(p) for p in (param or []))
+    actor = _acting(runtime, as_user)
+    request = GenerationRequest(
+        prompt,
+        negative_prompt=negative_prompt,
+        provider=provider,
+        policy=policy,
+        preset=preset,
+        params=overrides,
+        idempotency_key=key,
+        deadline_s=deadline,
+        allow_fallback=False if no_fallback else None,
+    )
+    try:
+        result = generate_sync(request, actor, factory=runtime.sessions, on_progress=_progress_printer(as_json))
+    except GenerationFailed as exc:
+        if as_json:
+            typer.echo(json.dumps(exc.result.to_dict(), indent=2, default=str))
+        raise
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        _print_result(result)
+    if not result.status.finished:
+        raise _fail(
+            f"generation {result.generation_id} is still {result.status.value} (the first request with this key "
+            "has not finished; if its process died, `imagegate recover` finishes it)",
+            code=5,
+        )
+
+
+@app.command()
+def recover(
+    emulator_url: Annotated[
+        str | None, typer.Option("--emulator", help="Providers without a key use this emulator URL.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Collect the paid results of generations whose process died (by their provider request id) and settle
+    or release their reservations, exactly once; close what cannot be collected; expire stale reservations."""
+    from core.generation.recovery import recover_sync
+    from core.providers.registry import EMULATOR_URL_ENV
+
+    if emulator_url:
+        os.environ[EMULATOR_URL_ENV] = emulator_url
+    runtime = _runtime()
+    report = recover_sync(runtime.sessions)
+    if as_json:
+        out = {
+            "attempts": [a.__dict__ for a in report.attempts],
+            "generations_closed": list(report.generations_closed),
+            "reservations_expired": report.reservations_expired,
+            "collected": report.collected,
+        }
+        typer.echo(json.dumps(out, indent=2, default=str))
+        return
+    for line in report.lines():
+        typer.echo(line)
+
+
+@app.command()
+def worker(
+    once: Annotated[bool, typer.Option("--once", help="One round of every job, then exit.")] = False,
+    emulator_url: Annotated[
+        str | None, typer.Option("--emulator", help="Providers without a key use this emulator URL.")
+    ] = None,
+) -> None:
+    """The background jobs: recovery (at start and every 30 s), expiry of stale reservations, health probes
+    (every health_probe_interval_s), clean-up of dead slot waiters. Stops at SIGTERM or Ctrl+C."""
+    from core.generation.worker import run_worker_until_signalled
+    from core.providers.registry import EMULATOR_URL_ENV
+
+    if emulator_url:
+        os.environ[EMULATOR_URL_ENV] = emulator_url
+    disable_telemetry()
+    runtime = _runtime()
+
+    def say(line: str) -> None:
+        typer.echo(f"[worker] {line}")
+
+    say(f"started on {runtime.display_url}" + (" (one round)" if once else ""))
+    report = asyncio.run(run_worker_until_signalled(runtime.sessions, once=once, say=say))
+    rounds = ", ".join(f"{job} x{n}" for job, n in report.rounds.items())
+    say(
+        f"stopped: {rounds}; collected {report.recovered}, closed {report.closed}, expired {report.expired}, "
+        f"probes {report.probes}, errors {len(report.errors)}"
+    )
+    if once and report.errors:
+        raise typer.Exit(1)
+
+
+# --- budgets ------------------------------------------------------------------------------------------------
+
+
+def _usd_micros(text: str, field: str) -> int:
+    from core.money import money_limit, usd_to_micros
+
+    return usd_to_micros(money_limit(text.strip().lstrip("$"), f"--{field}"))
+
+
+def _find_budget(session: Any, ref: str) -> Any:
+    from core.generation.budgets import get_budget, list_budgets
+
+    if ref.isdigit():
+        return get_budget(session, int(ref))
+    matches = [b for b in list_budgets(session) if b.name.lower() == ref.strip().lower()]
+    if not matches:
+        raise NotFound(f"no budget named {ref!r} (give its name or its id; `imagegate budgets list` shows both)")
+    if len(matches) > 1:
+        ids = ", ".join(str(b.id) for b in matches)
+        raise InvalidInput(f"several budgets are named {ref!r} (ids {ids}); give the id", {"budget": "ambiguous"})
+    return matches[0]
+
+
+@budgets_app.command("list")
+def budgets_list(
+    include_deleted: Annotated[bool, typer.Option("--all", help="Include deleted budgets.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Every budget with this period's figures, live and simulated apart (they never add up)."""
+    from core.generation.budgets import SpendMode, current_figures, list_budgets
+    from core.money import format_usd
+
+    runtime = _runtime()
+    rows: list[dict[str, Any]] = []
+    with runtime.sessions() as session:
+        for budget in list_budgets(session, include_deleted=include_deleted):
+            figures = {mode.value: current_figures(session, budget.id, mode) for mode in SpendMode}
+            rows.append(
+                {
+                    "id": budget.id,
+                    "name": budget.name,
+                    "scope": budget.scope.value,
+                    "scope_id": budget.scope_id,
+                    "period": budget.period.value,
+                    "limit_micro_usd": budget.limit_micro_usd,
+                    "hard": budget.hard,
+                    "degrade_action": budget.degrade_action,
+                    "active": budget.active,
+                    "deleted": budget.deleted_at is not None,
+                    "from_settings": budget.settings_provider,
+                    **{
+                        mode: {
+                            "period_start": f.period_start.isoformat(),
+                            "spent_micro_usd": f.spent_micro_usd,
+                            "reserved_micro_usd": f.reserved_micro_usd,
+                            "left_micro_usd": f.left_micro_usd,
+                        }
+                        for mode, f in figures.items()
+                    },
+                }
+            )
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo("no budgets (create one with `imagegate budgets create`)")
+        return
+    for row in rows:
+        scope = row["scope"] + (f":{row['scope_id']}" if row["scope_id"] else "")
+        kind = "hard" if row["hard"] else f"soft ({row['degrade_action']})"
+        state = "" if row["active"] else (" [deleted]" if row["deleted"] else " [inactive]")
+        source = " (from the provider's settings)" if row["from_settings"] else ""
+        limit_text = format_usd(row["limit_micro_usd"])
+        typer.echo(f"#{row['id']} {row['name']}: {scope}, {row['period']}, {kind}, limit {limit_text}{state}{source}")
+        for mode in ("live", "simulated"):
+            f = row[mode]
+            spent, held = format_usd(f["spent_micro_usd"]), format_usd(f["reserved_micro_usd"])
+            typer.echo(f"    {mode:<9} spent {spent}, reserved {held}, left {format_usd(f['left_micro_usd'])}")
+
+
+@budgets_app.command("create")
+def budgets_create(
+    name: Annotated[str, typer.Argument(help="A name people recognise.")],
+    limit: Annotated[str, typer.Option("--limit", help="The limit in USD, e.g. 25 or 2.50.")],
+    period: Annotated[str, typer.Option("--period", help="daily or monthly (UTC calendar).")] = "monthly",
+    provider: Annotated[str | None, typer.Option("--provider", help="A provider's budget.")] = None,
+    user: Annotated[str | None, typer.Option("--user", help="A user's budget (username).")] = None,
+    soft: Annotated[bool, typer.Option("--soft", help="Degrade instead of refusing (needs --degrade).")] = False,
+    degrade: Annotated[
+        str | None, typer.Option("--degrade", help="cheaper_preset, smaller_size or cheaper_provider.")
+    ] = None,
+) -> None:
+    """Create a budget: global (default), a provider's (--provider) or a user's (--user). Hard budgets refuse;
+    soft ones degrade requests. A provider's DAILY budget is its settings' daily_cost_limit_usd."""
+    from core.generation.budgets import create_budget
+    from core.users import find_user
+    from db.models import BudgetScope
+
+    if provider and user:
+        raise InvalidInput("a budget is for one provider or one user, not both", {"scope": "--provider or --user"})
+    runtime = _runtime()
+    micros = _usd_micros(limit, "limit")
+    with transaction(runtime.sessions) as session:
+        scope_id: str | int | None = None
+        scope = BudgetScope.GLOBAL
+        if provider:
+            scope, scope_id = BudgetScope.PROVIDER, provider
+        elif user:
+            scope, scope_id = BudgetScope.USER, find_user(session, user).id
+        view = create_budget(
+            session,
+            _cli_actor(),
+            name=name,
+            scope=scope,
+            period=period.strip().lower(),
+            limit_micro_usd=micros,
+            scope_id=scope_id,
+            hard=not soft,
+            degrade_action=degrade,
+        )
+    from core.money import format_usd
+
+    kind = "hard" if view.hard else f"soft, {view.degrade_action}"
+    typer.echo(
+        f"created budget #{view.id} {view.name}: {view.scope.value}, {view.period.value}, {kind}, "
+        f"limit {format_usd(view.limit_micro_usd)}"
+    )
+
+
+@budgets_app.command("reset")
+def budgets_reset(
+    budget: Annotated[str, typer.Argument(help="The budget's id or name.")],
+    mode: Annotated[str, typer.Option("--mode", help="live or simulated.")] = "live",
+    comment: Annotated[str | None, typer.Option("--comment", help="Why (kept in the audit log).")] = None,
+) -> None:
+    """Start the budget's current period afresh; the closed figures are kept as history."""
+    from core.generation.budgets import reset_period
+    from core.money import format_usd
+
+    runtime = _runtime()
+    with transaction(runtime.sessions) as session:
+        view = _find_budget(session, budget)
+        closed = reset_period(session, _cli_actor(), view.id, mode.strip().lower(), comment=comment)
+    typer.echo(
+        f"reset {closed.mode.value} period of #{view.id} {view.name} starting {closed.period_start.date()}: it had "
+        f"spent {format_usd(closed.spent_micro_usd)} and reserved {format_usd(closed.reserved_micro_usd)} "
+        "(kept as history)"
+    )
+
+
+# --- usage --------------------------------------------------------------------------------------------------
+
+
+def _day(text: str | None, field: str) -> Any:
+    from datetime import date
+
+    if text is None:
+        return None
+    try:
+        return date.fromisoformat(text.strip())
+    except ValueError:
+        raise InvalidInput(f"--{field} takes a date like 2026-01-31, not {text!r}", {field: "YYYY-MM-DD"}) from None
+
+
+@usage_app.command("summary")
+def usage_summary(
+    date_from: Annotated[
+        str | None, typer.Option("--from", help="First UTC day (default: the 1st of this month).")
+    ] = None,
+    date_to: Annotated[str | None, typer.Option("--to", help="Last UTC day, inclusive (default: today).")] = None,
+    by: Annotated[
+        list[str] | None, typer.Option("--by", help="provider, user or day (repeat to combine); default provider.")
+    ] = None,
+    mode: Annotated[str | None, typer.Option("--mode", help="live or simulated only.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Attempts, images and spend from the daily rollups, live and simulated always apart."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import select
+
+    from core.generation.usage import usage_summary as summarize
+    from core.money import format_usd
+    from db.models import User
+
+    today = datetime.now(UTC).date()
+    start = _day(date_from, "from") or today.replace(day=1)
+    end = _day(date_to, "to") or today
+    dimensions = [d.strip().lower() for d in (by or ["provider"])]
+    allowed = ("provider", "user", "day")
+    if any(d not in allowed for d in dimensions):
+        raise InvalidInput(f"--by takes {', '.join(allowed)}, not {', '.join(dimensions)}", {"by": "/".join(allowed)})
+    runtime = _runtime()
+    with runtime.sessions() as session:
+        rows = summarize(session, date_from=start, date_to=end, by=dimensions, mode=mode)
+        names = {u.id: u.username for u in session.scalars(select(User))} if "user" in dimensions else {}
+
+    def label(group: dict[str, Any]) -> str:
+        parts = []
+        for d in dimensions:
+            value = group.get(d)
+            if d == "user":
+                parts.append(names.get(int(value or 0), "system/CLI") if value else "system/CLI")
+            else:
+                parts.append(str(value))
+        return " · ".join(parts)
+
+    if as_json:
+        out = [
+            {
+                "spend_mode": r.spend_mode,
+                **{d: (str(r.group.get(d)) if d == "day" else r.group.get(d)) for d in dimensions},
+                "attempts": r.attempts,
+                "succeeded": r.succeeded,
+                "images": r.images,
+                "estimated_micro_usd": r.estimated_micro_usd,
+                "actual_micro_usd": r.actual_micro_usd,
+                "unknown_billing": r.unknown_billing,
+                "p50_ms": r.p50_ms,
+                "p95_ms": r.p95_ms,
+            }
+            for r in rows
+        ]
+        typer.echo(json.dumps(out, indent=2))
+        return
+    typer.echo(f"usage {start} .. {end} by {', '.join(dimensions)} (live and simulated spend never add up)")
+    if not rows:
+        typer.echo("no attempts in this range")
+        return
+    for r in rows:
+        p50 = "-" if r.p50_ms is None else f"{r.p50_ms:.0f} ms"
+        p95 = "-" if r.p95_ms is None else f"{r.p95_ms:.0f} ms"
+        unknown = f", {r.unknown_billing} with billing unknown" if r.unknown_billing else ""
+        typer.echo(
+            f"{r.spend_mode.upper():<9} {label(r.group)}: {r.attempts} attempt(s), {r.succeeded} succeeded, "
+            f"{r.images} image(s); actual {format_usd(r.actual_micro_usd)} (estimated "
+            f"{format_usd(r.estimated_micro_usd)}){unknown}; p50 {p50}, p95 {p95}"
+        )
 
 
 def main() -> None:
