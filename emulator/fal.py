@@ -3,6 +3,7 @@
 Paths are relative to where the app is mounted (`/fal` in emulator.server):
 
 - `POST /fal-ai/qwen-image`                              submit; 200 with request_id + absolute URLs
+- `POST /run/fal-ai/qwen-image`                          fal.run's synchronous endpoint: one POST, the output
 - `GET  /fal-ai/qwen-image/requests/{id}/status?logs=..` IN_QUEUE (202) / IN_PROGRESS (202) / COMPLETED (200)
 - `GET  /fal-ai/qwen-image/requests/{id}`               the model output, `x-fal-billable-units` header
 - `PUT  /fal-ai/qwen-image/requests/{id}/cancel`        202 CANCELLATION_REQUESTED / 400 ALREADY_COMPLETED
@@ -28,8 +29,10 @@ answers 499, or 400 "Request was cancelled" without an error type (the other way
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import json
 import random
 import threading
 import time
@@ -63,7 +66,7 @@ from emulator.api_facts import (
     FAL_STEPS,
 )
 from emulator.faults import BOARD, Fault, FaultBoard
-from emulator.http_faults import DroppedResponse, quiet_emulated_drops
+from emulator.http_faults import HANG_LIMIT_S, DroppedResponse, quiet_emulated_drops
 from emulator.images import render_image
 
 PROVIDER = "fal"
@@ -91,6 +94,8 @@ MAX_SIDE = FAL_MAX_SIDE
 QUEUE_STEP_S = 0.5
 """A queued request also moves on one step per this many seconds, polled or not: an abandoned request must
 run (and leave the queue) like on fal, not hold everyone's position forever."""
+SYNC_POLL_S = 0.005
+"""How often the synchronous endpoint looks whether its job finished."""
 MAX_FILES = 512
 """Generated files kept for download; older ones are dropped (fal's CDN URLs expire too)."""
 
@@ -453,6 +458,27 @@ class FalEmulator:
                 self.requests.pop(req.id, None)
             return JSONResponse(output, 200, headers=headers)
 
+    async def run_sync(self, request: Request) -> Response:
+        """fal.run's synchronous endpoint (`POST https://fal.run/{app}`, what LiteLLM calls): one POST answered
+        with the output. The job goes through the same queue (latency, concurrency, faults) as a submit."""
+        submitted = await self.submit(request)
+        if isinstance(submitted, DroppedResponse) or submitted.status_code != 200:
+            return submitted
+        request_id = json.loads(bytes(submitted.body))["request_id"]
+        deadline = time.monotonic() + HANG_LIMIT_S
+        while True:
+            with self._lock:
+                req = self.requests[request_id]
+                req.polls += 1
+                self._advance(time.monotonic())
+                if req.state == "completed":
+                    break
+            if time.monotonic() > deadline or await request.is_disconnected():
+                return JSONResponse({"detail": "Request timed out"}, 504)
+            await asyncio.sleep(SYNC_POLL_S)
+        scope = {**request.scope, "path_params": {**request.path_params, "request_id": request_id}}
+        return await self.result(Request(scope, request.receive))
+
     async def cancel(self, request: Request) -> Response:
         with self._lock:
             found = self._find(request)
@@ -491,6 +517,7 @@ def create_app(board: FaultBoard = BOARD) -> Starlette:
         routes=[
             Route("/", emu.index, methods=["GET"]),
             Route("/files/{name}", emu.file, methods=["GET"]),
+            Route("/run/{owner}/{alias}", emu.run_sync, methods=["POST"]),
             Route("/{owner}/{alias}", emu.submit, methods=["POST"]),
             Route("/{owner}/{alias}/requests/{request_id}/status", emu.status, methods=["GET"]),
             Route("/{owner}/{alias}/requests/{request_id}", emu.result, methods=["GET"]),
