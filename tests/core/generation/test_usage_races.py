@@ -134,33 +134,33 @@ def test_two_processes_finishing_the_same_attempts_finish_each_exactly_once(
 ) -> None:
     results, ids = _same_attempts_race(db_url, db_session_factory, "ledger")
     wins: Counter[int] = Counter()
-    winner: dict[int, int] = {}
-    for worker, result in enumerate(results):
-        for attempt_id, won in result["results"]:
+    winner: dict[int, str] = {}
+    for result in results:
+        for attempt_id, won, status in result["results"]:
             assert won in (True, False), won  # no errors
             if won:
                 wins[attempt_id] += 1
-                winner[attempt_id] = worker
+                winner[attempt_id] = status
     assert wins == dict.fromkeys(ids, 1)
     with db_session_factory() as session:
         rows = {a.id: a for a in session.execute(select(UsageAttempt)).scalars()}
-    for attempt_id in ids:
-        expected = "succeeded" if winner[attempt_id] == 0 else "failed"
-        assert rows[attempt_id].status == expected
+    for attempt_id in ids:  # the row holds the winner's outcome, not a mix
+        assert rows[attempt_id].status == winner[attempt_id]
+        assert (rows[attempt_id].error_class is None) == (winner[attempt_id] == "succeeded")
     assert_rollups_match_attempts(db_session_factory)
     with db_session_factory() as session:
         counted = session.scalar(select(func.sum(UsageDailyRollup.attempts)))
     assert counted == len(ids)
     split = Counter(winner.values())
     print(
-        f"[{_backend(db_url)}] {len(ids)} attempts raced by 2 processes: won {split[0]} / {split[1]}, "
+        f"[{_backend(db_url)}] {len(ids)} attempts raced by 2 processes: won {split['succeeded']} / {split['failed']}, "
         f"{max(r['seconds'] for r in results):.2f} s"
     )
 
 
 def test_a_naive_check_then_finish_counts_attempts_twice(db_url: str, db_session_factory: Factory) -> None:
     results, ids = _same_attempts_race(db_url, db_session_factory, "naive_guard")
-    wins = sum(1 for result in results for _, won in result["results"] if won is True)
+    wins = sum(1 for result in results for _, won, _ in result["results"] if won is True)
     with db_session_factory() as session:
         counted = session.scalar(select(func.sum(UsageDailyRollup.attempts)))
     print(f"[{_backend(db_url)}] naive finish: {wins} finishes of {len(ids)} attempts, rollups count {counted}")
@@ -217,7 +217,7 @@ def _distinct_attempts_race(db_url: str, factory: Factory, finisher: str) -> tup
 
 def test_rollups_equal_the_sum_of_attempts_finished_concurrently(db_url: str, db_session_factory: Factory) -> None:
     results, total = _distinct_attempts_race(db_url, db_session_factory, "ledger")
-    outcomes = [won for result in results for _, won in result["results"]]
+    outcomes = [won for result in results for _, won, _ in result["results"]]
     assert outcomes == [True] * total
     assert_rollups_match_attempts(db_session_factory)
     with db_session_factory() as session:
@@ -243,7 +243,7 @@ def _ledger_checks_hold(factory: Factory, outcomes: list[Any], total: int) -> bo
 
 def test_a_naive_read_then_write_rollup_fails_the_same_race(db_url: str, db_session_factory: Factory) -> None:
     results, total = _distinct_attempts_race(db_url, db_session_factory, "naive_rollup")
-    outcomes = [won for result in results for _, won in result["results"]]
+    outcomes = [won for result in results for _, won, _ in result["results"]]
     errors = [won for won in outcomes if isinstance(won, str)]
     with db_session_factory() as session:
         counted = session.scalar(select(func.sum(UsageDailyRollup.attempts))) or 0
@@ -264,3 +264,32 @@ def test_the_naive_rollup_is_exact_without_concurrency(db_session_factory: Facto
         with transaction(db_session_factory) as session:
             outcomes.append(usage_race_workers.naive_rollup_finish(session, attempt_id, _random_outcome(rng)))
     assert _ledger_checks_hold(db_session_factory, outcomes, len(ids))
+
+
+# --- lease take-over ------------------------------------------------------------------------------------------
+
+TAKEOVER_PROCESSES, TAKEOVER_GENERATIONS = 4, 16
+
+
+def test_recovering_processes_take_over_each_expired_generation_exactly_once(
+    db_url: str, db_session_factory: Factory
+) -> None:
+    past = datetime.now(UTC) - timedelta(minutes=5)
+    with transaction(db_session_factory) as session:
+        ids = [
+            new_generation(session, lease_owner="dead", lease_expires_at=past).generation_id
+            for _ in range(TAKEOVER_GENERATIONS)
+        ]
+    barrier, queue = SPAWN.Barrier(TAKEOVER_PROCESSES), SPAWN.Queue()
+    args = [(db_url, ids, f"recoverer-{w}") for w in range(TAKEOVER_PROCESSES)]
+    results = _run(usage_race_workers.take_over_all, args, barrier, queue)
+    winners: dict[str, list[str]] = {gid: [] for gid in ids}
+    for result in results:
+        for gid, won in result["results"]:
+            assert won in (True, False), won
+            if won:
+                winners[gid].append(result["owner"])
+    assert all(len(owners) == 1 for owners in winners.values()), winners
+    with db_session_factory() as session:
+        owners = dict(session.execute(select(Generation.id, Generation.lease_owner)).tuples().all())
+    assert owners == {gid: names[0] for gid, names in winners.items()}

@@ -195,7 +195,8 @@ def finish_rounds(
     same attempts to race on them, or other attempts with the same rollup keys)."""
     finish = FINISHERS[finisher]
     factory = _factory(url, max(len(r) for r in rounds))
-    results: list[tuple[int, Any]] = []
+    results: list[tuple[int, Any, str]] = []
+    """(attempt id, True/False or an error, the status this worker would have written)"""
     began = time.perf_counter()
     for work in rounds:
 
@@ -205,6 +206,25 @@ def finish_rounds(
                 return finish(session, attempt_id, outcome)
 
         barrier.wait(BARRIER_TIMEOUT_S)
-        results.extend((attempt_id, won) for (attempt_id, _), won in zip(work, _run_threads(len(work), finish_one),
-                                                                          strict=True))  # fmt: skip
+        outcomes = _run_threads(len(work), finish_one)
+        results.extend((a, won, outcome.status) for (a, outcome), won in zip(work, outcomes, strict=True))
     out.put({"results": results, "seconds": time.perf_counter() - began})
+
+
+# --- lease take-over ------------------------------------------------------------------------------------------
+
+
+def take_over_all(url: str, generation_ids: list[str], owner: str, barrier: Barrier, out: Queue[Any]) -> None:
+    """Every thread tries to take over one of the (expired) generations at the same moment."""
+    factory = _factory(url, len(generation_ids))
+
+    def take(i: int) -> bool:
+        with transaction(factory) as session:
+            return usage.take_over_generation(
+                session, generation_ids[i], lease_owner=owner, lease_expires_at=datetime.now(UTC) + timedelta(hours=1)
+            )
+
+    barrier.wait(BARRIER_TIMEOUT_S)
+    out.put(
+        {"owner": owner, "results": list(zip(generation_ids, _run_threads(len(generation_ids), take), strict=True))}
+    )
