@@ -48,8 +48,9 @@ NAMING_CONVENTION = {
 }
 
 # Upper bounds (ms) of the latency histogram buckets in usage_daily_rollups; the last bucket is open-ended.
-# Steps of about x1.3 from 50 ms to 3 minutes: p50 and p95 read from the rollups alone, interpolated within a
-# bucket, are within about 13 % of the exact value.
+# Steps of about x1.3 from 50 ms to 3 minutes: p50 and p95 read from the rollups alone are interpolated within
+# the bucket that holds them, so the error is at most one bucket's width (about 30 %; 50 % above 80 s) and
+# much less on smooth data (+0.9 % at p50, +1.6 % at p95 on the seeded test distribution).
 LATENCY_BUCKET_BOUNDS_MS: tuple[int, ...] = (
     50, 65, 85, 110, 140, 185, 240, 310, 400, 520, 680, 880, 1_150, 1_500, 1_950, 2_500,
     3_300, 4_300, 5_600, 7_300, 9_500, 12_000, 16_000, 21_000, 27_000, 35_000, 46_000, 60_000, 80_000,
