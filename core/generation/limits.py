@@ -13,7 +13,8 @@ Public API (async code goes through core.generation.dbexec; the event loop never
 - `effective_limit(settings) -> int | None`: the limit for a provider (its settings' `max_in_flight`, else the
   catalog's `ProviderSpec.max_in_flight`; None = unlimited).
 - Synchronous building blocks, one short transaction each (the worker and tests use them directly):
-  `ensure_slots`, `try_acquire`, `renew`, `release`, `leave_queue`, `sweep_waiters`, `holders`, `waiters`.
+  `ensure_slots`, `try_acquire`, `queue_position`, `renew`, `release`, `leave_queue`, `sweep_waiters`,
+  `holders`, `waiters`.
 
 Rules, each ONE guarded statement:
 - Slots are created on demand: `INSERT ... ON CONFLICT DO NOTHING` of slot numbers 0..limit-1. A lowered limit
@@ -35,9 +36,12 @@ from one user going first again and again when the limit is small (with limit 1 
 moment of a decision). A waiter may take a slot only while its rank in that order is below the number of free
 slots, so one user's 20 queued requests cannot starve another user's one: user B holding nothing gets the
 next free slot ahead of user A's queue whenever A holds one or more slots, or got one more recently.
-Waiters poll: first at once, then with a jittered doubling backoff from 10 ms to 250 ms, and they check with
-a read first (free slots and their rank), writing only when they may take a slot or must renew their waiter
-lease; a release in the same process wakes that process's waiters at once. Cost: each check is O(waiters +
+Waiters poll: first at once (a write that registers them), then they look with a read (free slots and their
+rank) and write only when they may take a slot or must renew their waiter lease. A waiter that needs k more
+grants before its turn looks again after about k x 5 ms (at most 250 ms, jittered): the head of the line looks
+every 5 ms, so a slot freed in another process is not left idle while the waiter it is kept for sleeps, and a
+queue of N costs about 200 x ln(N) reads per second. A release in the same process wakes that process's
+waiters near the head of the line at once. Cost: each check is O(waiters +
 slots) of the provider.
 
 Times come from the application's clock (`db.models.utcnow`), like every lease in this schema; machines that
@@ -59,7 +63,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, case, delete, func, literal, or_, select, update
+from sqlalchemy import Integer, String, Table, and_, bindparam, case, delete, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
@@ -78,7 +82,13 @@ DEFAULT_LEASE_S = 30.0
 WAITER_LEASE_S = 3.0
 """A waiter that stops polling (its process died) is skipped after this; a live one renews well before."""
 WAITER_RENEW_S = 1.0
-POLL_MIN_S = 0.010
+POLL_MIN_S = 0.005
+POLL_NEAR_S = 0.020
+"""The longest pause of a waiter whose place in line is unknown (its write lost a race)."""
+POLL_PER_PLACE_S = 0.005
+"""A waiter that needs k more grants before its turn looks again after about k x this: the head of the line
+looks every 5 ms (a slot freed in another process is taken within about that; a release in the same process
+wakes its nearest waiters at once), the 10th every 50 ms, so a queue of N costs about 200 x ln(N) reads/s."""
 POLL_MAX_S = 0.250
 STALE_WAITER_S = 60.0
 """Waiter rows expired this long ago are deleted (by a release or by the worker's sweep)."""
@@ -141,27 +151,36 @@ def _user(user_id: int | None) -> int:
     return _NO_USER if user_id is None else user_id
 
 
-def _free(table: Any, provider: str, limit: int, now: Any) -> Any:
+# Built once with bind parameters (:p provider, :h holder, :u user id, :lim limit, :at now, :until lease end):
+# building these expressions costs far more than running them, and equal statements hit the compiled cache.
+_P = bindparam("p", type_=String())
+_H = bindparam("h", type_=String())
+_U = bindparam("u", type_=Integer())
+_LIM = bindparam("lim", type_=Integer())
+_AT = bindparam("at", type_=UTCDateTime())
+_UNTIL = bindparam("until", type_=UTCDateTime())
+_EPOCH_AT = literal(_EPOCH, UTCDateTime())
+
+
+def _free(table: Any) -> Any:
     return and_(
-        table.c.provider == provider,
-        table.c.slot_no < limit,
-        or_(table.c.holder.is_(None), table.c.lease_until < now),
+        table.c.provider == _P,
+        table.c.slot_no < _LIM,
+        or_(table.c.holder.is_(None), table.c.lease_until < _AT),
     )
 
 
-def _rank_and_free(provider: str, holder: str, user_id: int, limit: int, now: datetime) -> tuple[Any, Any]:
-    """Scalar sub-selects: live waiters ahead of `holder` in the fairness order, and free slots."""
-    now_ = literal(now, UTCDateTime())
-    epoch = literal(_EPOCH, UTCDateTime())
+def _rank_and_free() -> tuple[Any, Any]:
+    """Scalar sub-selects: live waiters ahead of :h in the fairness order, and free slots."""
     per_user_slots = _slots.alias("per_user_slots")
-    live = and_(per_user_slots.c.holder.is_not(None), per_user_slots.c.lease_until >= now_)
+    live = and_(per_user_slots.c.holder.is_not(None), per_user_slots.c.lease_until >= _AT)
     users = (
         select(
             per_user_slots.c.user_id.label("user_id"),
             func.sum(case((live, 1), else_=0)).label("held"),
             func.max(per_user_slots.c.acquired_at).label("last_grant"),
         )
-        .where(per_user_slots.c.provider == provider)
+        .where(per_user_slots.c.provider == _P)
         .group_by(per_user_slots.c.user_id)
         .subquery("users")
     )
@@ -170,30 +189,30 @@ def _rank_and_free(provider: str, holder: str, user_id: int, limit: int, now: da
         select(func.count())
         .select_from(mine_slots)
         .where(
-            mine_slots.c.provider == provider,
-            mine_slots.c.user_id == user_id,
+            mine_slots.c.provider == _P,
+            mine_slots.c.user_id == _U,
             mine_slots.c.holder.is_not(None),
-            mine_slots.c.lease_until >= now_,
+            mine_slots.c.lease_until >= _AT,
         )
         .scalar_subquery()
     )
     my_last = (
-        select(func.coalesce(func.max(mine_slots.c.acquired_at), epoch))
-        .where(mine_slots.c.provider == provider, mine_slots.c.user_id == user_id)
+        select(func.coalesce(func.max(mine_slots.c.acquired_at), _EPOCH_AT))
+        .where(mine_slots.c.provider == _P, mine_slots.c.user_id == _U)
         .scalar_subquery()
     )
     me = _waiters.alias("me")
-    my_id = select(me.c.id).where(me.c.holder == holder).scalar_subquery()
+    my_id = select(me.c.id).where(me.c.holder == _H).scalar_subquery()
     other = _waiters.alias("other")
     held = func.coalesce(users.c.held, 0)
-    last = func.coalesce(users.c.last_grant, epoch)
+    last = func.coalesce(users.c.last_grant, _EPOCH_AT)
     ahead = (
         select(func.count())
         .select_from(other.outerjoin(users, users.c.user_id == other.c.user_id))
         .where(
-            other.c.provider == provider,
-            other.c.lease_until >= now_,
-            other.c.holder != holder,
+            other.c.provider == _P,
+            other.c.lease_until >= _AT,
+            other.c.holder != _H,
             or_(
                 held < my_held,
                 and_(held == my_held, last < my_last),
@@ -203,34 +222,45 @@ def _rank_and_free(provider: str, holder: str, user_id: int, limit: int, now: da
         .scalar_subquery()
     )
     free_slots = _slots.alias("free_slots")
-    free = (
-        select(func.count()).select_from(free_slots).where(_free(free_slots, provider, limit, now_)).scalar_subquery()
-    )
+    free = select(func.count()).select_from(free_slots).where(_free(free_slots)).scalar_subquery()
     return ahead, free
 
 
-def ensure_slots(session: Session, provider: str, limit: int) -> None:
-    """Create the provider's slots 0..limit-1 that do not exist yet (racing creators cannot collide)."""
-    _check_limit(limit)
-    rows = [{"provider": provider, "slot_no": n} for n in range(limit)]
-    dialect = session.get_bind().dialect.name
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    session.execute(insert(_slots).values(rows).on_conflict_do_nothing(index_elements=["provider", "slot_no"]))
+def _acquire_statement() -> Any:
+    ahead, free = _rank_and_free()
+    candidate = _slots.alias("candidate")
+    pick = (
+        select(candidate.c.slot_no)
+        .where(_free(candidate))
+        .order_by(candidate.c.slot_no)
+        .limit(1)
+        .with_for_update(skip_locked=True)  # PostgreSQL only; SQLite renders nothing
+        .scalar_subquery()
+    )
+    already = _slots.alias("already")
+    holds_one = select(already.c.slot_no).where(already.c.provider == _P, already.c.holder == _H).exists()
+    return (
+        update(_slots)
+        .where(
+            _slots.c.provider == _P,
+            _slots.c.slot_no == pick,
+            or_(_slots.c.holder.is_(None), _slots.c.lease_until < _AT),
+            ~holds_one,
+            ahead < free,
+        )
+        .values(holder=_H, user_id=_U, lease_until=_UNTIL, acquired_at=_AT)
+        .returning(_slots.c.slot_no)
+    )
 
 
-def _enqueue(session: Session, provider: str, holder: str, user_id: int, now: datetime) -> None:
-    """Register (or renew) the waiter; a renewal keeps its id, so it keeps its place."""
-    dialect = session.get_bind().dialect.name
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    values = {
-        "provider": provider,
-        "holder": holder,
-        "user_id": user_id,
-        "enqueued_at": now,
-        "lease_until": now + timedelta(seconds=WAITER_LEASE_S),
-    }
-    statement = insert(_waiters).values(values)
-    statement = statement.on_conflict_do_update(
+def _look_statement() -> Any:
+    ahead, free = _rank_and_free()
+    return select(ahead, free)
+
+
+def _enqueue_statement(insert: Any) -> Any:
+    statement = insert(_waiters).values(provider=_P, holder=_H, user_id=_U, enqueued_at=_AT, lease_until=_UNTIL)
+    return statement.on_conflict_do_update(
         index_elements=["holder"],
         set_={
             "provider": statement.excluded.provider,
@@ -238,7 +268,31 @@ def _enqueue(session: Session, provider: str, holder: str, user_id: int, now: da
             "lease_until": statement.excluded.lease_until,
         },
     )
-    session.execute(statement)
+
+
+_ACQUIRE = _acquire_statement()
+_LOOK = _look_statement()
+_ENQUEUE = {"postgresql": _enqueue_statement(pg_insert), "sqlite": _enqueue_statement(sqlite_insert)}
+_LEAVE = delete(_waiters).where(_waiters.c.holder == _H)
+
+
+def _insert_for(session: Session) -> Any:
+    return pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+
+
+def ensure_slots(session: Session, provider: str, limit: int) -> None:
+    """Create the provider's slots 0..limit-1 that do not exist yet (racing creators cannot collide)."""
+    _check_limit(limit)
+    rows = [{"provider": provider, "slot_no": n} for n in range(limit)]
+    insert = _insert_for(session)
+    session.execute(insert(_slots).values(rows).on_conflict_do_nothing(index_elements=["provider", "slot_no"]))
+
+
+def _enqueue(session: Session, provider: str, holder: str, user_id: int, now: datetime) -> None:
+    """Register (or renew) the waiter; a renewal keeps its id, so it keeps its place."""
+    statement = _ENQUEUE["postgresql" if session.get_bind().dialect.name == "postgresql" else "sqlite"]
+    until = now + timedelta(seconds=WAITER_LEASE_S)
+    session.execute(statement, {"p": provider, "h": holder, "u": user_id, "at": now, "until": until})
 
 
 def try_acquire(
@@ -259,82 +313,50 @@ def try_acquire(
     user = _user(user_id)
     # The first statement writes: SQLite takes its write lock here, so the rest of the attempt is serialised.
     _enqueue(session, provider, holder, user, at)
-    ahead, free = _rank_and_free(provider, holder, user, limit, at)
-    now_ = literal(at, UTCDateTime())
-    candidate = _slots.alias("candidate")
-    pick = (
-        select(candidate.c.slot_no)
-        .where(_free(candidate, provider, limit, now_))
-        .order_by(candidate.c.slot_no)
-        .limit(1)
-        .with_for_update(skip_locked=True)  # PostgreSQL only; SQLite renders nothing
-        .scalar_subquery()
-    )
-    already = _slots.alias("already")
-    holds_one = select(already.c.slot_no).where(already.c.provider == provider, already.c.holder == holder).exists()
-    statement = (
-        update(_slots)
-        .where(
-            _slots.c.provider == provider,
-            _slots.c.slot_no == pick,
-            or_(_slots.c.holder.is_(None), _slots.c.lease_until < now_),
-            ~holds_one,
-            ahead < free,
-        )
-        .values(holder=holder, user_id=user, lease_until=at + timedelta(seconds=lease_s), acquired_at=at)
-        .returning(_slots.c.slot_no)
-    )
-    slot_no = session.execute(statement).scalar_one_or_none()
+    params = {"p": provider, "h": holder, "u": user, "lim": limit, "at": at, "until": at + timedelta(seconds=lease_s)}
+    slot_no: int | None = session.execute(_ACQUIRE, params).scalar_one_or_none()
     if slot_no is not None:
-        session.execute(delete(_waiters).where(_waiters.c.holder == holder))
+        session.execute(_LEAVE, {"h": holder})
     return slot_no
 
 
-def may_acquire(session: Session, provider: str, holder: str, user_id: int | None, limit: int) -> bool:
-    """A read-only look: is a slot free that this waiter's rank lets it take? (A True is re-checked by the
-    guarded UPDATE; it only saves a write when the answer is no.)"""
-    ahead, free = _rank_and_free(provider, holder, _user(user_id), limit, utcnow())
-    row = session.execute(select(ahead, free)).one()
-    return bool(row[1] > 0 and row[0] < row[1])
+def queue_position(session: Session, provider: str, holder: str, user_id: int | None, limit: int) -> tuple[int, int]:
+    """A read-only look: (live waiters ahead of `holder` in the fairness order, free slots). The waiter may
+    take a slot when ahead < free; the guarded UPDATE checks that again, so a look only saves a write."""
+    params = {"p": provider, "h": holder, "u": _user(user_id), "lim": limit, "at": utcnow()}
+    row = session.execute(_LOOK, params).one()
+    return int(row[0]), int(row[1])
+
+
+_RENEW = update(_slots).where(_slots.c.provider == _P, _slots.c.holder == _H).values(lease_until=_UNTIL)
+_RELEASE = update(_slots).where(_slots.c.provider == _P, _slots.c.holder == _H).values(holder=None, lease_until=None)
+_STALE_WAITERS = delete(_waiters).where(_waiters.c.provider == _P, _waiters.c.lease_until < _AT)
 
 
 def renew(session: Session, provider: str, holder: str, *, lease_s: float = DEFAULT_LEASE_S) -> bool:
     """Extend the holder's lease; False when it no longer holds a slot (its lease lapsed and it was taken)."""
     until = utcnow() + timedelta(seconds=lease_s)
-    result = session.execute(
-        update(_slots).where(_slots.c.provider == provider, _slots.c.holder == holder).values(lease_until=until)
-    )
+    result = session.execute(_RENEW, {"p": provider, "h": holder, "until": until})
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def release(session: Session, provider: str, holder: str) -> bool:
     """Give the holder's slot back; False when it held none. The row keeps its last user and grant time (the
     fairness order reads them). Also deletes this provider's long-expired waiter rows."""
-    result = session.execute(
-        update(_slots)
-        .where(_slots.c.provider == provider, _slots.c.holder == holder)
-        .values(holder=None, lease_until=None)
-    )
-    _delete_stale_waiters(session, provider)
+    result = session.execute(_RELEASE, {"p": provider, "h": holder})
+    session.execute(_STALE_WAITERS, {"p": provider, "at": utcnow() - timedelta(seconds=STALE_WAITER_S)})
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def leave_queue(session: Session, holder: str) -> None:
     """Stop waiting (timeout, cancellation)."""
-    session.execute(delete(_waiters).where(_waiters.c.holder == holder))
-
-
-def _delete_stale_waiters(session: Session, provider: str | None) -> int:
-    cutoff = utcnow() - timedelta(seconds=STALE_WAITER_S)
-    statement = delete(_waiters).where(_waiters.c.lease_until < cutoff)
-    if provider is not None:
-        statement = statement.where(_waiters.c.provider == provider)
-    return int(session.execute(statement).rowcount)  # type: ignore[attr-defined]
+    session.execute(_LEAVE, {"h": holder})
 
 
 def sweep_waiters(session: Session) -> int:
     """Delete waiter rows whose process died long ago (the worker's periodic clean-up); returns how many."""
-    return _delete_stale_waiters(session, None)
+    cutoff = utcnow() - timedelta(seconds=STALE_WAITER_S)
+    return int(session.execute(delete(_waiters).where(_waiters.c.lease_until < cutoff)).rowcount)  # type: ignore[attr-defined]
 
 
 def holders(session: Session, provider: str) -> list[tuple[int, str, int, datetime]]:
@@ -373,7 +395,13 @@ def _wake(provider: str) -> None:
             loop.call_soon_threadsafe(event.set)
 
 
-async def _sleep_or_wake(provider: str, seconds: float) -> None:
+async def _sleep_or_wake(provider: str, seconds: float, *, wakeable: bool) -> None:
+    """Sleep `seconds`, or less when a slot of `provider` is released in this process and `wakeable` (only the
+    waiters near the head of the line: waking all of them would only make them all look, and all but one wait
+    again)."""
+    if not wakeable:
+        await asyncio.sleep(seconds)
+        return
     loop = asyncio.get_running_loop()
     event = asyncio.Event()
     entry = (loop, event)
@@ -408,6 +436,14 @@ def _ensure_once(factory: sessionmaker[Session], provider: str, limit: int) -> N
         _ensured.add(key)
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    slot_no: int | None
+    grants_before_turn: int | None
+    """When the look said "not yet": how many more slots must be granted before this waiter's turn (its rank
+    minus the free slots, plus one). None when unknown (the write lost a race)."""
+
+
 def _attempt(
     factory: sessionmaker[Session],
     provider: str,
@@ -416,13 +452,14 @@ def _attempt(
     limit: int,
     lease_s: float,
     look_first: bool,
-) -> int | None:
+) -> _Outcome:
     if look_first:
         with factory() as session:
-            if not may_acquire(session, provider, holder, user_id, limit):
-                return None
+            ahead, free = queue_position(session, provider, holder, user_id, limit)
+        if ahead >= free:
+            return _Outcome(None, ahead - free + 1)
     with transaction(factory) as session:
-        return try_acquire(session, provider, holder, user_id, limit, lease_s=lease_s)
+        return _Outcome(try_acquire(session, provider, holder, user_id, limit, lease_s=lease_s), None)
 
 
 def _renew_waiter(factory: sessionmaker[Session], provider: str, holder: str, user_id: int) -> None:
@@ -445,11 +482,11 @@ def _renew(factory: sessionmaker[Session], provider: str, holder: str, lease_s: 
         return renew(session, provider, holder, lease_s=lease_s)
 
 
-def _give_back(factory: sessionmaker[Session], provider: str, holder: str) -> Callable[[int | None], None]:
+def _give_back(factory: sessionmaker[Session], provider: str, holder: str) -> Callable[[_Outcome], None]:
     """What a cancelled acquirer leaves behind: its slot if the attempt took one, else its waiter row."""
 
-    def cleanup(slot_no: int | None) -> None:
-        if slot_no is not None:
+    def cleanup(outcome: _Outcome) -> None:
+        if outcome.slot_no is not None:
             _release(factory, provider, holder)
             _wake(provider)
         else:
@@ -477,19 +514,19 @@ async def acquire(
     user = _user(user_id)
     started = clock()
     await dbexec.run_db(_ensure_once, factory, provider, limit)
-    backoff = POLL_MIN_S
+    pause = POLL_MIN_S / 2
     look_first = False  # the first attempt writes at once: it registers the waiter
     renewed_at = clock()
     cleanup = _give_back(factory, provider, holder)
     while True:
         future = dbexec.submit(_attempt, factory, provider, holder, user, limit, lease_s, look_first)
-        slot_no = await dbexec.finish_even_if_cancelled(future, cleanup)
-        if slot_no is not None:
+        outcome = await dbexec.finish_even_if_cancelled(future, cleanup)
+        if outcome.slot_no is not None:
             return HeldSlot(
                 provider=provider,
                 holder=holder,
                 user_id=user,
-                slot_no=slot_no,
+                slot_no=outcome.slot_no,
                 limit=limit,
                 lease_s=lease_s,
                 acquired_at=utcnow(),
@@ -499,17 +536,24 @@ async def acquire(
         if remaining <= 0:
             await _run_to_end(dbexec.submit(_leave, factory, holder))
             raise SlotTimeout(provider, limit, clock() - started)
+        # Look again about when this waiter's turn may have come (module docstring): often near the head of the
+        # line, rarely far back, so a long queue stays cheap and a freed slot does not wait for a sleeper.
+        places = outcome.grants_before_turn
+        if places is None:
+            pause = min(pause * 2, POLL_NEAR_S)
+        else:
+            pause = min(max(POLL_PER_PLACE_S * places, POLL_MIN_S), POLL_MAX_S)
+        near = places is None or places <= limit
         try:
-            await _sleep_or_wake(provider, min(remaining, backoff * random.uniform(0.8, 1.2)))
+            await _sleep_or_wake(provider, min(remaining, pause * random.uniform(0.8, 1.2)), wakeable=near)
         except asyncio.CancelledError:
             dbexec.submit(_leave, factory, holder)
             raise
-        backoff = min(backoff * 2, POLL_MAX_S)
         look_first = True
         if clock() - renewed_at >= WAITER_RENEW_S:
             # A read-only look does not renew the waiter; keep its place while it waits.
-            future = dbexec.submit(_renew_waiter, factory, provider, holder, user)
-            await dbexec.finish_even_if_cancelled(future, lambda _: _leave(factory, holder))
+            renewal = dbexec.submit(_renew_waiter, factory, provider, holder, user)
+            await dbexec.finish_even_if_cancelled(renewal, lambda _: _leave(factory, holder))
             renewed_at = clock()
 
 
