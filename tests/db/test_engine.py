@@ -9,7 +9,8 @@ import pytest
 from sqlalchemy import Engine, exc, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.engine import DatabaseUnavailable, check_connection, make_engine, normalize_url, session_factory, transaction
+from common.errors import DatabaseUnavailable
+from db.engine import check_connection, make_engine, normalize_url, session_factory, transaction
 from db.models import (
     LATENCY_BUCKET_BOUNDS_MS,
     LATENCY_BUCKET_COLUMNS,
@@ -156,9 +157,13 @@ def test_rollup_histogram_columns_match_bucket_bounds(db_session_factory: sessio
     columns = set(UsageDailyRollup.__table__.columns.keys())
     assert set(LATENCY_BUCKET_COLUMNS) <= columns
     with transaction(db_session_factory) as session:
-        session.add(UsageDailyRollup(day=date(2026, 11, 27), provider="sandbox", user_id=0, status="succeeded"))
+        session.add(
+            UsageDailyRollup(day=date(2026, 11, 27), provider="sandbox", user_id=0, mode="sandbox", status="succeeded")
+        )
     with pytest.raises(exc.IntegrityError), transaction(db_session_factory) as session:
-        session.add(UsageDailyRollup(day=date(2026, 11, 27), provider="sandbox", user_id=0, status="succeeded"))
+        session.add(
+            UsageDailyRollup(day=date(2026, 11, 27), provider="sandbox", user_id=0, mode="sandbox", status="succeeded")
+        )
         session.flush()
     with db_session_factory() as session:
         row = session.scalars(select(UsageDailyRollup)).one()
