@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import unicodedata
 
-from core.catalog import PROMPT_MAX_CHARS
 from common.errors import InvalidInput
+from core.catalog import PROMPT_MAX_CHARS
 
 _ALLOWED_CONTROLS = {"\n", "\t"}
 

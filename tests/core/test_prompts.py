@@ -8,8 +8,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from core.catalog import PROMPT_MAX_CHARS
 from common.errors import InvalidInput
+from core.catalog import PROMPT_MAX_CHARS
 from core.prompts import prompt_problem, validate_negative_prompt, validate_prompt
 
 CONTROL_CHARS = [chr(c) for c in range(0x20) if chr(c) not in "\n\t"] + ["\x7f"] + [chr(c) for c in range(0x80, 0xA0)]

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import audit, price_store
 from common.errors import InvalidInput, PermissionDenied
+from core import audit, price_store
 from core.security import Actor, Role
 from db.engine import transaction
 
