@@ -26,9 +26,7 @@ def factory_for(url: str) -> sessionmaker[Session]:
     return session_factory(make_engine(url))
 
 
-def compete(
-    url: str, worker: int, tasks: int, limit: int, rounds: int, start: Barrier, out: Queue[Any]
-) -> None:
+def compete(url: str, worker: int, tasks: int, limit: int, rounds: int, start: Barrier, out: Queue[Any]) -> None:
     """`rounds` times: `tasks` tasks each take a slot (user = task number mod 3, so users interleave across
     processes), hold it 40-120 ms and give it back; each reports its own (taken, given back) interval on
     `time.monotonic()`, which is one clock for every process on the machine."""
@@ -36,9 +34,7 @@ def compete(
 
     async def one(round_no: int, task: int) -> tuple[float, float, int]:
         holder = f"w{worker}-r{round_no}-t{task}"
-        async with limits.provider_slot(
-            factory, PROVIDER, holder, task % 3 + 1, limit, time.monotonic() + 60
-        ) as slot:
+        async with limits.provider_slot(factory, PROVIDER, holder, task % 3 + 1, limit, time.monotonic() + 60) as slot:
             assert slot is not None
             taken = time.monotonic()
             await asyncio.sleep(random.uniform(0.040, 0.120))
@@ -77,9 +73,7 @@ def wait_in_queue_until_killed(url: str, out: Queue[Any]) -> None:
     factory = factory_for(url)
 
     async def run() -> None:
-        task = asyncio.create_task(
-            limits.acquire(factory, PROVIDER, "doomed-waiter", 7, 1, time.monotonic() + 3600)
-        )
+        task = asyncio.create_task(limits.acquire(factory, PROVIDER, "doomed-waiter", 7, 1, time.monotonic() + 3600))
         while True:
             with factory() as session:
                 if any(h == "doomed-waiter" for h, _ in limits.waiters(session, PROVIDER)):

@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import signal
 import time
+from collections.abc import Sequence
 from multiprocessing.process import BaseProcess
 from queue import Empty
 from typing import Any
@@ -54,7 +55,7 @@ def _max_overlap(intervals: list[tuple[float, float]]) -> int:
     return deepest
 
 
-def _stop(processes: list[BaseProcess]) -> None:
+def _stop(processes: Sequence[BaseProcess]) -> None:
     for process in processes:
         process.join(timeout=JOIN_TIMEOUT_S)
         if process.is_alive():
@@ -124,6 +125,7 @@ def test_a_killed_holder_frees_its_slot_after_its_lease(db_url: str, db_session_
             doomed.kill()
     with transaction(db_session_factory) as session:  # ... and its dead lease still counts
         assert limits.try_acquire(session, PROVIDER, "survivor", 2, 1) is None
+
     async def take() -> limits.HeldSlot | None:
         async with limits.provider_slot(
             db_session_factory, PROVIDER, "survivor", 2, 1, time.monotonic() + 3 * lease_s
@@ -192,7 +194,7 @@ def test_the_next_free_slot_goes_to_the_user_holding_fewest_across_processes(
         for i in range(1, LIMIT):
             with transaction(db_session_factory) as session:
                 assert limits.release(session, PROVIDER, f"a-running-{i}")
-        done = set()
+        done: set[int] = set()
         while len(done) < 2:
             message = _get(out)
             if "done" in message:
