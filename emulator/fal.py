@@ -473,9 +473,11 @@ class FalEmulator:
                 self._advance(time.monotonic())
                 if req.state == "completed":
                     break
+                # Sleep until the job is due (not a busy poll: a thousand jobs may be waiting at once).
+                due = (req.started or 0.0) + self.board.get(PROVIDER).latency_s - time.monotonic()
             if time.monotonic() > deadline or await request.is_disconnected():
                 return JSONResponse({"detail": "Request timed out"}, 504)
-            await asyncio.sleep(SYNC_POLL_S)
+            await asyncio.sleep(max(SYNC_POLL_S, due) if req.state == "running" else SYNC_POLL_S)
         scope = {**request.scope, "path_params": {**request.path_params, "request_id": request_id}}
         return await self.result(Request(scope, request.receive))
 

@@ -1,0 +1,268 @@
+"""1,000 requests in flight against 2 s of provider latency: wall time and peak memory, side by side.
+
+    python -m bench.inflight [--requests 1000] [--latency 2] [--db sqlite|postgresql|both]
+
+The emulator (its own process and core) runs every fal job for `--latency` seconds with room for all of them at
+once (concurrency = 2 x requests, no queue steps). Each variant fires all its requests at once from a fresh
+process (spawned, pinned to the other core), after one warm-up call, and reports the wall time until the last
+one finished, each request's latency, and memory: the process's RSS just before the burst and its peak during
+the burst (the kernel's high-water mark VmHWM, reset just before the burst through /proc/self/clear_refs;
+`resource.getrusage().ru_maxrss` would also count the parent's pages at the fork that spawned the process).
+
+- raw fal queue calls: one httpx client (no connection limit): submit, status polls every 0.5 s (the adapter's
+  poll interval), result, image download;
+- LiteLLM `Router.aimage_generation` against fal's synchronous endpoint (one POST held for the latency);
+- imagegate `generate()` as a USER with one hard global budget, per database.
+
+Target (issue 7): imagegate's 1,000 requests finish within 3 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench import harness
+from bench.harness import FAL_KEY_HEADER, FAL_MODEL_PATH
+
+PROMPT = "a lighthouse at dusk"
+IMAGE_SIZE = "256x256"
+POLL_S = 0.5
+TARGET_S = 3.0
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5 = reset the peak RSS (VmHWM) to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+
+def child(variant: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """One variant in this fresh process: warm up, then the burst."""
+    harness.pin_self(spec["core"])
+    harness.product_env(spec["emulator_url"], Path(spec["data_dir"]))
+    return asyncio.run(_burst(variant, spec))
+
+
+async def _burst(variant: str, spec: dict[str, Any]) -> dict[str, Any]:
+    base, count = spec["emulator_url"], spec["requests"]
+    from bench.overhead import Call, wire_params
+
+    params, _ = wire_params()
+    closers: list[Any] = []
+    call: Call
+    if variant == "raw_queue":
+        client = httpx.AsyncClient(
+            timeout=60, limits=httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        )
+        closers.append(client.aclose)
+
+        async def call() -> None:
+            submitted = await client.post(base + FAL_MODEL_PATH, json=params, headers=FAL_KEY_HEADER)
+            submitted.raise_for_status()
+            body = submitted.json()
+            while True:
+                status = await client.get(body["status_url"], params={"logs": "true"}, headers=FAL_KEY_HEADER)
+                if status.json().get("status") == "COMPLETED":
+                    break
+                await asyncio.sleep(POLL_S)
+            result = await client.get(body["response_url"], headers=FAL_KEY_HEADER)
+            result.raise_for_status()
+            (await client.get(result.json()["images"][0]["url"])).raise_for_status()
+
+    elif variant == "litellm":
+        from bench.overhead import litellm_call
+
+        call = litellm_call(base, params)
+    else:
+        from core.generation.models import GenerationRequest
+        from core.generation.service import generate
+        from core.runtime import open_runtime
+        from core.security import Actor, Role
+
+        runtime = open_runtime(spec["db_url"], prepare=False)
+        actor = Actor(user_id=spec["user_id"], username=spec["username"], role=Role.USER)
+        request = GenerationRequest(
+            PROMPT, provider="fal-qwen", allow_fallback=False, params={"image_size": IMAGE_SIZE, "num_images": 1}
+        )
+
+        async def call() -> None:
+            result = await generate(request, actor, factory=runtime.sessions)
+            if not result.ok:
+                raise RuntimeError(f"generate() ended {result.status}")
+
+    await call()  # warm-up: imports, caches, connections
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+
+    async def timed() -> None:
+        began = time.perf_counter()
+        try:
+            await call()
+        except Exception as exc:
+            key = f"{type(exc).__name__}: {str(exc)[:120]}"
+            errors[key] = errors.get(key, 0) + 1
+            return
+        latencies.append(time.perf_counter() - began)
+
+    rss_before = _rss_mb()
+    _reset_peak_rss()
+    began = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if variant == "generate_sslcache":
+            from bench.overhead import cached_ssl_contexts
+
+            stack.enter_context(cached_ssl_contexts())
+        await asyncio.gather(*(timed() for _ in range(count)))
+    wall = time.perf_counter() - began
+    for close in closers:
+        await close()
+    return {
+        "wall_s": wall,
+        "ok": len(latencies),
+        "errors": errors,
+        "p50_s": harness.percentile(latencies, 50),
+        "p99_s": harness.percentile(latencies, 99),
+        "rss_before_mb": rss_before,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def run_variant(variant: str, spec: dict[str, Any]) -> dict[str, Any]:
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return dict(pool.apply(child, (variant, spec)))
+
+
+def report(results: list[tuple[str, dict[str, Any]]], facts: list[str], args: argparse.Namespace) -> str:
+    rows = []
+    for label, r in results:
+        errors = "; ".join(f"{n} x {e}" for e, n in r["errors"].items()) or "none"
+        rows.append(
+            [
+                label,
+                f"{r['wall_s']:.2f}",
+                f"{r['ok']}/{args.requests}",
+                f"{r['p50_s']:.2f}",
+                f"{r['p99_s']:.2f}",
+                f"{r['rss_before_mb']:.0f}",
+                f"{r['peak_rss_mb']:.0f}",
+                f"{r['peak_rss_mb'] - r['rss_before_mb']:.0f}",
+                errors,
+            ]
+        )
+    header = ["variant", "wall s", "succeeded", "p50 s", "p99 s", "RSS before MB", "peak RSS MB", "growth MB", "errors"]
+    lines = [
+        f"## {args.requests:,} requests in flight against {args.latency:g} s of provider latency",
+        "",
+        f"Command: `{harness.command_line()}`",
+        "",
+        *[f"- {fact}" for fact in facts],
+        f"- every variant fires {args.requests} requests at once from a fresh process after one warm-up call; "
+        f"fal-ai/qwen-image {IMAGE_SIZE}; emulator latency {args.latency:g} s, concurrency {2 * args.requests}.",
+        "",
+        harness.table(header, rows),
+        "",
+    ]
+    for label, r in results:
+        if label.startswith("imagegate") and "diagnostic" not in label:
+            met = r["ok"] == args.requests and r["wall_s"] <= TARGET_S
+            lines.append(
+                f"- {label}: {r['wall_s']:.2f} s for {r['ok']}/{args.requests} (target: all within "
+                f"{TARGET_S:g} s: {'met' if met else 'NOT met'})"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.inflight", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--latency", type=float, default=2.0, help="seconds each fal job runs in the emulator")
+    parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
+    parser.add_argument(
+        "--no-diagnostic",
+        dest="diagnostic",
+        action="store_false",
+        help="skip the generate() run with cached SSL contexts",
+    )
+    parser.add_argument("--results", type=Path, default=harness.RESULTS)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    server_core, client_core = harness.core_plan()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-inflight-"))
+    results: list[tuple[str, dict[str, Any]]] = []
+    versions: list[str] = []
+    with harness.Emulator(core=server_core, log_dir=workdir) as emulator:
+        emulator.configure(latency_s=args.latency, queue_steps=0, concurrency=2 * args.requests)
+        harness.product_env(emulator.url, workdir / "data")
+        spec: dict[str, Any] = {
+            "core": client_core,
+            "emulator_url": emulator.url,
+            "data_dir": str(workdir / "data"),
+            "requests": args.requests,
+        }
+        variants = [("raw_queue", "raw fal queue calls (httpx)")]
+        from bench.overhead import litellm_available
+
+        if litellm_available():
+            variants.append(("litellm", "LiteLLM Router.aimage_generation"))
+        for variant, label in variants:
+            emulator.prune()
+            results.append((label, run_variant(variant, spec)))
+            print(label, results[-1], file=sys.stderr)
+        for kind in harness.database_kinds(args.db):
+            with harness.fresh_database(kind, workdir) as db:
+                versions.append(db.version)
+                from core.runtime import open_runtime
+
+                runtime = open_runtime(db.url, prepare=False)
+                actor = harness.bench_user(runtime.sessions)
+                harness.global_budget(runtime.sessions, 10**12)
+                runtime.engine.dispose()
+                emulator.prune()
+                name = "SQLite" if kind == "sqlite" else "PostgreSQL"
+                label = f"imagegate generate(), {name}"
+                db_spec = {**spec, "db_url": db.url, "user_id": actor.user_id, "username": actor.username}
+                results.append((label, run_variant("generate", db_spec)))
+                print(label, results[-1], file=sys.stderr)
+                if kind == "sqlite" and args.diagnostic:
+                    emulator.prune()
+                    label = "imagegate generate(), SQLite, SSL contexts cached (diagnostic)"
+                    results.append((label, run_variant("generate_sslcache", db_spec)))
+                    print(label, results[-1], file=sys.stderr)
+        facts = harness.machine_facts(versions, server_core, client_core)
+    section = report(results, facts, args)
+    print(section)
+    if not args.no_write:
+        print(f"written to {harness.write_section('inflight', section, args.results)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
