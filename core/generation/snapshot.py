@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from functools import cached_property
 from types import MappingProxyType
 
 from pydantic import ValidationError
@@ -134,16 +135,27 @@ class SettingsSnapshot:
 
     def routing_settings(self) -> dict[str, ProviderSettings]:
         """Every usable provider's settings: stored, or the catalog defaults for one nobody configured.
-        Deleted providers and providers with invalid stored settings are left out (see `problems`)."""
+        Deleted providers and providers with invalid stored settings are left out (see `problems`).
+        A new dict each call (the caller may change it); the settings in it are immutable and shared."""
+        return dict(self._routing)
+
+    @cached_property
+    def _routing(self) -> Mapping[str, ProviderSettings]:
+        # Computed once per snapshot, not per request: catalog defaults are pydantic models to validate.
         out: dict[str, ProviderSettings] = {}
         for provider in PROVIDERS:
             if provider in self.deleted or provider in self.invalid:
                 continue
             view = self.stored.get(provider)
             out[provider] = view.settings if view is not None else default_provider_settings(provider)
-        return out
+        return MappingProxyType(out)
 
     def price_table(self) -> PriceTable:
+        """The prices in force as a core.pricing PriceTable (built once per snapshot)."""
+        return self._price_table
+
+    @cached_property
+    def _price_table(self) -> PriceTable:
         return PriceTable(
             version=f"db-{self.day.isoformat()}",
             description="prices in force on this day, from the price_versions table",
