@@ -377,6 +377,12 @@ class _Run:
             if self.request.idempotency_key is not None:
                 key = usage.scoped_idempotency_key(who.user_id, self.request.idempotency_key)
                 row = records.generation_by_key(session, key)
+                if row is not None and row.request_fingerprint != self.request.fingerprint():
+                    raise InvalidInput(
+                        f"the idempotency key {self.request.idempotency_key!r} was already used for a different "
+                        "request; a repeated request must be identical, and a new request needs a new key",
+                        {"idempotency_key": "already used for a different request"},
+                    )
                 existing = row.id if row is not None else None
             breakers = breaker.snapshot(session) if existing is None else {}
             p50: dict[str, float | None] = {}
@@ -1020,7 +1026,7 @@ class _Run:
             error_message=message,
         )
         await self.progress(ProgressUpdate("finished", "every attempt failed"))
-        raise GenerationFailed(message, result)
+        raise GenerationFailed(message, result, tuple(f.error for f in self.failures))
 
     async def _finish(self, **values: Any) -> None:
         unknown = any(a.billing == Billing.UNKNOWN.value for a in self.attempts)

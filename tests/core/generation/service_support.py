@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core import settings_service
 from core.generation import budgets
-from core.seed import seed_defaults
 from core.security import Actor
+from core.seed import seed_defaults
 from db.engine import transaction
 from db.models import (
     BudgetReservation,
@@ -39,7 +39,9 @@ def running_emulator() -> Iterator[tuple[BackgroundServer, FaultBoard]]:
         yield server, board
 
 
-def seed(factory: sessionmaker[Session], *, global_changes: dict[str, Any] | None = None, timeout_s: float | None = None) -> None:
+def seed(
+    factory: sessionmaker[Session], *, global_changes: dict[str, Any] | None = None, timeout_s: float | None = None
+) -> None:
     """Default settings and prices, retries quick (tests wait for backoffs), attempts bounded by `timeout_s`."""
     seed_defaults(factory)
     with transaction(factory) as session:
