@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The two set-up commands. Needs only Python 3.11 and pip; everything else it installs itself.
 
-    python3 manage.py console   # venv + install + migrate + seed, then the Streamlit console on :8501
+    python3 manage.py console   # venv + install + migrate + seed, then the worker and the console on :8501
     python3 manage.py test      # venv + test extras (+ Chromium where possible), then lint, types and tests
 
 Standard library only: this runs before anything is installed.
@@ -87,15 +87,43 @@ def console(argv: list[str]) -> None:
     if code:
         env["IMAGEGATE_SETUP_CODE"] = code
     port = os.environ.get("IMAGEGATE_PORT", "8501")
-    say(f"starting the console on http://localhost:{port} (Ctrl+C stops it)")
-    run(
-        BIN / "streamlit", "run", ROOT / "app.py",
-        "--server.port", port,
-        "--server.headless", "true",
-        "--browser.gatherUsageStats", "false",
-        *argv,
-        env=env,
-    )
+    say("starting the background worker (crash recovery, reservation expiry, health probes)")
+    worker = start_worker(imagegate)
+    say(f"starting the console on http://localhost:{port} (Ctrl+C stops it and the worker)")
+    try:
+        run(
+            BIN / "streamlit", "run", ROOT / "app.py",
+            "--server.port", port,
+            "--server.headless", "true",
+            "--browser.gatherUsageStats", "false",
+            *argv,
+            env=env,
+        )
+    finally:
+        stop_worker(worker)
+
+
+WORKER_STOP_TIMEOUT_S = 15.0
+
+
+def start_worker(imagegate: Path, *extra: str, stdout: int | None = None) -> subprocess.Popen[bytes]:
+    """`imagegate worker` in the background, writing to this terminal; the console's companion process."""
+    command = [str(imagegate), "worker", *extra]
+    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, **OFFLINE_ENV}, stdout=stdout)
+
+
+def stop_worker(worker: subprocess.Popen[bytes], timeout_s: float = WORKER_STOP_TIMEOUT_S) -> int:
+    """Stop the worker with SIGTERM (it finishes the job in progress), killing it if it does not stop in time.
+    Ctrl+C in the terminal already reached it (same process group): then it is usually gone."""
+    if worker.poll() is None:
+        worker.terminate()
+        try:
+            worker.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            say("the worker did not stop in time; killing it")
+            worker.kill()
+            worker.wait()
+    return worker.returncode
 
 
 def test(argv: list[str]) -> None:

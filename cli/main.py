@@ -830,7 +830,10 @@ def worker(
 def _usd_micros(text: str, field: str) -> int:
     from core.money import money_limit, usd_to_micros
 
-    return usd_to_micros(money_limit(text.strip().lstrip("$"), f"--{field}"))
+    try:
+        return usd_to_micros(money_limit(text.strip().lstrip("$"), f"--{field}"))
+    except ValueError as exc:  # the money gate says what is wrong with the amount
+        raise InvalidInput(str(exc), {field: str(exc)}) from None
 
 
 def _find_budget(session: Any, ref: str) -> Any:

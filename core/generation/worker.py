@@ -173,6 +173,8 @@ async def run_worker_until_signalled(
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread; no signals here
             loop.add_signal_handler(sig, stop.set)
+    if say is not None:
+        say("running (SIGTERM or Ctrl+C stops it after the job in progress)")
     try:
         return await run_worker(factory, once=once, stop=stop, config=config, say=say)
     finally:

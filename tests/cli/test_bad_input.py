@@ -120,6 +120,34 @@ def _cases(root: Path, busy_port: int) -> dict[tuple[str, ...], list[Bad]]:
             Bad(("test-provider", "sandbox", "--preset", "Ludicrous"), 2, "preset"),
             Bad(("test-provider",), 2, "Missing argument"),
         ],
+        ("generate",): [
+            Bad(("generate",), 2, "Missing argument"),
+            Bad(("generate", "x", "--provider", "dall-e"), 2, "unknown provider 'dall-e'"),
+            Bad(("generate", "x", "--param", "seed"), 2, "--param takes NAME=VALUE"),
+            Bad(("generate", "x", "--policy", "random"), 2, "unknown routing policy 'random'"),
+            Bad(("generate", "x", "--as", "nobody"), 4, "no user named 'nobody'"),
+            Bad(("generate", "x", "--deadline", "-1"), 2, "deadline"),
+            Bad(("generate", "x", "--key", ""), 2, "idempotency key"),
+            Bad(("generate", "x", "--provider", "fal-qwen", "--param", "guidance_scale=99"), 2, "guidance_scale 99"),
+        ],
+        ("recover",): [Bad(("recover", "extra"), 2, "unexpected extra argument")],
+        ("worker",): [Bad(("worker", "extra"), 2, "unexpected extra argument")],
+        ("budgets", "list"): [Bad(("budgets", "list", "--json=yes"), 2, "does not take a value")],
+        ("budgets", "create"): [
+            Bad(("budgets", "create", "x"), 2, "Missing option"),
+            Bad(("budgets", "create", "x", "--limit", "abc"), 2, "not a plain decimal"),
+            Bad(("budgets", "create", "x", "--limit", "1", "--period", "weekly"), 2, "period must be one of"),
+            Bad(("budgets", "create", "x", "--limit", "1", "--soft"), 2, "needs a degrade action"),
+            Bad(("budgets", "create", "x", "--limit", "1", "--user", "nobody"), 4, "no user named 'nobody'"),
+            Bad(("budgets", "create", "x", "--limit", "1", "--provider", "dall-e"), 2, "unknown provider"),
+        ],
+        ("budgets", "reset"): [Bad(("budgets", "reset", "nope"), 4, "no budget named 'nope'")],
+        ("usage", "summary"): [
+            Bad(("usage", "summary", "--from", "yesterday"), 2, "--from takes a date"),
+            Bad(("usage", "summary", "--by", "color"), 2, "--by takes"),
+            Bad(("usage", "summary", "--from", "2026-02-01", "--to", "2026-01-01"), 2, "ends before it starts"),
+            Bad(("usage", "summary", "--mode", "cash"), 2, "live or simulated"),
+        ],
         ("db", "upgrade"): [Bad(("db", "upgrade", "nonsense"), 2, "Can't locate revision")],
         ("db", "downgrade"): [
             Bad(("db", "downgrade", "nonsense"), 2, "Can't locate revision"),
@@ -226,13 +254,21 @@ DATABASE_COMMANDS: list[tuple[str, ...]] = [
     ("users", "list"),
     ("settings", "export"),
     ("test-provider", "sandbox"),
+    ("generate", "x"),
+    ("recover",),
+    ("worker", "--once"),
+    ("budgets", "list"),
+    ("budgets", "create", "x", "--limit", "1"),
+    ("budgets", "reset", "x"),
+    ("usage", "summary"),
 ]
 
 
 def test_every_command_that_needs_the_database_says_when_it_cannot_reach_it(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    database_paths = {args[: 2 if args[0] in ("db", "users", "settings") else 1] for args in DATABASE_COMMANDS}
+    grouped = ("db", "users", "settings", "budgets", "usage")
+    database_paths = {args[: 2 if args[0] in grouped else 1] for args in DATABASE_COMMANDS}
     assert database_paths | {("emulator",), ("health",), ("settings", "import")} == set(_command_paths())
     importable = data_dir / "ok.json"
     importable.write_text('{"format": "imagegate.settings", "format_version": 1}')
