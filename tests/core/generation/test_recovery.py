@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.generation.models import GenerationRequest, GenerationStatus
+from core.generation.models import GenerationRequest, GenerationResult, GenerationStatus
 from core.generation.recovery import RecoveryReport, recover
-from core.generation.service import generate_sync
+from core.generation.service import generate, generate_sync
 from db.models import SpendMode, UsageDailyRollup, utcnow
 from emulator.faults import FaultBoard
 from emulator.runner import BackgroundServer
@@ -127,6 +127,19 @@ def test_a_process_killed_mid_generation_is_recovered_exactly_once(
     assert generation(db_session_factory, left.generation_id).status == "running"
     assert figures(db_session_factory, budget, SpendMode.SIMULATED) == Figures(0, left.estimated_micro_usd)
 
+    # A repeat of the key meanwhile returns the generation's state (running), never a second run.
+    request = GenerationRequest(
+        PROMPT,
+        provider="fal-qwen",
+        params={"seed": 11, "num_inference_steps": 4, "image_size": "square"},
+        idempotency_key=KEY,
+        allow_fallback=False,
+        deadline_s=0.5,
+    )
+    waiting = generate_sync(request, SYSTEM, factory=db_session_factory)
+    assert waiting.replayed and waiting.status is GenerationStatus.RUNNING and not waiting.images
+    assert len(attempts(db_session_factory)) == 1
+
     reports = _recover_twice_at_once(db_session_factory)
     assert sum(r.collected for r in reports) == 1, [r.lines() for r in reports]
 
@@ -148,13 +161,6 @@ def test_a_process_killed_mid_generation_is_recovered_exactly_once(
     assert figures(db_session_factory, budget, SpendMode.SIMULATED) == Figures(row.actual_micro_usd, 0)
 
     # The killed request's key now returns the recovered result, and spends nothing.
-    request = GenerationRequest(
-        PROMPT,
-        provider="fal-qwen",
-        params={"seed": 11, "num_inference_steps": 4, "image_size": "square"},
-        idempotency_key=KEY,
-        allow_fallback=False,
-    )
     replay = generate_sync(request, SYSTEM, factory=db_session_factory)
     assert replay.replayed and replay.status is GenerationStatus.SUCCEEDED
     assert replay.generation_id == row.generation_id and replay.images[0].sha256 == image.sha256
@@ -216,3 +222,37 @@ def test_recovery_closes_what_cannot_be_collected(
     assert generation(db_session_factory, lonely.generation_id).status == "failed"
     assert figures(db_session_factory, budget, SpendMode.SIMULATED) == Figures(0, 15_729)  # held until reconciled
     assert asyncio.run(recover(db_session_factory)).nothing_to_do
+
+
+def test_recovery_never_takes_a_generation_whose_process_is_alive(
+    db_session_factory: sessionmaker[Session],
+    emulator_server: tuple[BackgroundServer, FaultBoard],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A generation running longer than its lease keeps renewing it: recovery running meanwhile takes nothing,
+    and the request finishes normally, charged once."""
+    server, board = emulator_server
+    board.reset()
+    board.configure("fal", latency_s=2.0)
+    monkeypatch.setenv("IMAGEGATE_EMULATOR_URL", server.url)
+    seed(db_session_factory)
+    budget = make_budget(db_session_factory)
+    request = GenerationRequest("a slow fox", provider="fal-qwen", params={"image_size": "square"})
+
+    async def run_and_recover() -> tuple[object, list[RecoveryReport]]:
+        task = asyncio.create_task(generate(request, SYSTEM, factory=db_session_factory, lease_ttl_s=0.6))
+        reports = []
+        while not task.done():
+            await asyncio.sleep(0.4)
+            reports.append(await recover(db_session_factory))
+        return await task, reports
+
+    result, reports = asyncio.run(run_and_recover())
+    assert isinstance(result, GenerationResult) and result.status is GenerationStatus.SUCCEEDED
+    assert len(reports) >= 3 and all(r.nothing_to_do for r in reports), [r.lines() for r in reports]
+    [row] = attempts(db_session_factory)
+    assert row.status == "succeeded" and row.actual_micro_usd
+    gen = generation(db_session_factory, row.generation_id)
+    assert gen.lease_expires_at is not None and gen.created_at is not None
+    assert (gen.lease_expires_at - gen.created_at).total_seconds() > 1.0  # renewed while it ran
+    assert figures(db_session_factory, budget, SpendMode.SIMULATED) == Figures(row.actual_micro_usd, 0)
