@@ -416,9 +416,11 @@ class GenerationFailed(ProviderError):
 
     A ProviderError (CLI exit 7, HTTP 502) whose `error_class`, `provider` and billing are the last attempt's;
     `billing` is BILLED if any attempt was billed, else UNKNOWN if any may have been, else NOT_BILLED. `result`
-    holds every attempt, the cost and the adjustments, as a success would."""
+    holds every attempt, the cost and the adjustments, as a success would; `errors` the attempts' own errors."""
 
-    def __init__(self, message: str, result: GenerationResult) -> None:
+    def __init__(
+        self, message: str, result: GenerationResult, errors: tuple[ProviderError, ...] = ()
+    ) -> None:
         last = result.attempts[-1] if result.attempts else None
         billings = {a.billing for a in result.attempts}
         billing = (
@@ -438,6 +440,13 @@ class GenerationFailed(ProviderError):
             billed_units=sum(units, Decimal(0)) if units and billing is not Billing.NOT_BILLED else None,
         )
         self.result = result
+        self.errors = errors
+        """The attempts' own errors, in order, when this process ran them (Retry-After, status codes); empty for
+        a replay of a stored failure."""
+        if errors:
+            self.retry_after_s = errors[-1].retry_after_s
+            self.reset_at = errors[-1].reset_at
+            self.status_code = errors[-1].status_code
 
     def __str__(self) -> str:
         return self.message
