@@ -422,19 +422,6 @@ async def _sleep_or_wake(provider: str, seconds: float, *, wakeable: bool) -> No
 
 # --- the async API ---------------------------------------------------------------------------------------------
 
-_ensured_lock = threading.Lock()
-_ensured: set[tuple[int, str, int]] = set()
-
-
-def _ensure_once(factory: sessionmaker[Session], provider: str, limit: int) -> None:
-    key = (id(factory), provider, limit)
-    if key in _ensured:
-        return
-    with transaction(factory) as session:
-        ensure_slots(session, provider, limit)
-    with _ensured_lock:
-        _ensured.add(key)
-
 
 @dataclass(frozen=True)
 class _Outcome:
@@ -453,12 +440,17 @@ def _attempt(
     lease_s: float,
     look_first: bool,
 ) -> _Outcome:
+    """One poll. The first (look_first False) also creates missing slots, in the same transaction: an insert
+    that finds them all there costs a few index probes, and no process-wide memory of "created" can go stale
+    (a database emptied or replaced under a long-lived process)."""
     if look_first:
         with factory() as session:
             ahead, free = queue_position(session, provider, holder, user_id, limit)
         if ahead >= free:
             return _Outcome(None, ahead - free + 1)
     with transaction(factory) as session:
+        if not look_first:
+            ensure_slots(session, provider, limit)
         return _Outcome(try_acquire(session, provider, holder, user_id, limit, lease_s=lease_s), None)
 
 
@@ -513,7 +505,6 @@ async def acquire(
         raise ValueError("lease_s must be positive")
     user = _user(user_id)
     started = clock()
-    await dbexec.run_db(_ensure_once, factory, provider, limit)
     pause = POLL_MIN_S / 2
     look_first = False  # the first attempt writes at once: it registers the waiter
     renewed_at = clock()
