@@ -11,11 +11,11 @@ Public API:
   cancelled first, `cleanup(result)` is submitted once the work is done, so what it took is given back.
 - `configure(max_workers)`, `max_workers()`, `pool_capacity(engine)`, `shutdown()`.
 
-Size: `IMAGEGATE_DB_THREADS` (default 16, at most 32). A thread holds at most one pooled connection at a
+Size: `IMAGEGATE_DB_THREADS` (default 15, at most 32). A thread holds at most one pooled connection at a
 time, so the executor should be no larger than the engine's pool (`pool_capacity`; `db.engine.make_engine`
-gives PostgreSQL 5 + 10 overflow, SQLite SQLAlchemy's QueuePool 5 + 10): extra threads would only queue on the
-pool while holding a thread. Requests beyond the executor's size queue in the executor, in order, as
-coroutines: 1,000 requests in flight cost 1,000 awaiting tasks and at most 32 threads.
+gives PostgreSQL 5 + 10 overflow, SQLite SQLAlchemy's QueuePool 5 + 10, hence the default 15): extra threads
+would only queue on the pool while holding a thread. Requests beyond the executor's size queue in the
+executor, in order, as coroutines: 1,000 requests in flight cost 1,000 awaiting tasks and at most 32 threads.
 
 Decision: a bounded executor over the existing synchronous engine, not an async engine, because
 - one code path for both databases: SQLite is the default and aiosqlite is not installed (it would itself run
@@ -51,7 +51,8 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 ENV_THREADS = "IMAGEGATE_DB_THREADS"
-DEFAULT_THREADS = 16
+DEFAULT_THREADS = 15
+"""= the connections db.engine.make_engine's pool hands out at once (5 + 10 overflow)."""
 MAX_THREADS = 32
 THREAD_NAME_PREFIX = "imagegate-db"
 
