@@ -10,7 +10,7 @@ Public API (async code goes through core.generation.dbexec; the event loop never
   `slot` is a `HeldSlot`, or None when `limit` is None (unlimited: no database work at all).
   Raises `SlotTimeout` (a `Conflict`: busy, try later; not a ProviderError, nothing was sent or billed) when no
   slot came free in time.
-- `effective_limit(settings) -> int | None`: the limit for a provider (its settings' `max_in_flight`, else the
+- `effective_limit(settings, provider) -> int | None`: the limit for a provider (its settings' `max_in_flight`, else the
   catalog's `ProviderSpec.max_in_flight`; None = unlimited).
 - Synchronous building blocks, one short transaction each (the worker and tests use them directly):
   `ensure_slots`, `try_acquire`, `queue_position`, `renew`, `release`, `leave_queue`, `sweep_waiters`,
@@ -41,8 +41,7 @@ rank) and write only when they may take a slot or must renew their waiter lease.
 grants before its turn looks again after about k x 5 ms (at most 250 ms, jittered): the head of the line looks
 every 5 ms, so a slot freed in another process is not left idle while the waiter it is kept for sleeps, and a
 queue of N costs about 200 x ln(N) reads per second. A release in the same process wakes that process's
-waiters near the head of the line at once. Cost: each check is O(waiters +
-slots) of the provider.
+waiters near the head of the line at once. Each look or attempt costs O(waiters + slots) of the provider.
 
 Times come from the application's clock (`db.models.utcnow`), like every lease in this schema; machines that
 share a database are expected to keep their clocks in sync (NTP), and the leases (30 s by default) dwarf
@@ -525,7 +524,10 @@ async def acquire(
             )
         remaining = deadline - clock()
         if remaining <= 0:
-            await _run_to_end(dbexec.submit(_leave, factory, holder))
+            try:
+                await _run_to_end(dbexec.submit(_leave, factory, holder))
+            except Exception:  # the waiter row is ignored once its lease lapses; the timeout is the news
+                log.warning("could not remove the %s waiter %s", provider, holder, exc_info=True)
             raise SlotTimeout(provider, limit, clock() - started)
         # Look again about when this waiter's turn may have come (module docstring): often near the head of the
         # line, rarely far back, so a long queue stays cheap and a freed slot does not wait for a sleeper.
@@ -554,9 +556,19 @@ async def _run_to_end(future: Any) -> None:
 
 
 async def release_slot(factory: sessionmaker[Session], slot: HeldSlot) -> None:
-    """Give the slot back (the work runs to its end even if the caller is cancelled meanwhile)."""
+    """Give the slot back (the work runs to its end even if the caller is cancelled meanwhile). A database
+    failure here is logged, not raised: it must not hide the outcome of the block (a provider's answer, or its
+    error), and the slot comes back by itself when its lease lapses."""
     try:
         await _run_to_end(dbexec.submit(_release, factory, slot.provider, slot.holder))
+    except Exception:
+        log.warning(
+            "could not release the %s slot of %s; it comes back when its lease lapses (%.0f s)",
+            slot.provider,
+            slot.holder,
+            slot.lease_s,
+            exc_info=True,
+        )
     finally:
         _wake(slot.provider)
 

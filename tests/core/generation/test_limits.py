@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import Engine, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.errors import Conflict, ProviderError
+from common.errors import Conflict, DatabaseUnavailable, ProviderError
 from core.catalog import PROVIDERS
 from core.generation import limits
 from core.settings import ProviderSettings
@@ -331,3 +331,18 @@ async def test_async_fairness_b_gets_the_next_slot_ahead_of_a_burst(db_session_f
     await asyncio.gather(*running, *burst, late)
     assert sorted(order[4:]) == sorted(f"a-wait-{i}" for i in range(20))
     assert _holders(db_session_factory) == [] and _waiters(db_session_factory) == []
+
+
+async def test_a_failed_release_never_hides_the_blocks_outcome(
+    db_session_factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def database_gone(*_args: object) -> None:
+        raise DatabaseUnavailable("cannot reach the database")
+
+    monkeypatch.setattr(limits, "_release", database_gone)
+    with pytest.raises(RuntimeError, match="the provider's own error"):
+        async with limits.provider_slot(db_session_factory, P, "h", A, 1, time.monotonic() + 10, lease_s=1):
+            raise RuntimeError("the provider's own error")
+    assert _holders(db_session_factory) == ["h"]  # still leased: it comes back when the lease lapses
+    with transaction(db_session_factory) as session:
+        assert limits.try_acquire(session, P, "next", B, 1, now=utcnow() + timedelta(seconds=2)) == 0
