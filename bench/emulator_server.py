@@ -18,6 +18,7 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from emulator import fal as fal_module
 from emulator.server import create_emulator_app
 
 
@@ -66,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
+    # The fal emulator keeps its last 512 images (fal's CDN URLs expire too); a burst of 1,000 jobs must still
+    # find its own images when it downloads them.
+    fal_module.MAX_FILES = max(fal_module.MAX_FILES, 100_000)
     app = create_emulator_app()
     fal_app = app.state.apps.get("fal")
     fal = getattr(fal_app.state, "emulator", None) if fal_app is not None else None
