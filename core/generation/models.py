@@ -418,9 +418,7 @@ class GenerationFailed(ProviderError):
     `billing` is BILLED if any attempt was billed, else UNKNOWN if any may have been, else NOT_BILLED. `result`
     holds every attempt, the cost and the adjustments, as a success would; `errors` the attempts' own errors."""
 
-    def __init__(
-        self, message: str, result: GenerationResult, errors: tuple[ProviderError, ...] = ()
-    ) -> None:
+    def __init__(self, message: str, result: GenerationResult, errors: tuple[ProviderError, ...] = ()) -> None:
         last = result.attempts[-1] if result.attempts else None
         billings = {a.billing for a in result.attempts}
         billing = (

@@ -156,8 +156,10 @@ class _Recovery:
             except ProviderError as exc:
                 error = exc
         else:
-            why = "no provider request id was stored" if not pending.provider_request_id else (
-                f"{pending.provider} cannot resume a request by id"
+            why = (
+                "no provider request id was stored"
+                if not pending.provider_request_id
+                else (f"{pending.provider} cannot resume a request by id")
             )
             error = ProviderError(
                 ErrorClass.CANCELLED,
@@ -392,4 +394,3 @@ def _is_finished(factory: sessionmaker[Session], generation_id: str) -> bool:
 def recover_sync(factory: sessionmaker[Session] | None = None, **kwargs: Any) -> RecoveryReport:
     """`recover()` from synchronous code (the CLI)."""
     return asyncio.run(recover(factory, **kwargs))
-

@@ -981,9 +981,7 @@ class _Run:
             )
             seed, provider, mode = result.seed, served.record.provider, served.record.mode
             t = result.timings
-            timings = replace(
-                timings, submit_s=t.submit_s, queue_s=t.queue_s, run_s=t.run_s, download_s=t.download_s
-            )
+            timings = replace(timings, submit_s=t.submit_s, queue_s=t.queue_s, run_s=t.run_s, download_s=t.download_s)
         if self.timing.first_attempt is not None:
             timings = replace(timings, admission_s=self.timing.first_attempt - self.timing.started)
         return GenerationResult(

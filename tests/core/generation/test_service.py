@@ -291,9 +291,7 @@ def emulator_server() -> Iterator[tuple[BackgroundServer, FaultBoard]]:
 
 
 @pytest.fixture
-def emulated(
-    emulator_server: tuple[BackgroundServer, FaultBoard], monkeypatch: pytest.MonkeyPatch
-) -> FaultBoard:
+def emulated(emulator_server: tuple[BackgroundServer, FaultBoard], monkeypatch: pytest.MonkeyPatch) -> FaultBoard:
     server, board = emulator_server
     board.reset()
     monkeypatch.setenv("IMAGEGATE_EMULATOR_URL", server.url)
