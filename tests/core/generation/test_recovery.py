@@ -233,26 +233,27 @@ def test_recovery_never_takes_a_generation_whose_process_is_alive(
     and the request finishes normally, charged once."""
     server, board = emulator_server
     board.reset()
-    board.configure("fal", latency_s=2.0)
+    board.configure("fal", latency_s=7.0)  # the job outlasts its lease twice over
     monkeypatch.setenv("IMAGEGATE_EMULATOR_URL", server.url)
     seed(db_session_factory)
     budget = make_budget(db_session_factory)
     request = GenerationRequest("a slow fox", provider="fal-qwen", params={"image_size": "square"})
+    lease_s = 3.0  # renewed every second: a busy machine would have to stall a renewal for 2 s to lose it
 
     async def run_and_recover() -> tuple[object, list[RecoveryReport]]:
-        task = asyncio.create_task(generate(request, SYSTEM, factory=db_session_factory, lease_ttl_s=0.6))
+        task = asyncio.create_task(generate(request, SYSTEM, factory=db_session_factory, lease_ttl_s=lease_s))
         reports = []
         while not task.done():
-            await asyncio.sleep(0.4)
+            await asyncio.sleep(0.5)
             reports.append(await recover(db_session_factory))
         return await task, reports
 
     result, reports = asyncio.run(run_and_recover())
     assert isinstance(result, GenerationResult) and result.status is GenerationStatus.SUCCEEDED
-    assert len(reports) >= 3 and all(r.nothing_to_do for r in reports), [r.lines() for r in reports]
+    assert len(reports) >= 10 and all(r.nothing_to_do for r in reports), [r.lines() for r in reports]
     [row] = attempts(db_session_factory)
     assert row.status == "succeeded" and row.actual_micro_usd
     gen = generation(db_session_factory, row.generation_id)
     assert gen.lease_expires_at is not None and gen.created_at is not None
-    assert (gen.lease_expires_at - gen.created_at).total_seconds() > 1.0  # renewed while it ran
+    assert (gen.lease_expires_at - gen.created_at).total_seconds() > lease_s + 3  # renewed while it ran
     assert figures(db_session_factory, budget, SpendMode.SIMULATED) == Figures(row.actual_micro_usd, 0)
