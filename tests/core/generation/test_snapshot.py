@@ -274,11 +274,10 @@ def test_a_change_landing_during_a_reload_is_not_lost(
     assert cache.get().price("huggingface").id == landed[0]  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # SQLite hands out ids in commit order
 def test_a_price_committed_late_with_a_lower_id_is_seen(db_url: str, seeded: Factory, other_process: Factory) -> None:
     """PostgreSQL hands out ids before commit: a price with id N can commit after one with id N+1. A vector of
     max(id) alone would miss it forever; the row count does not."""
-    if not db_url.startswith("postgresql"):
-        pytest.skip("SQLite serialises writers: ids are handed out in commit order")
     cache = SettingsCache(seeded)
     cache.get()
     price = price_store.price_json(load_default_prices().prices["huggingface"])
