@@ -99,6 +99,7 @@ from core.money import format_usd
 from core.providers.base import AdapterRequest, ConnectionMode, ProgressEvent, ProviderAdapter, ProviderResult
 from core.providers.registry import build_adapter
 from core.security import Actor, Role
+from core.settings import ProviderSettings
 from db.models import SpendMode, utcnow
 
 __all__ = [
@@ -619,7 +620,7 @@ class _Run:
             ):
                 begun = await in_transaction(
                     self.factory,
-                    lambda s: self._begin(s, candidate, adapter, attempt_no, position, request, may_degrade),
+                    lambda s: self._begin(s, candidate, adapter, attempt_no, position, request, may_degrade, settings),
                 )
                 return await self._run_attempt(candidate, adapter, request, begun, attempt_no, position, owner, config)
         except (_Degrade, BudgetExceeded, limits.SlotTimeout):
@@ -636,11 +637,14 @@ class _Run:
         position: int,
         request: AdapterRequest,
         may_degrade: bool,
+        settings: ProviderSettings | None = None,
     ) -> _Begun:
-        """The attempt's admission, one transaction: reserve its estimate, insert its row (one timestamp)."""
+        """The attempt's admission, one transaction: reserve its estimate, insert its row (one timestamp).
+        `settings` are the provider's settings from this request's snapshot (current when it started): its
+        daily cost limit is not read again."""
         moment = utcnow()
         provider = candidate.provider
-        applicable = budgets.applicable_budgets(session, provider, self.user_id, now=moment)
+        applicable = budgets.applicable_budgets(session, provider, self.user_id, provider_settings=settings, now=moment)
         reservation: budgets.Reservation | None = None
         over: list[SoftBudgetOver] = []
         if applicable:
@@ -800,7 +804,7 @@ class _Run:
         if not usage.finish_attempt(session, begun.attempt_id, outcome):
             raise _AlreadyFinished
         if images:
-            usage.record_images(session, self.generation_id, begun.attempt_id, self.user_id, images)
+            usage.record_images(session, self.generation_id, begun.attempt_id, self.user_id, images, read_back=False)
         if finish is not None:
             usage.finish_generation(session, self.generation_id, **finish)
         breaker_call(session)

@@ -68,7 +68,7 @@ from core.providers.base import (
     emit,
     emit_event,
 )
-from core.providers.http_download import Billed, download_images
+from core.providers.http_download import Billed, download_images, shared_ssl_context
 from core.providers.http_headers import retry_after_seconds
 from core.sizes import resolve_size
 
@@ -272,8 +272,10 @@ class _FalTransport(httpx.AsyncBaseTransport):
     def __init__(self, base_url: str | None) -> None:
         self.base_url = base_url.rstrip("/") + "/" if base_url else None
         # Live: fal's own transport, which falls back to its backup domains. Emulator: plain HTTP.
+        # One SSL context per process (building one per transport cost tens of ms per call).
+        plain = httpx.AsyncHTTPTransport(verify=shared_ssl_context())
         self.inner: httpx.AsyncBaseTransport = (
-            httpx.AsyncHTTPTransport() if self.base_url else fal_wire.AsyncBackupDomainTransport()
+            plain if self.base_url else fal_wire.AsyncBackupDomainTransport(transport=plain)
         )
         self.reached = False
         self.submit_sent = False
