@@ -109,6 +109,13 @@ class Emulator:
     def prune(self) -> None:
         httpx.post(self.url + "/_bench/prune", timeout=30).raise_for_status()
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the emulator process has used so far."""
+        if self._process is None:
+            return float("nan")
+        fields = Path(f"/proc/{self._process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def requests(self) -> int:
         return int(httpx.get(self.url + "/_bench/requests", timeout=10).json()["requests"])
 

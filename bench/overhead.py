@@ -16,10 +16,7 @@ qwen-image, 256x256, one image) against that one emulator, one call at a time:
 - LiteLLM `Router.aimage_generation` (model `fal_ai/fal-ai/qwen-image`, api_base = that endpoint, no retries).
 
 Overhead = through-the-system minus its own raw calls, per run (p50 - p50), then the median across runs.
-Runs rotate the order of the variants so that no variant always runs first or last. A diagnostic pass then
-runs the raw calls, the adapter and `generate()` on SQLite again with httpx's SSL context creation cached (a
-monkeypatch in this process only): it shows what the adapter's per-call HTTP clients cost, and what the service
-itself adds over the adapter once they cost nothing. Those rows are not the product's numbers.
+Runs rotate the order of the variants so that no variant always runs first or last.
 """
 
 from __future__ import annotations
@@ -27,12 +24,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import os
 import statistics
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,21 +53,7 @@ class Variant:
     call: Call
     raw: str | None = None
     """The key of the raw variant its overhead is measured against."""
-    diagnostic: bool = False
     requests_per_call: float = float("nan")
-
-
-@contextlib.contextmanager
-def cached_ssl_contexts() -> Iterator[None]:
-    """httpx builds a new SSL context (loading the CA bundle) for every client it creates; cache it."""
-    import httpx._transports.default as transports
-
-    original = getattr(transports, "create_ssl_context")  # noqa: B009 (not re-exported: mypy)
-    setattr(transports, "create_ssl_context", functools.lru_cache(maxsize=8)(original))  # noqa: B010
-    try:
-        yield
-    finally:
-        setattr(transports, "create_ssl_context", original)  # noqa: B010
 
 
 def wire_params() -> tuple[dict[str, Any], Any]:
@@ -242,7 +224,7 @@ def report(
         s = series[v.key]
         over = f"{overhead_per_run(series, v.key, v.raw):.2f}" if v.raw else "-"
         over99 = f"{overhead_per_run(series, v.key, v.raw, 'p99_ms'):.2f}" if v.raw else "-"
-        label = v.label + (" (diagnostic)" if v.diagnostic else "")
+        label = v.label
         rows.append(
             [
                 label,
@@ -278,7 +260,7 @@ def report(
     verdicts = []
     litellm = "litellm" in series and "raw_sync" in series
     for v in variants:
-        if not v.key.startswith("generate_") or v.diagnostic:
+        if not v.key.startswith("generate_"):
             continue
         ours = overhead_per_run(series, v.key, "raw_queue")
         verdict = f"- {v.label}: p50 overhead {ours:.2f} ms"
@@ -299,23 +281,15 @@ def report(
         lines += ["Against the targets of issue 7:", "", *verdicts, ""]
     if "adapter" in series:
         where = [
-            f"- as shipped: the fal adapter alone adds {overhead_per_run(series, 'adapter', 'raw_queue'):.2f} ms"
-            " over its raw calls"
+            f"- the fal adapter alone adds {overhead_per_run(series, 'adapter', 'raw_queue'):.2f} ms over its raw calls"
         ]
         for v in variants:
-            if v.key.startswith("generate_") and not v.diagnostic:
-                where.append(f"  {v.label} adds {overhead_per_run(series, v.key, 'adapter'):.2f} ms over the adapter")
-        if "adapter_sslcache" in series and "generate_sqlite_sslcache" in series:
-            adapter = overhead_per_run(series, "adapter_sslcache", "raw_queue_diag")
-            service = overhead_per_run(series, "generate_sqlite_sslcache", "adapter_sslcache")
-            where.append(
-                f"- with SSL contexts cached (diagnostic): the adapter adds {adapter:.2f} ms over its raw calls, and "
-                f"generate() on SQLite {service:.2f} ms over the adapter (the service's own work: authorization, "
-                "routing, the budget's reserve and settle, the generation, attempt, rollup and image rows, the "
-                "breaker)"
-            )
+            if v.key.startswith("generate_"):
+                where.append(f"- {v.label} adds {overhead_per_run(series, v.key, 'adapter'):.2f} ms over the adapter")
         lines += [
-            "Where it goes (p50, per-run differences, medians):",
+            "Where it goes (p50, per-run differences, medians; over the adapter is the service's own work: "
+            "authorization, routing, the budget's reserve and settle, the generation, attempt, rollup and image rows, "
+            "the breaker, and the hops to the database threads):",
             "",
             *[w + ";" for w in where[:-1]],
             where[-1] + ".",
@@ -379,33 +353,6 @@ async def run_all(args: argparse.Namespace) -> str:
             else:
                 print("LiteLLM is not installed (pip install -e '.[bench]'): its baseline is left out", file=sys.stderr)
             await measure(variants, emulator, args.calls, args.runs, args.warmup, series)
-            if args.diagnostic and "generate_sqlite" in [v.key for v in variants]:
-                by_key = {v.key: v for v in variants}
-                diagnostics = [
-                    Variant(
-                        "raw_queue_diag",
-                        "raw fal queue calls (httpx), again",
-                        by_key["raw_queue"].call,
-                        diagnostic=True,
-                    ),
-                    Variant(
-                        "adapter_sslcache",
-                        "fal adapter alone, SSL contexts cached",
-                        by_key["adapter"].call,
-                        "raw_queue_diag",
-                        True,
-                    ),
-                    Variant(
-                        "generate_sqlite_sslcache",
-                        "imagegate generate(), SQLite, SSL contexts cached",
-                        by_key["generate_sqlite"].call,
-                        "raw_queue_diag",
-                        True,
-                    ),
-                ]
-                with cached_ssl_contexts():
-                    await measure(diagnostics, emulator, args.calls, args.runs, args.warmup, series)
-                variants.extend(diagnostics)
             for kind, (factory, budget_id) in budgets.items():
                 ledgers.append(f"{kind}: " + ledger_check(factory, budget_id))
         facts = harness.machine_facts(db_versions, server_core, client_core)
@@ -418,12 +365,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=10, help="untimed calls before each batch")
     parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
-    parser.add_argument(
-        "--no-diagnostic",
-        dest="diagnostic",
-        action="store_false",
-        help="skip the generate() run with cached SSL contexts",
-    )
     parser.add_argument("--results", type=Path, default=harness.RESULTS, help="the markdown file to update")
     parser.add_argument("--no-write", action="store_true", help="print the section, do not update the file")
     args = parser.parse_args(argv)
