@@ -46,9 +46,7 @@ def section(results: Path, name: str) -> str:
 @pytest.mark.timeout(SCRIPT_TIMEOUT_S + 10)
 def test_overhead_runs_and_writes_its_section(tmp_path: Path) -> None:
     results = tmp_path / "benchmarks.md"
-    done = run_script(
-        "bench.overhead", results, "--calls", "3", "--runs", "1", "--warmup", "1", "--db", "sqlite"
-    )
+    done = run_script("bench.overhead", results, "--calls", "3", "--runs", "1", "--warmup", "1", "--db", "sqlite")
     assert done.returncode == 0, done.stderr[-3000:]
     text = section(results, "overhead")
     for row in ("raw fal queue calls (httpx)", "fal adapter alone", "imagegate generate(), SQLite"):
@@ -61,9 +59,7 @@ def test_overhead_runs_and_writes_its_section(tmp_path: Path) -> None:
 @pytest.mark.timeout(SCRIPT_TIMEOUT_S + 10)
 def test_inflight_runs_and_writes_its_section(tmp_path: Path) -> None:
     results = tmp_path / "benchmarks.md"
-    done = run_script(
-        "bench.inflight", results, "--requests", "8", "--latency", "0.2", "--db", "sqlite"
-    )
+    done = run_script("bench.inflight", results, "--requests", "8", "--latency", "0.2", "--db", "sqlite")
     assert done.returncode == 0, done.stderr[-3000:]
     text = section(results, "inflight")
     assert "| raw fal queue calls (httpx) |" in text
