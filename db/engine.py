@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, exc, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -73,10 +74,19 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+SUPPORTED_BACKENDS = ("sqlite", "postgresql")
+
+
 def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
-    """An engine for `url`, or for `common.config.database_url()` when none is given."""
+    """An engine for `url`, or for `common.config.database_url()` when none is given. Only SQLite and
+    PostgreSQL are supported: every race guard relies on their locking and upsert semantics."""
     resolved = normalize_url(url or database_url())
     backend = make_url(resolved).get_backend_name()
+    if backend not in SUPPORTED_BACKENDS:
+        raise DatabaseUnavailable(
+            f"Imagegate runs on SQLite or PostgreSQL, not {backend} ({safe_url(resolved)}): set DATABASE_URL to a "
+            "postgresql:// URL, or unset it for the embedded SQLite file"
+        )
     options: dict[str, Any] = {"pool_pre_ping": True}
     if backend == "sqlite":
         options["connect_args"] = {
@@ -95,6 +105,14 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
     if backend == "sqlite":
         event.listen(engine, "connect", _on_sqlite_connect)
     return engine
+
+
+def dialect_insert(session: Session, table: Any) -> Any:
+    """INSERT for the session's database with its ON CONFLICT clauses (`on_conflict_do_nothing`,
+    `on_conflict_do_update`): the race-safe upserts every shared-state module uses."""
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)  # make_engine admits only these two
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

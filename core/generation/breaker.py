@@ -81,7 +81,6 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import ColumnElement, case, literal, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from common.errors import ERROR_TRAITS, ErrorClass, InvalidInput, NotFound, ProviderError
@@ -90,6 +89,7 @@ from core.authz import authorize
 from core.catalog import PROVIDERS
 from core.security import Actor
 from core.settings import GlobalSettings
+from db.engine import dialect_insert
 from db.models import CircuitState, CircuitStateRow, Role, UTCDateTime
 
 __all__ = [
@@ -281,13 +281,7 @@ def _ensure_row(session: Session, provider: str, now: datetime) -> None:
         "opened_count": 0,
         "updated_at": now,
     }
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        session.execute(postgresql.insert(C).values(**values).on_conflict_do_nothing())
-    elif dialect == "sqlite":
-        session.execute(sqlite.insert(C).values(**values).on_conflict_do_nothing())
-    else:  # pragma: no cover - the product supports exactly these two databases
-        raise NotImplementedError(f"breakers need SQLite or PostgreSQL, not {dialect}")
+    session.execute(dialect_insert(session, C).values(**values).on_conflict_do_nothing())
 
 
 def _read(session: Session, provider: str) -> CircuitStateRow | None:

@@ -37,7 +37,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from common.errors import Billing, BudgetExceeded, Conflict, InvalidInput, NotFound
@@ -48,6 +47,7 @@ from core.generation.periods import as_utc, period_bounds
 from core.money import MAX_LIMIT_USD, MICRO
 from core.security import Actor
 from core.settings import ProviderSettings
+from db.engine import dialect_insert
 from db.models import (
     Budget,
     BudgetPeriod,
@@ -254,13 +254,7 @@ def _mode(mode: SpendMode | str) -> SpendMode:
 def _insert_ignoring_conflicts(session: Session, values: dict[str, Any]) -> None:
     """INSERT a period row unless an open row for the same (budget, mode, start) exists: the loser of a race
     inserts nothing and reads the winner's row."""
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        session.execute(postgresql.insert(BudgetPeriod).values(**values).on_conflict_do_nothing())
-    elif dialect == "sqlite":
-        session.execute(sqlite.insert(BudgetPeriod).values(**values).on_conflict_do_nothing())
-    else:  # pragma: no cover - the product supports exactly these two databases
-        raise NotImplementedError(f"budgets need SQLite or PostgreSQL, not {dialect}")
+    session.execute(dialect_insert(session, BudgetPeriod).values(**values).on_conflict_do_nothing())
 
 
 def _open_period_query(budget_id: int, mode: SpendMode, start: datetime) -> Any:
@@ -364,8 +358,7 @@ def sync_provider_daily_budget(
             "updated_at": moment,
             "settings_provider": provider,
         }
-        dialect = session.get_bind().dialect.name
-        insert = postgresql.insert(Budget) if dialect == "postgresql" else sqlite.insert(Budget)
+        insert = dialect_insert(session, Budget)
         created = session.execute(insert.values(**values).on_conflict_do_nothing().returning(Budget.id)).first()
         row = session.scalar(query.execution_options(populate_existing=True))
         if row is None:  # pragma: no cover - inserted or found: the unique index leaves no third way

@@ -56,6 +56,7 @@ from sqlalchemy.orm import Session
 from common.errors import Billing, Conflict, InvalidInput, NotFound
 from core.catalog import PROVIDERS
 from core.money import MICRO
+from db.engine import dialect_insert
 from db.models import (
     LATENCY_BUCKET_BOUNDS_MS,
     LATENCY_BUCKET_COLUMNS,
@@ -302,13 +303,6 @@ def _now(now: datetime | None) -> datetime:
     return utcnow() if now is None else now.astimezone(UTC)
 
 
-def _dialect_insert(session: Session, table: Any) -> Any:
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        return postgresql.insert(table)
-    if dialect == "sqlite":
-        return sqlite.insert(table)
-    raise NotImplementedError(f"the usage ledger needs SQLite or PostgreSQL, not {dialect}")
 
 
 def _canonical_json(value: Any) -> Any:
@@ -472,7 +466,7 @@ def start_generation(
     # the others insert nothing (PostgreSQL makes them wait for the winner's commit) and read the winner's row.
     for _ in range(_START_ATTEMPTS):
         statement = (
-            _dialect_insert(session, Generation)
+            dialect_insert(session, Generation)
             .values(**values)
             .on_conflict_do_nothing(index_elements=[Generation.idempotency_key])
             .returning(Generation.id)
@@ -703,8 +697,6 @@ def _add_to_rollup(session: Session, keys: dict[str, Any], deltas: dict[str, int
     if not changed:
         return
     dialect = session.get_bind().dialect.name
-    if dialect not in ("postgresql", "sqlite"):
-        raise NotImplementedError(f"the usage ledger needs SQLite or PostgreSQL, not {dialect}")
     counters = {name: 0 for name in _COUNTER_COLUMNS}
     counters.update(deltas)
     # Core execution on the session's own connection: same transaction, without the ORM's per-statement work.
@@ -893,7 +885,7 @@ def record_images(
         for i, image in enumerate(images)
     ]
     statement = (
-        _dialect_insert(session, StoredImage)
+        dialect_insert(session, StoredImage)
         .values(rows)
         .on_conflict_do_nothing(index_elements=[StoredImage.generation_id, StoredImage.position])
     )

@@ -168,3 +168,11 @@ def test_rollup_histogram_columns_match_bucket_bounds(db_session_factory: sessio
     with db_session_factory() as session:
         row = session.scalars(select(UsageDailyRollup)).one()
         assert all(getattr(row, name) == 0 for name in LATENCY_BUCKET_COLUMNS)
+
+
+def test_only_sqlite_and_postgresql_are_accepted() -> None:
+    # Every race guard relies on their locking and upserts; another database must be refused at the start with
+    # a message that says what to do, not fail later inside a guard.
+    with pytest.raises(DatabaseUnavailable, match="SQLite or PostgreSQL, not mysql") as refused:
+        make_engine("mysql://someone:secret@127.0.0.1/imagegate")
+    assert "secret" not in str(refused.value)

@@ -69,7 +69,7 @@ def naive_record_failure(session: Session, config: BreakerConfig) -> Transition 
     if row.state is not CircuitState.CLOSED:
         return None
     count = row.consecutive_failures + 1
-    time.sleep(0.002)  # any work between the read and the write: a network hop, a GC pause
+    time.sleep(0.05)  # any work between the read and the write (a network hop, a GC pause); wide, so the race shows every run
     opens = count >= config.consecutive_failures
     session.execute(
         update(CircuitStateRow)
@@ -93,7 +93,7 @@ def naive_admit(session: Session, owner: str, now: datetime) -> str:
     )
     if not due:
         return "refused"
-    time.sleep(0.002)
+    time.sleep(0.05)
     session.execute(
         update(CircuitStateRow)
         .where(CircuitStateRow.provider == PROVIDER)
