@@ -69,7 +69,8 @@ def naive_record_failure(session: Session, config: BreakerConfig) -> Transition 
     if row.state is not CircuitState.CLOSED:
         return None
     count = row.consecutive_failures + 1
-    time.sleep(0.05)  # any work between the read and the write (a network hop, a GC pause); wide, so the race shows every run
+    # Any work between the read and the write (a network hop, a GC pause); wide, so the race shows every run.
+    time.sleep(0.05)
     opens = count >= config.consecutive_failures
     session.execute(
         update(CircuitStateRow)
