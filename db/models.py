@@ -161,6 +161,10 @@ class Base(DeclarativeBase):
 
 class User(Base):
     __tablename__ = "users"
+    __table_args__ = (
+        Index("uq_users_email", "email", unique=True),
+        Index("uq_users_oidc_subject", "oidc_subject", unique=True),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     username: Mapped[str] = mapped_column(String(64), unique=True)
@@ -175,6 +179,10 @@ class User(Base):
     """Consecutive wrong passwords since the last successful sign-in."""
     locked_until: Mapped[datetime | None] = mapped_column(default=None)
     """Sign-in refused until then, after too many wrong passwords in a row."""
+    email: Mapped[str | None] = mapped_column(String(255), default=None)
+    """Stored lower-case; how an OIDC sign-in (`st.login`) is matched to the account an admin created."""
+    oidc_subject: Mapped[str | None] = mapped_column(String(255), default=None)
+    """`<issuer>|<sub>` of the identity linked at its first OIDC sign-in; later sign-ins match on it."""
 
 
 class SystemFlag(Base):
@@ -199,6 +207,10 @@ class ApiToken(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     """The first characters, shown so a person can tell tokens apart."""
     scopes: Mapped[list[str]] = mapped_column(default=list)
+    role: Mapped[Role | None] = mapped_column(_enum(Role), default=None)
+    """The role the token acts with, never above its user's current role; None = the user's role."""
+    rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer, default=None)
+    """Requests per minute for this token; None = the installation's default."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(default=None)
     expires_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -317,6 +329,18 @@ class GlobalSettingsVersion(Base):
     created_by_name: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     comment: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class UserPreferences(Base):
+    """A user's own defaults (size, preset, negative prompt), applied between provider settings and preset,
+    within what the admins allow. `version` guards concurrent edits (compare-and-set)."""
+
+    __tablename__ = "user_preferences"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    preferences: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class PriceVersion(Base):
@@ -644,26 +668,42 @@ class AlertRule(Base):
 
 
 class AlertEvent(Base):
-    """A threshold crossed in a period. The unique key makes "fires once per period" a database fact."""
+    """Something an admin should know: a budget threshold crossed in a period, a breaker that opened, a day's
+    spend far above its usual rate. `dedupe_key` is unique, so "fires once" is a database fact however many
+    processes see the same crossing at once (budget thresholds: `budget:<period id>:<rule id>`)."""
 
     __tablename__ = "alert_events"
     __table_args__ = (
         UniqueConstraint("rule_id", "budget_period_id"),
+        Index("uq_alert_events_dedupe_key", "dedupe_key", unique=True),
         Index("ix_alert_events_fired", "fired_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    rule_id: Mapped[int] = mapped_column(ForeignKey("alert_rules.id", ondelete="CASCADE"))
-    budget_period_id: Mapped[int] = mapped_column(ForeignKey("budget_periods.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(32))
+    """budget_threshold | breaker_open | spend_anomaly."""
+    dedupe_key: Mapped[str] = mapped_column(String(200))
+    rule_id: Mapped[int | None] = mapped_column(ForeignKey("alert_rules.id"), default=None)
+    budget_period_id: Mapped[int | None] = mapped_column(ForeignKey("budget_periods.id"), default=None)
+    provider: Mapped[str | None] = mapped_column(String(64), default=None)
+    title: Mapped[str] = mapped_column(Text)
+    """One plain-text line for people (rendered as text, never HTML)."""
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     fired_at: Mapped[datetime] = mapped_column(default=utcnow)
-    spent_micro_usd: Mapped[int] = mapped_column(BigInteger)
-    limit_micro_usd: Mapped[int] = mapped_column(BigInteger)
+    spent_micro_usd: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    limit_micro_usd: Mapped[int | None] = mapped_column(BigInteger, default=None)
     delivery_status: Mapped[str] = mapped_column(String(16), default="pending")
-    """pending | delivered | failed | no_webhooks."""
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    last_error: Mapped[str | None] = mapped_column(Text, default=None)
-    read_at: Mapped[datetime | None] = mapped_column(default=None)
-    """When someone saw the in-app notification."""
+    """pending | delivered | failed | no_webhooks (the summary over its webhook deliveries)."""
+
+
+class AlertRead(Base):
+    """In-app notifications are unread per user until that user marks them read."""
+
+    __tablename__ = "alert_reads"
+
+    alert_event_id: Mapped[int] = mapped_column(ForeignKey("alert_events.id"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    read_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Webhook(Base):
@@ -675,10 +715,14 @@ class Webhook(Base):
     events: Mapped[list[str]] = mapped_column(default=list)
     """Event types delivered (e.g. "budget.alert"); empty = all."""
     secret_env_var: Mapped[str | None] = mapped_column(String(100), default=None)
-    """Name of the environment variable holding the signing secret: secrets never live in the database."""
+    """Name of an environment variable holding the signing secret; when set it wins over `signing_secret`."""
+    signing_secret: Mapped[str | None] = mapped_column(Text, default=None)
+    """The HMAC-SHA256 key generated at creation and shown once; never shown, logged or exported again."""
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
+    """Soft delete: the delivery log stays readable."""
 
 
 class WebhookDelivery(Base):
@@ -691,9 +735,10 @@ class WebhookDelivery(Base):
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
-    webhook_id: Mapped[int] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"))
-    alert_event_id: Mapped[int | None] = mapped_column(ForeignKey("alert_events.id", ondelete="SET NULL"))
+    webhook_id: Mapped[int] = mapped_column(ForeignKey("webhooks.id"))
+    alert_event_id: Mapped[int | None] = mapped_column(ForeignKey("alert_events.id"), default=None)
     event_type: Mapped[str] = mapped_column(String(64))
+    """The alert's kind, or "test" for an admin's "send test"."""
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), default="pending")
     """pending | delivered | failed."""
@@ -703,6 +748,10 @@ class WebhookDelivery(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     next_attempt_at: Mapped[datetime | None] = mapped_column(default=None)
     delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    """A worker claims a delivery with a lease, so two workers never post it at once and a dead one's expires."""
+    response_ms: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
 # --- provider health ------------------------------------------------------------------------------------------

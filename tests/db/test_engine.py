@@ -126,6 +126,18 @@ def test_at_most_one_default_provider_is_a_database_rule(db_session_factory: ses
         session.flush()
 
 
+def _threshold_event(rule_id: int, period_id: int, *, key: str, spent: int) -> AlertEvent:
+    return AlertEvent(
+        kind="budget_threshold",
+        dedupe_key=key,
+        rule_id=rule_id,
+        budget_period_id=period_id,
+        title="80 % of g",
+        spent_micro_usd=spent,
+        limit_micro_usd=10,
+    )
+
+
 def test_alert_fires_once_per_period_by_unique_key(db_session_factory: sessionmaker[Session]) -> None:
     start = datetime(2026, 11, 1, tzinfo=UTC)
     with transaction(db_session_factory) as session:
@@ -136,10 +148,12 @@ def test_alert_fires_once_per_period_by_unique_key(db_session_factory: sessionma
         period = BudgetPeriod(budget_id=budget.id, period_start=start, period_end=datetime(2026, 12, 1, tzinfo=UTC))
         session.add_all([rule, period])
         session.flush()
-        session.add(AlertEvent(rule_id=rule.id, budget_period_id=period.id, spent_micro_usd=8, limit_micro_usd=10))
-    with pytest.raises(exc.IntegrityError), transaction(db_session_factory) as session:
-        session.add(AlertEvent(rule_id=rule.id, budget_period_id=period.id, spent_micro_usd=9, limit_micro_usd=10))
-        session.flush()
+        session.add(_threshold_event(rule.id, period.id, key=f"budget:{period.id}:{rule.id}", spent=8))
+    # The same crossing seen again (same dedupe key), or under another key for the same rule and period: refused.
+    for key in (f"budget:{period.id}:{rule.id}", "another-key"):
+        with pytest.raises(exc.IntegrityError), transaction(db_session_factory) as session:
+            session.add(_threshold_event(rule.id, period.id, key=key, spent=9))
+            session.flush()
     with pytest.raises(exc.IntegrityError), transaction(db_session_factory) as session:
         session.execute(text("UPDATE budget_periods SET reserved_micro_usd = -1"))
 
