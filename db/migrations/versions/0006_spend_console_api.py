@@ -42,6 +42,7 @@ def _refuse_if_rows(*tables: str) -> None:
 
 
 def _alert_events(*, general: bool) -> None:
+    columns: list[sa.Column[object]]
     if general:
         columns = [
             sa.Column("kind", sa.String(length=32), nullable=False),
