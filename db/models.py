@@ -409,6 +409,42 @@ class Generation(Base):
     """Soft delete: a generation's attempts are the ledger and are never deleted with it."""
 
 
+class GenerationJob(Base):
+    """A generation asked for through the REST API, durable before anything runs: any worker process claims it
+    (PostgreSQL `FOR UPDATE SKIP LOCKED`; SQLite serialises writers), runs it through `generate()` with the
+    idempotency key `job:<id>`, and a job whose worker died is claimed again when its lease expires, so it is
+    finished elsewhere and charged once."""
+
+    __tablename__ = "generation_jobs"
+    __table_args__ = (
+        Index("ix_generation_jobs_status_created", "status", "created_at"),
+        Index("ix_generation_jobs_status_lease", "status", "lease_expires_at"),
+        Index("ix_generation_jobs_user_created", "user_id", "created_at"),
+        Index("uq_generation_jobs_idempotency_key", "idempotency_key", unique=True),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_uuid)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    token_id: Mapped[int | None] = mapped_column(ForeignKey("api_tokens.id"), default=None)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), default=None)
+    """`<user id>:<the Idempotency-Key header>`: a retried POST returns the first job."""
+    request_fingerprint: Mapped[str] = mapped_column(String(64))
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """GenerationRequest.record(): what to make and how."""
+    status: Mapped[str] = mapped_column(String(16))
+    """queued | running | succeeded | failed."""
+    claims: Mapped[int] = mapped_column(Integer, default=0)
+    """How many times a worker took it; past the limit a job whose workers keep dying fails instead of looping."""
+    generation_id: Mapped[str | None] = mapped_column(ForeignKey("generations.id"), default=None)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    """The failure as the API reports it (type, title, detail, field errors), when the job failed."""
+    lease_owner: Mapped[str | None] = mapped_column(String(64), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
 class UsageAttempt(Base):
     """One row per provider attempt (append-only). The generation's fallback chain is its attempts in order."""
 
