@@ -412,6 +412,11 @@ class CostEstimate(BaseModel):
     breakdown: list[str]
     price_source: str
     effective_date: date
+    tiers_used: tuple[str, ...] = ()
+    """The volume-tier bands this request was priced in (`1000+ MP/month at $0.015 per MP`), in order: one
+    band, or two and more when the request straddles a boundary (it is split). Empty for an untiered price."""
+    units_used_this_month: Decimal = Decimal(0)
+    """The month-to-date units the tiers were applied from (core.spend.tiers.month_to_date_units)."""
 
     @property
     def formatted(self) -> str:
@@ -518,6 +523,7 @@ def estimate_cost(
     base, key_note = _unit_price(price, spec, params)
 
     total = Fraction(0)
+    tiers_used: list[str] = []
     if price.unit is PriceUnit.FREE:
         lines.append(f"{_qty(units, price.unit)}: {spec.id} is free, $0")
     elif not price.tiers:
@@ -537,6 +543,7 @@ def estimate_cost(
             part = (part_high - part_low) * band_price
             total += part
             band = f"{_show(low)}+" if high is None else f"{_show(low)}-{_show(high)}"
+            tiers_used.append(f"{band} {symbol}/month at {_usd(band_price)} per {symbol}")
             lines.append(
                 f"{_qty(part_high - part_low, price.unit)} in the {band} {symbol}/month band x "
                 f"{_usd(band_price)} per {symbol} = {_usd(part)}"
@@ -555,6 +562,8 @@ def estimate_cost(
         breakdown=lines,
         price_source=price.source,
         effective_date=price.effective_date,
+        tiers_used=tuple(tiers_used),
+        units_used_this_month=_dec(used),
     )
 
 

@@ -5,8 +5,10 @@ Layers, lowest first (each only sets what it names; anything it leaves out is in
 1. catalog   the provider's defaults (core.catalog)
 2. global    `GlobalSettings`: values shared by every provider; applied only to parameters the provider has
 3. provider  `ProviderSettings.params` for that provider
-4. preset    a quality preset (core.presets)
-5. request   the request's own overrides
+4. user      the requesting user's own preferences (`UserPreferenceValues`: size, preset, negative prompt),
+             within what the admins allow (`GlobalSettings.user_preference_fields`); core.preferences stores them
+5. preset    a quality preset (core.presets); a user's preferred preset applies when the request names none
+6. request   the request's own overrides
 
 `resolve_effective` is the only place that merges them; every value in its result carries the layer it came
 from. Global values are a base for providers with different limits, so a global value outside one provider's
@@ -39,7 +41,7 @@ from pydantic import (
 from common.errors import InvalidInput
 from core.catalog import COMMON_PARAMS, PROVIDERS, SEED_MAX, ParamSpec, ProviderSpec
 from core.keys import key_destination_problem, keys_in, looks_like_url
-from core.money import money_limit, usd_to_micros
+from core.money import MAX_UNIT_PRICE_USD, exact_decimal, money_limit, usd_to_micros
 from core.presets import UnknownPreset, normalize_preset, preset_params
 from core.prompts import prompt_problem
 from core.sizes import SizeError, parse_size, resolve_size
@@ -64,13 +66,19 @@ SOURCE_CATALOG = "catalog"
 SOURCE_GLOBAL = "global"
 SOURCE_PROVIDER = "provider"
 SOURCE_REQUEST = "request"
+SOURCE_USER = "user preference"
 PRESET_SOURCE_PREFIX = "preset:"
+DEFAULT_TARGET_COST_PER_IMAGE_USD = Decimal("0.02")
+"""The design document's target cost per image; `GlobalSettings.target_cost_per_image_usd` changes it."""
+USER_PREFERENCE_FIELDS: tuple[str, ...] = ("image_size", "preset", "negative_prompt")
+"""What a user may set as their own default (core.preferences); admins may allow fewer."""
 
 _SOURCE_WORDS = {
     SOURCE_CATALOG: "the catalog default",
     SOURCE_GLOBAL: "the global settings",
     SOURCE_PROVIDER: "the provider settings",
     SOURCE_REQUEST: "the request",
+    SOURCE_USER: "your preferences",
 }
 
 
@@ -345,6 +353,35 @@ class GlobalSettings(BaseModel):
     retry_backoff_max_s: StrictFloat = Field(8.0, gt=0, le=MAX_RETRY_BACKOFF_S)
     """The longest backoff. A provider asking for a longer wait (Retry-After) is left for the next candidate."""
 
+    # Spend intelligence (core.spend).
+    target_cost_per_image_usd: Decimal = Field(
+        DEFAULT_TARGET_COST_PER_IMAGE_USD, exclude_if=lambda value: value == DEFAULT_TARGET_COST_PER_IMAGE_USD
+    )
+    """What one image should cost; reports compare against it and the optimizer aims at it. Left out of the
+    stored form at its default, so versions saved before it existed compare equal."""
+    user_preference_fields: tuple[str, ...] = Field(
+        USER_PREFERENCE_FIELDS, exclude_if=lambda value: tuple(value) == USER_PREFERENCE_FIELDS
+    )
+    """What users may set as their own defaults (a subset of image_size, preset, negative_prompt)."""
+
+    @field_validator("target_cost_per_image_usd", mode="before")
+    @classmethod
+    def _target_cost(cls, value: Any) -> Decimal:
+        return exact_decimal(value, what="target_cost_per_image_usd", maximum=MAX_UNIT_PRICE_USD, above_minimum=True)
+
+    @field_validator("user_preference_fields", mode="before")
+    @classmethod
+    def _preference_fields(cls, value: Any) -> Any:
+        if isinstance(value, str) or not isinstance(value, list | tuple):
+            raise ValueError(f"user_preference_fields is a list of {', '.join(USER_PREFERENCE_FIELDS)}")
+        unknown = [v for v in value if v not in USER_PREFERENCE_FIELDS]
+        if unknown:
+            raise ValueError(
+                f"user_preference_fields: {', '.join(map(repr, unknown))} cannot be a user preference; "
+                f"choose from {', '.join(USER_PREFERENCE_FIELDS)}"
+            )
+        return tuple(dict.fromkeys(value))
+
     @field_validator("routing_policy", mode="before")
     @classmethod
     def _routing_policy(cls, value: Any) -> Any:
@@ -384,6 +421,58 @@ class GlobalSettings(BaseModel):
     def generation_params(self) -> dict[str, Any]:
         """The generation parameters this level sets (canonical names; unset ones left out)."""
         return {n: getattr(self, n) for n in COMMON_PARAMS if getattr(self, n) is not None}
+
+
+class UserPreferenceValues(BaseModel):
+    """A user's own defaults (core.preferences stores them): provider-independent like the global settings, so a
+    size a provider cannot render falls back to the layers below with a note. None = not set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image_size: str | None = None
+    preset: str | None = None
+    negative_prompt: str | None = None
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_prompt(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        problem = prompt_problem(value, field="negative_prompt", allow_empty=True)
+        if problem is not None:
+            raise ValueError(problem)
+        return value.replace("\r\n", "\n").strip()
+
+    @field_validator("image_size")
+    @classmethod
+    def _image_size(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            parse_size(value)
+        except SizeError as exc:
+            raise ValueError(str(exc)) from None
+        return value.strip()
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if value.strip().lower() in NO_PRESET:
+            return "none"
+        try:
+            return normalize_preset(value)
+        except UnknownPreset as exc:
+            raise ValueError(str(exc)) from None
+
+    def allowed(self, fields: tuple[str, ...]) -> dict[str, Any]:
+        """The values set here that `fields` (what the admins allow) admits."""
+        return {
+            name: getattr(self, name)
+            for name in USER_PREFERENCE_FIELDS
+            if name in fields and getattr(self, name) is not None
+        }
 
 
 def validate_global_settings(data: Mapping[str, Any]) -> GlobalSettings:
@@ -607,11 +696,14 @@ def resolve_effective(
     preset: str | None,
     overrides: Mapping[str, Any] | None,
     prompt: str,
+    user_preferences: UserPreferenceValues | None = None,
 ) -> EffectiveParams:
-    """Merge catalog defaults -> global -> provider settings -> preset -> request overrides for one provider,
-    and validate the result (prompt included). `preset` None takes the global settings' `default_preset`;
-    "none" (or "") asks for no preset even then. Raises InvalidInput with every field error; keys are
-    parameter names, `prompt`, `preset` or `provider`."""
+    """Merge catalog defaults -> global -> provider settings -> user preferences -> preset -> request overrides
+    for one provider, and validate the result (prompt included). `preset` None takes the user's preferred
+    preset, else the global settings' `default_preset`; "none" (or "") asks for no preset even then. User
+    preferences apply only to the fields the global settings allow (`user_preference_fields`); a preferred
+    size this provider cannot render is left out with a note. Raises InvalidInput with every field error; keys
+    are parameter names, `prompt`, `preset` or `provider`."""
     spec = PROVIDERS.get(provider_id)
     if spec is None:
         msg = _unknown_provider(provider_id)
@@ -644,8 +736,30 @@ def resolve_effective(
         if provider_settings.request_timeout_s is not None:
             timeout = TaggedValue(provider_settings.request_timeout_s, SOURCE_PROVIDER)
 
+    user_values: dict[str, Any] = {}
+    if user_preferences is not None:
+        allowed = global_settings.user_preference_fields if global_settings is not None else USER_PREFERENCE_FIELDS
+        user_values = user_preferences.allowed(allowed)
+        for name, value in user_values.items():
+            p = spec.params.get(name)
+            if p is None:  # preset (below), or a parameter this provider lacks
+                continue
+            if p.kind == "size":
+                try:
+                    resolve_size(spec, value)
+                except SizeError as exc:
+                    notes.append(f"your preferred image_size {value!r} does not fit {spec.id} ({exc}); not used")
+                    continue
+            merged[name] = TaggedValue(value, SOURCE_USER)
+
     preset_key: str | None = None
-    if preset is None and global_settings is not None:
+    if preset is None and "preset" in user_values:
+        preset = user_values["preset"]
+        if preset not in NO_PRESET:
+            notes.append(f"preset {preset} from your preferences")
+        else:
+            preset = None
+    elif preset is None and global_settings is not None:
         preset = global_settings.default_preset
     elif isinstance(preset, str) and preset.strip().lower() in NO_PRESET:
         preset = None
