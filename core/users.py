@@ -64,6 +64,11 @@ class UserView:
     active: bool
     created_at: datetime
     last_login_at: datetime | None
+    email: str | None = None
+    """What an OIDC sign-in is matched by (core.oidc); set by an admin."""
+    oidc_linked: bool = False
+    locked_until: datetime | None = None
+    """Sign-in locked until then (too many wrong passwords), if that is still in the future."""
 
     def actor(self) -> Actor:
         """This user as the actor of a core call (core checks the account again at every call)."""
@@ -78,6 +83,9 @@ def _view(user: User) -> UserView:
         active=user.active,
         created_at=user.created_at,
         last_login_at=user.last_login_at,
+        email=user.email,
+        oidc_linked=user.oidc_subject is not None,
+        locked_until=user.locked_until if user.locked_until and user.locked_until > utcnow() else None,
     )
 
 
@@ -365,6 +373,21 @@ def _lock_own_account(session: Session, user_id: int) -> None:
     one account queue instead of both holding a share lock and deadlocking on the update); SQLite its write lock."""
     begin_write(session)
     session.scalars(select(User.id).where(User.id == user_id).with_for_update(key_share=True)).all()
+
+
+def unlock(session: Session, actor: Actor, user_id: int) -> UserView:
+    """An admin ends a sign-in lock (and the count of wrong passwords) without changing the password."""
+    _lock_accounts(session, actor.user_id, user_id)
+    who = authorize(session, actor, Role.ADMIN, action="unlock sign-in")
+    user = _get(session, user_id)
+    if user.locked_until is None and user.failed_sign_ins == 0:
+        return _view(user)
+    before = {"locked_until": user.locked_until.isoformat() if user.locked_until else None}
+    user.failed_sign_ins = 0
+    user.locked_until = None
+    session.flush()
+    audit.record(session, who, "user.unlock", "user", str(user.id), before=before, after={"locked_until": None})
+    return _view(user)
 
 
 def set_active(session: Session, actor: Actor, user_id: int, active: bool) -> UserView:
