@@ -23,6 +23,7 @@ import typer
 from sqlalchemy.exc import SQLAlchemyError
 from typer.core import TyperGroup
 
+from cli.tokens import tokens_app
 from common.config import disable_telemetry
 from common.errors import (
     AccountLocked,
@@ -116,6 +117,7 @@ budgets_app = typer.Typer(
 usage_app = typer.Typer(help="Usage and spend from the daily rollups.", no_args_is_help=True)
 app.add_typer(budgets_app, name="budgets")
 app.add_typer(usage_app, name="usage")
+app.add_typer(tokens_app, name="tokens")
 
 
 def _cli_actor() -> Actor:
