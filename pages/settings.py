@@ -1,77 +1,483 @@
-"""Settings (read-only for now): every provider with its connection, key, routing settings, price and the
-effective parameters a request would run with, each showing where its value comes from."""
+"""Settings: every provider at a glance; one provider's parameters and routing edited with the effective values
+and the cost of one image updating as you type; global settings and presets; prices; import and export.
+Every save is a new version (history, side-by-side diff, rollback). Every rule is core's."""
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
 
 import pandas as pd
 import streamlit as st
 
+from common.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from core import price_store, settings_service, transfer
+from core.catalog import COMMON_PARAMS, PROVIDERS
+from core.generation.health import health_report
 from core.overview import provider_overviews
+from core.presets import PRESET_LABELS, PRESET_NAMES, presets_for
+from core.settings import ProviderSettings
+from core.settings_editor import (
+    check_draft,
+    check_global_draft,
+    check_price_draft,
+    draft_params,
+    global_fields,
+    inherited_values,
+    number_from_text,
+    price_draft,
+)
+from db.engine import transaction
 from ui import state
+from ui.widgets import changes_table, field_errors_at, param_input
 
-state.require_user(state.STAFF)
+user = state.require_user(state.STAFF)
+actor = user.actor()
+SAVE_ERRORS = (InvalidInput, Conflict, PermissionDenied, NotFound)
+
+
+def _write(action: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run one core change in its own transaction; show its refusal and return None."""
+    try:
+        with transaction(state.runtime().sessions) as session:
+            return action(session, actor, *args, **kwargs)
+    except SAVE_ERRORS as exc:
+        st.error(str(exc))
+        for name, message in getattr(exc, "field_errors", {}).items():
+            st.caption(f"{name}: {message}")
+        return None
+
+
+def _when(moment: datetime | None) -> str:
+    return "—" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _history_table(history: list[settings_service.SettingsVersion]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {
+                "version": v.version,
+                "saved": _when(v.created_at),
+                "by": v.created_by_name,
+                "comment": v.comment or "",
+                "deleted": v.deleted,
+                "rollback of": v.source_version,
+            }
+            for v in history
+        ]
+    )
+
+
+def _history(kind: str, history: list[settings_service.SettingsVersion], key: str) -> int | None:
+    """The versions, two of them side by side, and the version picked to roll back to (None: no rollback)."""
+    st.subheader("History")
+    if not history:
+        st.caption("Nothing saved yet.")
+        return None
+    st.dataframe(_history_table(history), hide_index=True, width="stretch")
+    versions = [v.version for v in history]
+    by_version = {v.version: v for v in history}
+    left, right = st.columns(2)
+    older = left.selectbox("Compare version", versions, index=min(1, len(versions) - 1), key=f"{key}.a")
+    newer = right.selectbox("with version", versions, index=0, key=f"{key}.b")
+    diff = settings_service.diff_settings(by_version[older].settings, by_version[newer].settings)
+    if diff:
+        st.dataframe(changes_table(diff, f"version {older}", f"version {newer}"), hide_index=True, width="stretch")
+    else:
+        st.caption(f"Versions {older} and {newer} of the {kind} settings are the same.")
+    earlier = [v for v in versions[1:] if not by_version[v].deleted]
+    if not earlier:
+        return None
+    pick, go = st.columns([3, 1], vertical_alignment="bottom")
+    target = pick.selectbox("Roll back to version", earlier, key=f"{key}.rollback")
+    return target if go.button("Roll back", key=f"{key}.rollback.go") else None
+
 
 st.title("Provider settings")
 st.caption(
-    "What each provider runs with today. Values come from the catalog defaults, the global settings, the "
-    "provider's own settings and, per request, a preset and overrides; the *from* column says which."
+    "Values come from the catalog defaults, the global settings, the provider's own settings and, per request, "
+    "a preset and overrides; the *from* column says which. Every save is a new version."
 )
 
 with state.db_session() as session:
     overviews = provider_overviews(session)
+    health = {h.provider: h for h in health_report(session)}
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "provider": o.spec.label,
+                    "id": o.provider,
+                    "mode": o.connection.mode.value,
+                    "health": health[o.provider].status.value.replace("_", " "),
+                    "key": o.key.masked,
+                    "priority": o.settings.priority if o.settings else None,
+                    "active": o.settings.active if o.settings else False,
+                    "default": o.settings.is_default if o.settings else False,
+                    "premium": o.spec.premium,
+                    "price": o.price_description or "no price",
+                    "one image": o.one_image.formatted if o.one_image else "—",
+                }
+                for o in overviews
+            ]
+        ),
+        hide_index=True,
+        width="stretch",
+    )
 
-summary = pd.DataFrame(
-    [
-        {
-            "provider": o.spec.label,
-            "id": o.provider,
-            "mode": o.connection.mode.value,
-            "key": o.key.masked,
-            "priority": o.settings.priority if o.settings else None,
-            "active": o.settings.active if o.settings else False,
-            "default": o.settings.is_default if o.settings else False,
-            "premium": o.spec.premium,
-            "price": o.price_description or "no price",
-            "one image": o.one_image.formatted if o.one_image else "—",
-        }
-        for o in overviews
-    ]
-)
-st.dataframe(summary, hide_index=True, width="stretch")
+    provider_tab, global_tab, prices_tab, transfer_tab = st.tabs(
+        ["Provider", "Global settings and presets", "Prices", "Import and export"]
+    )
 
-for o in overviews:
-    with st.expander(f"{o.spec.label} — {o.connection.mode.value}", expanded=False):
-        st.markdown(f"**{o.spec.label}** (`{o.provider}`)")
-        st.text(o.spec.description)
-        left, right = st.columns(2)
-        with left:
-            st.markdown("**Connection**")
-            st.text(f"mode: {o.connection.mode.value} — {o.connection.reason}")
-            st.text(f"key: {o.key.masked}")
-            if o.settings is not None:
-                st.markdown("**Routing**")
-                st.text(
-                    f"priority {o.settings.priority} · "
-                    f"{'active' if o.settings.active else 'inactive'} · "
-                    f"{'default provider' if o.settings.is_default else 'not default'} · "
-                    f"automatic routing {'on' if o.settings.auto_routing else 'off (by name only)'}"
-                )
-                st.text(f"settings version {o.settings_version}")
-        with right:
-            st.markdown("**Price**")
-            st.text(o.price_description or "no price in force")
-            if o.price_source:
-                st.text(f"source: {o.price_source}")  # admin-entered text: shown as text, never markup
-            if o.one_image is not None:
-                st.metric("One image at these settings", o.one_image.formatted)
-                st.caption(" · ".join(o.one_image.breakdown))
-        for problem in o.problems:
+    # --- one provider ------------------------------------------------------------------------------------------
+    with provider_tab:
+        by_id = {o.provider: o for o in overviews}
+
+        def _label(provider_id: str) -> str:
+            o = by_id[provider_id]
+            cost = o.one_image.formatted if o.one_image else "no price"
+            status = health[provider_id].status.value.replace("_", " ")
+            return f"{o.spec.label} · {cost}/image · {o.connection.mode.value} · {status}"
+
+        provider = st.selectbox("Provider", list(by_id), format_func=_label, key="settings.provider")
+        overview = by_id[provider]
+        spec = PROVIDERS[provider]
+        current = overview.settings or ProviderSettings.defaults(provider)
+        version = overview.settings_version or 0
+        inherited = inherited_values(session, provider)
+        key = f"ps.{provider}.{version}."  # a new version reloads the form from what was saved
+        st.caption(f"{spec.description} Settings version {version or 'none yet (catalog defaults)'}.")
+        for problem in overview.problems:
             st.warning(problem)
-        rows = o.effective_rows()
-        if rows:
-            table = pd.DataFrame(rows)
-            table["value"] = table["value"].map(lambda v: "random" if v is None else str(v))
-            st.dataframe(table, hide_index=True, width="stretch")
-        if o.effective is not None and o.effective.notes:
-            for note in o.effective.notes:
-                st.info(note)
+
+        form, preview = st.columns([3, 2], gap="large")
+        slots: dict[str, Any] = {}
+        shown: dict[str, Any] = {}
+        with form:
+            for title, names in (
+                ("Generation", [n for n in spec.params if n in COMMON_PARAMS]),
+                (f"{spec.label} only", [n for n in spec.params if n not in COMMON_PARAMS]),
+            ):
+                if not names:
+                    continue
+                st.markdown(f"**{title}**")
+                for name in names:
+                    where = "Set here." if name in current.params else f"Inherited ({inherited.get(name)!r})."
+                    value = current.params.get(name, inherited.get(name))
+                    shown[name] = param_input(spec.params[name], value, key + name, help_suffix=where)
+                    slots[f"params.{name}"] = st.empty()
+            st.markdown("**Routing and limits**")
+            a, b = st.columns(2)
+            priority = a.number_input(
+                "Priority", value=current.priority, step=1, key=key + "priority", help="Higher is tried first (0-1000)."
+            )
+            slots["priority"] = a.empty()
+            daily = b.text_input(
+                "Daily cost limit (USD)",
+                "" if current.daily_cost_limit_usd is None else format(current.daily_cost_limit_usd, "f"),
+                key=key + "daily",
+                help="Empty: no limit. A hard daily budget for this provider.",
+            )
+            slots["daily_cost_limit_usd"] = b.empty()
+            timeout = a.text_input(
+                "Request timeout (s)",
+                "" if current.request_timeout_s is None else str(current.request_timeout_s),
+                key=key + "timeout",
+                help="Empty: the global setting.",
+            )
+            slots["request_timeout_s"] = a.empty()
+            in_flight = b.text_input(
+                "Max in flight",
+                "" if current.max_in_flight is None else str(current.max_in_flight),
+                key=key + "inflight",
+                help="Requests at once across every process. Empty: the catalog's limit.",
+            )
+            slots["max_in_flight"] = b.empty()
+            c, d, e = st.columns(3)
+            active = c.toggle("Active", current.active, key=key + "active")
+            slots["active"] = c.empty()
+            is_default = d.toggle("Default provider", current.is_default, key=key + "default")
+            slots["is_default"] = d.empty()
+            auto = e.toggle(
+                "Automatic routing",
+                current.auto_routing,
+                key=key + "auto",
+                help="May routing pick it when a request names no provider?",
+            )
+            slots["auto_routing"] = e.empty()
+
+        draft: dict[str, Any] = {
+            "provider": provider,
+            "params": draft_params(current.params, inherited, shown),
+            "priority": int(priority),
+            "active": active,
+            "is_default": is_default,
+            "auto_routing": auto,
+            "daily_cost_limit_usd": daily.strip() or None,
+            "request_timeout_s": number_from_text(timeout, "float"),
+        }
+        limit_typed = number_from_text(in_flight, "int")
+        if limit_typed is not None:
+            draft["max_in_flight"] = limit_typed
+        check = check_draft(session, provider, draft)
+        unplaced = field_errors_at(slots, check.field_errors)
+
+        with preview:
+            st.markdown("**Preview: what a request runs with**")
+            st.metric("One image at these settings", check.one_image.formatted if check.one_image else "—")
+            if check.one_image is not None:
+                st.caption(" · ".join(check.one_image.breakdown))
+            for message in (*unplaced, *check.problems):
+                st.error(message)
+            if check.effective is not None:
+                st.dataframe(pd.DataFrame(check.rows()), hide_index=True, width="stretch")
+                for note in check.effective.notes:
+                    st.info(note)
+            if check.changes:
+                st.markdown("**Not saved yet**")
+                st.dataframe(changes_table(check.changes, "saved", "this form"), hide_index=True, width="stretch")
+            comment = st.text_input("Comment for this version", key=key + "comment", max_chars=2000)
+            if st.button(
+                "Save as a new version", type="primary", disabled=not (check.valid and check.changes), key=key + "save"
+            ):
+                saved = _write(
+                    settings_service.save_provider_settings,
+                    provider,
+                    draft,
+                    comment=comment or None,
+                    expected_version=version,
+                )
+                if saved is not None:
+                    state.flash(f"Saved {spec.label} settings as version {saved.version}.")
+                    st.rerun()
+
+        target = _history("provider", settings_service.provider_history(session, provider, limit=50), f"ph.{provider}")
+        if target is not None:
+            rolled = _write(settings_service.rollback_provider_settings, provider, target)
+            if rolled is not None:
+                state.flash(f"Rolled {spec.label} back to version {target}: now version {rolled.version}.")
+                st.rerun()
+
+    # --- global settings and presets ---------------------------------------------------------------------------
+    with global_tab:
+        gview = settings_service.get_global_settings(session)
+        gkey = f"gs.{gview.version}."
+        st.caption(
+            f"Global settings version {gview.version or 'none yet (built-in defaults)'}. Generation defaults apply "
+            "to every provider that has the parameter (clamped to its range); empty means not set."
+        )
+        gslots: dict[str, Any] = {}
+        gdraft: dict[str, Any] = {}
+        fields = global_fields()
+        for group in dict.fromkeys(f.group for f in fields):
+            st.markdown(f"**{group}**")
+            columns = st.columns(3)
+            for i, fld in enumerate(f for f in fields if f.group == group):
+                now = getattr(gview.settings, fld.name)
+                with columns[i % 3]:
+                    label = fld.name.replace("_", " ").capitalize()
+                    fkey = gkey + fld.name
+                    if fld.kind == "bool":
+                        gdraft[fld.name] = st.toggle(label, bool(now), key=fkey, help=fld.help or None)
+                    elif fld.kind == "optional_bool":
+                        options = ["not set", "on", "off"]
+                        picked = st.selectbox(label, options, index=0 if now is None else (1 if now else 2), key=fkey)
+                        gdraft[fld.name] = None if picked == "not set" else picked == "on"
+                    elif fld.kind == "choice":
+                        options = list(fld.choices)
+                        shown_now = now if now in options else options[0]
+                        picked = st.selectbox(
+                            label, options, index=options.index(shown_now), key=fkey, help=fld.help or None
+                        )
+                        gdraft[fld.name] = None if picked == "none" else picked
+                    elif fld.kind == "many":
+                        gdraft[fld.name] = st.multiselect(label, list(fld.choices), default=list(now), key=fkey)
+                    elif fld.kind in ("int", "float"):
+                        text = st.text_input(label, "" if now is None else str(now), key=fkey, help=fld.help or None)
+                        typed = number_from_text(text, "int" if fld.kind == "int" else "float")
+                        if typed is not None or now is None:
+                            gdraft[fld.name] = typed
+                        else:
+                            gdraft[fld.name] = text  # a required number left empty: core says so at the field
+                    else:
+                        text = st.text_input(label, "" if now is None else str(now), key=fkey)
+                        gdraft[fld.name] = text.strip() or None
+                    gslots[fld.name] = st.empty()
+        gdraft = {k: v for k, v in gdraft.items() if v is not None}
+        gsettings, gerrors = check_global_draft(gdraft)
+        for message in field_errors_at(gslots, gerrors):
+            st.error(message)
+        gchanges = (
+            settings_service.diff_settings(
+                settings_service.settings_json(gview.settings), settings_service.settings_json(gsettings)
+            )
+            if gsettings is not None
+            else []
+        )
+        if gchanges:
+            st.markdown("**Not saved yet**")
+            st.dataframe(changes_table(gchanges, "saved", "this form"), hide_index=True, width="stretch")
+        gcomment = st.text_input("Comment for this version", key=gkey + "comment", max_chars=2000)
+        if st.button(
+            "Save global settings", type="primary", disabled=gsettings is None or not gchanges, key=gkey + "save"
+        ):
+            gsaved = _write(
+                settings_service.save_global_settings,
+                gdraft,
+                comment=gcomment or None,
+                expected_version=gview.version,
+            )
+            if gsaved is not None:
+                state.flash(f"Saved the global settings as version {gsaved.version}.")
+                st.rerun()
+        gtarget = _history("global", settings_service.global_history(session, limit=50), "gh")
+        if gtarget is not None:
+            grolled = _write(settings_service.rollback_global_settings, gtarget)
+            if grolled is not None:
+                state.flash(f"Rolled the global settings back to version {gtarget}: now version {grolled.version}.")
+                st.rerun()
+
+        st.subheader("Quality presets")
+        st.caption(
+            "What each preset sets per provider, applied after the provider's settings and before a request's own "
+            "values. Presets never change size or count (those decide the bill). The preset a request gets when "
+            "it names none is the global *default preset* above; the presets themselves are part of the product."
+        )
+        preset_rows = []
+        for provider_id in PROVIDERS:
+            for name, values in presets_for(provider_id).items():
+                preset_rows.append(
+                    {
+                        "provider": provider_id,
+                        "preset": PRESET_LABELS[name],
+                        "sets": ", ".join(f"{k}={v}" for k, v in values.items()) or "nothing",
+                    }
+                )
+        st.dataframe(
+            pd.DataFrame(preset_rows).pivot(index="provider", columns="preset", values="sets")[
+                [PRESET_LABELS[p] for p in PRESET_NAMES]
+            ],
+            width="stretch",
+        )
+
+    # --- prices ------------------------------------------------------------------------------------------------
+    with prices_tab:
+        price_provider = st.selectbox(
+            "Provider", list(PROVIDERS), format_func=lambda p: PROVIDERS[p].label, key="prices.provider"
+        )
+        versions = price_store.list_price_versions(session, price_provider)
+        in_force = price_store.active_price(session, price_provider)
+        st.dataframe(
+            pd.DataFrame(
+                [
+                    {
+                        "version": v.version,
+                        "in force": in_force is not None and v.id == in_force.id,
+                        "price": v.price.describe(),
+                        "effective from": v.price.effective_date.isoformat(),
+                        "source": v.price.source,
+                        "entered by": v.created_by_name,
+                        "entered": _when(v.created_at),
+                        "comment": v.comment or "",
+                    }
+                    for v in versions
+                ],
+                columns=[
+                    "version",
+                    "in force",
+                    "price",
+                    "effective from",
+                    "source",
+                    "entered by",
+                    "entered",
+                    "comment",
+                ],
+            ),
+            hide_index=True,
+            width="stretch",
+        )
+        st.markdown("**Add a price version**")
+        base: dict[str, Any] = (
+            price_store.price_json(versions[0].price) if versions else {"provider": price_provider, "unit": "image"}
+        )
+        pkey = f"pv.{price_provider}.{versions[0].version if versions else 0}."
+        pslots: dict[str, Any] = {}
+        changes: dict[str, Any] = {}
+        p1, p2 = st.columns(2)
+        with p1:
+            keyed: dict[str, Any] = dict(base.get("keyed_usd_per_unit") or {})
+            if keyed:
+                changes["keyed_usd_per_unit"] = {
+                    k: st.text_input(
+                        f"USD per {base.get('unit')} ({base.get('key_param')}={k})", str(v), key=pkey + "keyed." + k
+                    )
+                    for k, v in keyed.items()
+                }
+                pslots["keyed_usd_per_unit"] = st.empty()
+            elif base.get("unit") != "free":
+                changes["usd_per_unit"] = st.text_input(
+                    f"USD per {base.get('unit')}", str(base.get("usd_per_unit") or ""), key=pkey + "usd"
+                )
+                pslots["usd_per_unit"] = st.empty()
+            changes["effective_date"] = st.date_input(
+                "Effective from",
+                datetime.now(UTC).date(),
+                key=pkey + "date",
+                help="The price in force is the latest effective date on or before today.",
+            )
+            pslots["effective_date"] = st.empty()
+        with p2:
+            changes["source"] = st.text_input(
+                "Source (a URL or a sentence)", str(base.get("source") or ""), key=pkey + "source"
+            )
+            pslots["source"] = st.empty()
+            changes["notes"] = st.text_input("Notes", str(base.get("notes") or ""), key=pkey + "notes")
+            pslots["notes"] = st.empty()
+            price_comment = st.text_input("Comment", key=pkey + "comment", max_chars=2000)
+        rule = price_draft(base, changes)
+        perrors = check_price_draft(rule)
+        for message in field_errors_at(pslots, perrors):
+            st.error(message)
+        if st.button("Add price version", type="primary", disabled=bool(perrors), key=pkey + "save"):
+            added = _write(price_store.add_price_version, rule, comment=price_comment or None)
+            if added is not None:
+                if added.changed:
+                    state.flash(f"Added {price_provider} price version {added.current.version}.")
+                    st.rerun()
+                st.info("That price equals the latest version: nothing was added.")
+
+    # --- import and export -------------------------------------------------------------------------------------
+    with transfer_tab:
+        st.download_button(
+            "Download settings and prices (JSON)",
+            data=transfer.export_json(session, actor),
+            file_name="imagegate-settings.json",
+            mime="application/json",
+            help="Every configured provider, the global settings and each provider's latest price. Never keys.",
+        )
+        st.markdown("**Import**")
+        uploaded = st.file_uploader("Settings file", type=["json"], key="import.file")
+        pasted = st.text_area("…or paste its JSON", key="import.text", height=150)
+        raw: bytes | str | None = uploaded.getvalue() if uploaded is not None else (pasted or None)
+        if raw:
+            try:
+                plan = transfer.plan_import(session, actor, raw)
+            except InvalidInput as exc:
+                st.error(f"Nothing can be imported: {exc}")
+                for name, message in exc.field_errors.items():
+                    st.caption(f"{name}: {message}")
+            else:
+                st.markdown("**Dry run: what applying it would change**")
+                if not plan.has_changes:
+                    st.info("Nothing would change.")
+                for item in plan.changed:
+                    what = "global settings" if item.kind == "global_settings" else f"{item.kind} {item.target}"
+                    st.markdown(f"*{item.action}* {what}" + (f" ({item.note})" if item.note else ""))
+                    st.dataframe(changes_table(item.changes, "now", "after import"), hide_index=True, width="stretch")
+                import_comment = st.text_input("Comment", key="import.comment", max_chars=2000)
+                if st.button("Apply import", type="primary", disabled=not plan.has_changes, key="import.apply"):
+                    applied = _write(transfer.apply_import, raw, comment=import_comment or None)
+                    if applied is not None:
+                        counts = transfer.import_summary(applied)
+                        state.flash(f"Imported: {counts['create']} created, {counts['update']} updated.")
+                        st.rerun()

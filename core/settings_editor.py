@@ -1,0 +1,248 @@
+"""What the Settings screen needs while someone edits: a draft checked field by field as they type, the
+effective parameters that draft would run with (each value's source) and the cost of one image, before anything
+is saved. Reads only; saving goes through core.settings_service and core.price_store.
+
+The rules stay where they are: validation is core.settings (`validate_settings`), resolution is
+`resolve_effective`, the price is core.price_store's version in force and the cost is core.pricing's estimate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any, Literal
+
+from sqlalchemy.orm import Session
+
+from common.errors import InvalidInput, NotFound
+from core import price_store, settings_service
+from core.catalog import COMMON_PARAMS, PROVIDERS, ParamSpec
+from core.overview import PREVIEW_PROMPT
+from core.pricing import CostEstimate, estimate_cost, parse_price
+from core.settings import (
+    EffectiveParams,
+    GlobalSettings,
+    ProviderSettings,
+    describe_source,
+    resolve_effective,
+    validate_global_settings,
+)
+
+FieldKind = Literal["int", "float", "bool", "optional_bool", "text", "choice", "many"]
+
+
+@dataclass(frozen=True)
+class DraftCheck:
+    """A draft of one provider's settings, checked: the field errors (keyed as core reports them:
+    `priority`, `params.image_size`), the settings when valid, what they resolve to and one image's cost."""
+
+    provider: str
+    field_errors: Mapping[str, str]
+    settings: ProviderSettings | None
+    effective: EffectiveParams | None
+    one_image: CostEstimate | None
+    problems: tuple[str, ...] = ()
+    changes: tuple[settings_service.FieldChange, ...] = ()
+    """What saving the draft would change against the stored current version."""
+
+    @property
+    def valid(self) -> bool:
+        return not self.field_errors and self.settings is not None
+
+    def rows(self) -> list[dict[str, object]]:
+        """Parameter, value and where it came from, for a table (None shows as "random" for the seed)."""
+        if self.effective is None:
+            return []
+        return [
+            {
+                "parameter": name,
+                "value": "random" if t.value is None else str(t.value),
+                "from": describe_source(t.source),
+            }
+            for name, t in self.effective.params.items()
+        ]
+
+
+def inherited_values(session: Session, provider: str) -> dict[str, Any]:
+    """Each parameter's value without the provider's own settings: the catalog default, or the global settings'."""
+    effective = resolve_effective(
+        provider,
+        global_settings=settings_service.get_global_settings(session).settings,
+        provider_settings=None,
+        preset="none",
+        overrides=None,
+        prompt=PREVIEW_PROMPT,
+    )
+    return effective.values()
+
+
+def draft_params(stored: Mapping[str, Any], inherited: Mapping[str, Any], shown: Mapping[str, Any]) -> dict[str, Any]:
+    """The `params` a save stores from the values a form shows: a parameter the provider already sets keeps being
+    set (to the value shown); any other is set only when the value shown differs from what it inherits, so an
+    untouched form changes nothing and a value left alone keeps following the global settings."""
+    out: dict[str, Any] = {}
+    for name, value in shown.items():
+        if name in stored or value != inherited.get(name):
+            out[name] = value
+    return out
+
+
+def check_draft(session: Session, provider: str, draft: Mapping[str, Any]) -> DraftCheck:
+    """Validate `draft` (a whole ProviderSettings mapping) as a save would, and preview it: effective parameters
+    (no preset, no request) and the cost of one image at the price in force. Never raises for bad input."""
+    try:
+        settings = settings_service.validate_settings(provider, draft)
+    except InvalidInput as exc:
+        errors = dict(exc.field_errors) or {"settings": str(exc)}
+        return DraftCheck(provider, errors, None, None, None)
+    problems: list[str] = []
+    try:
+        effective: EffectiveParams | None = resolve_effective(
+            provider,
+            global_settings=settings_service.get_global_settings(session).settings,
+            provider_settings=settings,
+            preset="none",
+            overrides=None,
+            prompt=PREVIEW_PROMPT,
+        )
+    except InvalidInput as exc:
+        return DraftCheck(provider, {f"params.{k}": v for k, v in exc.field_errors.items()}, None, None, None)
+    one_image: CostEstimate | None = None
+    price = price_store.active_price(session, provider)
+    if price is None:
+        problems.append("no price in force: estimates are impossible (an unpriced provider is never free)")
+    elif effective is not None:
+        try:
+            one_image = estimate_cost(price.price, provider_id=provider, params={**effective.values(), "num_images": 1})
+        except ValueError as exc:
+            problems.append(f"cannot price these settings: {exc}")
+    try:
+        stored: dict[str, Any] | None = settings_service.settings_json(
+            settings_service.get_provider_settings(session, provider).settings
+        )
+    except (InvalidInput, NotFound):  # none stored yet (or deleted): everything saved is new
+        stored = None
+    changes = tuple(settings_service.diff_settings(stored, settings_service.settings_json(settings)))
+    return DraftCheck(provider, {}, settings, effective, one_image, tuple(problems), changes)
+
+
+def check_global_draft(draft: Mapping[str, Any]) -> tuple[GlobalSettings | None, dict[str, str]]:
+    """The global settings a draft makes, or its field errors."""
+    try:
+        return validate_global_settings(draft), {}
+    except InvalidInput as exc:
+        return None, dict(exc.field_errors) or {"settings": str(exc)}
+
+
+def number_from_text(text: str, kind: Literal["int", "float"]) -> Any:
+    """A number typed as text: "" is "not set" (None); "30" an int, "2.5" a float. Anything else is returned
+    as typed, so the validator names the field and the value ("steps must be a whole number, not '2.5'")."""
+    stripped = text.strip()
+    if not stripped:
+        return None
+    try:
+        return int(stripped)
+    except ValueError:
+        pass
+    if kind == "float":
+        try:
+            return float(stripped)
+        except ValueError:
+            pass
+    return stripped
+
+
+# --- the global settings, described for a form ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GlobalField:
+    name: str
+    kind: FieldKind
+    group: str
+    help: str
+    choices: tuple[str, ...] = field(default=())
+
+
+_GROUPS = {
+    "request_timeout_s": "Routing",
+    "default_preset": "Routing",
+    "fallback_enabled": "Routing",
+    "max_attempts": "Routing",
+    "routing_policy": "Routing",
+    "premium_in_auto_routing": "Routing",
+    "fallback_on_safety": "Routing",
+    "retries_per_provider": "Retries",
+    "retry_backoff_s": "Retries",
+    "retry_backoff_max_s": "Retries",
+}
+
+
+def _help(name: str) -> str:
+    info = GlobalSettings.model_fields[name]
+    return (info.description or "").strip()
+
+
+def global_fields() -> list[GlobalField]:
+    """Every global setting with the widget kind that edits it and its group, in the model's order."""
+    from core.presets import PRESET_NAMES  # local: keeps this module's imports to what most callers use
+
+    out: list[GlobalField] = []
+    for name, info in GlobalSettings.model_fields.items():
+        default = info.default
+        if name in COMMON_PARAMS:
+            spec = _common_spec(name)
+            kind: FieldKind = {"int": "int", "float": "float", "bool": "optional_bool"}.get(spec.kind, "text")  # type: ignore[assignment]
+            out.append(GlobalField(name, kind, "Generation defaults (every provider)", spec.description))
+        elif name == "routing_policy":
+            out.append(
+                GlobalField(name, "choice", "Routing", _help(name), ("priority", "cheapest", "fastest", "explicit"))
+            )
+        elif name == "default_preset":
+            out.append(GlobalField(name, "choice", "Routing", _help(name), ("none", *PRESET_NAMES)))
+        else:
+            group = _GROUPS.get(
+                name, "Circuit breakers and health" if name.startswith(("breaker", "health")) else "Other"
+            )
+            if isinstance(default, bool):
+                out.append(GlobalField(name, "bool", group, _help(name)))
+            elif isinstance(default, tuple):  # a choice of several (the full set is the default)
+                out.append(GlobalField(name, "many", group, _help(name), tuple(str(v) for v in default)))
+            elif isinstance(default, int):
+                out.append(GlobalField(name, "int", group, _help(name)))
+            elif isinstance(default, float):
+                out.append(GlobalField(name, "float", group, _help(name)))
+            else:  # amounts (Decimal) and text: typed as text, validated exactly by core
+                out.append(GlobalField(name, "text", group, _help(name)))
+    return out
+
+
+def _common_spec(name: str) -> ParamSpec:
+    for spec in PROVIDERS.values():
+        if name in spec.params:
+            return spec.params[name]
+    raise KeyError(name)  # pragma: no cover - COMMON_PARAMS are all in the catalog
+
+
+# --- prices -----------------------------------------------------------------------------------------------------
+
+
+def price_draft(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """A new price version's rule: the latest version's rule with the form's changes (empty texts left out)."""
+    rule = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, Mapping):
+            rule[key] = {**dict(rule.get(key) or {}), **dict(value)}
+        elif value is not None:
+            rule[key] = value.isoformat() if isinstance(value, date) else value
+    return rule
+
+
+def check_price_draft(rule: Mapping[str, Any]) -> dict[str, str]:
+    """Field errors of a price rule (empty when it parses), as core.pricing reports them."""
+    try:
+        parse_price(dict(rule))
+    except InvalidInput as exc:
+        return dict(exc.field_errors) or {"price": str(exc)}
+    return {}
