@@ -42,6 +42,7 @@ class PageSpec:
 PAGES = (
     PageSpec("settings", str(ROOT / "pages" / "settings.py"), "Settings", ":material/tune:", state.STAFF),
     PageSpec("account", str(ROOT / "pages" / "account.py"), "Account", ":material/person:", frozenset(Role)),
+    PageSpec("playground", str(ROOT / "pages" / "playground.py"), "Playground", ":material/brush:", frozenset(Role)),
 )
 
 
