@@ -288,4 +288,5 @@ def authenticate_token(session: Session, raw: str, *, now: datetime | None = Non
         .values(last_used_at=moment)
         .execution_options(synchronize_session=False)
     )
-    return Actor(user_id=user.id, username=user.username, role=capped_role(token.role, user.role))
+    # role_cap: core.authz applies the token's role at every change, against the user's role as it is then.
+    return Actor(user_id=user.id, username=user.username, role=capped_role(token.role, user.role), role_cap=token.role)

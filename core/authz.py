@@ -28,7 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from common.errors import PermissionDenied
-from core.security import Actor, Role
+from core.security import Actor, Role, capped
 from db.models import User
 
 __all__ = ["SYSTEM_ROLE_LABEL", "AuthorizedActor", "authorize", "begin_write"]
@@ -103,7 +103,9 @@ def authorize(session: Session, actor: Actor, *roles: Role, action: str, lock: b
         raise PermissionDenied(f"nobody may {action} as user id {user_id}: there is no such account")
     if not user.active:
         raise PermissionDenied(f"{user.username} may not {action}: the account is deactivated")
-    if user.role not in roles:
+    role = capped(user.role, actor.role_cap)
+    if role not in roles:
         allowed = " or ".join(r.value for r in roles)
-        raise PermissionDenied(f"{user.username} ({user.role.value}) may not {action}: this needs the {allowed} role")
-    return AuthorizedActor(user.id, user.username, user.role, _MINTED)
+        acting = role.value if role is user.role else f"{role.value} through a token of that role"
+        raise PermissionDenied(f"{user.username} ({acting}) may not {action}: this needs the {allowed} role")
+    return AuthorizedActor(user.id, user.username, role, _MINTED)

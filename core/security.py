@@ -31,10 +31,12 @@ __all__ = [
     "MAX_CONCURRENT_PASSWORD_CHECKS",
     "PASSWORD_MAX_LENGTH",
     "PASSWORD_MIN_LENGTH",
+    "ROLE_RANK",
     "SETTINGS_EDITORS",
     "Actor",
     "ActorKind",
     "Role",
+    "capped",
     "hash_password",
     "password_problem",
     "set_password_hasher",
@@ -47,6 +49,15 @@ PASSWORD_MIN_LENGTH = 10
 PASSWORD_MAX_LENGTH = 1024
 
 SETTINGS_EDITORS: tuple[Role, ...] = (Role.ADMIN, Role.HERO)
+ROLE_RANK: dict[Role, int] = {Role.USER: 0, Role.HERO: 1, Role.ADMIN: 2}
+"""What each role may do, in order: a cap lowers an account to at most its rank."""
+
+
+def capped(role: Role, cap: Role | None) -> Role:
+    """`role`, or `cap` when the cap is lower (an API token acting below its user's role)."""
+    return role if cap is None or ROLE_RANK[cap] >= ROLE_RANK[role] else cap
+
+
 """Who may change provider/global settings, prices and imports."""
 
 MAX_CONCURRENT_PASSWORD_CHECKS = 4
@@ -146,6 +157,9 @@ class Actor:
     username: str
     role: Role | None = None
     kind: ActorKind = ActorKind.USER
+    role_cap: Role | None = None
+    """An upper bound on the account's stored role (an API token's own role). It only ever lowers what the
+    account may do, so unlike `role` it is safe to take from a claim: authorize applies it to the role it reads."""
 
     def __post_init__(self) -> None:
         if self.kind is ActorKind.SYSTEM and self.user_id is not None:

@@ -197,6 +197,23 @@ def test_the_claimed_role_and_name_never_count_the_account_does(world: World) ->
         users.create_user(s, Actor(world.hero.id, "hera", Role.ADMIN), "minion", PASSWORD, Role.ADMIN)
 
 
+def test_a_role_cap_only_ever_lowers_what_the_account_may_do(world: World) -> None:
+    """An API token of role USER held by an admin acts as a USER in core; a cap above the account's role (a
+    HERO's token claiming ADMIN) grants nothing more."""
+    admin_as_user = Actor(world.root.user_id, "root", Role.ADMIN, role_cap=Role.USER)
+    as_user = r"root \(USER through a token of that role\) may not create users"
+    with pytest.raises(PermissionDenied, match=as_user), transaction(world.factory) as session:
+        users.create_user(session, admin_as_user, "minion", PASSWORD, Role.USER)
+    with pytest.raises(PermissionDenied, match="may not change qwen settings"), transaction(world.factory) as s:
+        svc.save_provider_settings(s, Actor(world.root.user_id, "root", role_cap=Role.USER), "qwen", {"priority": 42})
+    with pytest.raises(PermissionDenied, match=r"hera \(HERO\) may not create users"), transaction(world.factory) as s:
+        users.create_user(s, Actor(world.hero.id, "hera", role_cap=Role.ADMIN), "minion", PASSWORD, Role.USER)
+    capped_admin = Actor(world.root.user_id, "root", role_cap=Role.HERO)
+    with transaction(world.factory) as session:
+        who = authorize(session, capped_admin, Role.ADMIN, Role.HERO, action="x")
+    assert who.role is Role.HERO
+
+
 def test_the_system_actor_is_an_explicit_privilege_audited_as_such(world: World) -> None:
     cli = Actor.system("cli:operator")
     assert cli.kind is ActorKind.SYSTEM and cli.is_system and cli.role is None
