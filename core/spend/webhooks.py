@@ -135,11 +135,16 @@ def check_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Non
     """InvalidInput unless a webhook may be posted to `address` (see the module docstring)."""
     mapped = getattr(address, "ipv4_mapped", None)
     ip = mapped if mapped is not None else address
-    if ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved:
-        msg = f"webhooks may not be sent to {ip} (link-local, multicast, unspecified or reserved address)"
+    if ip.is_link_local or ip.is_multicast or ip.is_unspecified:
+        msg = f"webhooks may not be sent to {ip} (link-local, multicast or unspecified address)"
         raise InvalidInput(msg, {"url": msg})
-    if (ip.is_loopback or ip.is_private) and not _allow_private():
-        msg = f"webhooks may not be sent to the private or loopback address {ip} unless {ALLOW_PRIVATE_ENV}=1"
+    if ip.is_loopback or ip.is_private:
+        if not _allow_private():
+            msg = f"webhooks may not be sent to the private or loopback address {ip} unless {ALLOW_PRIVATE_ENV}=1"
+            raise InvalidInput(msg, {"url": msg})
+        return
+    if ip.is_reserved:
+        msg = f"webhooks may not be sent to the reserved address {ip}"
         raise InvalidInput(msg, {"url": msg})
 
 

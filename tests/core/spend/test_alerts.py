@@ -56,12 +56,18 @@ def make_budget(factory: Factory, name: str = "monthly", limit: int = 10 * USD, 
 
 
 def set_spent(
-    factory: Factory, budget_id: int, spent: int, *, reserved: int = 0, mode: SpendMode = SpendMode.LIVE
+    factory: Factory,
+    budget_id: int,
+    spent: int,
+    *,
+    reserved: int = 0,
+    mode: SpendMode = SpendMode.LIVE,
+    at: datetime = NOW,
 ) -> int:
     """The budget's current period row in `mode` with these figures (what settlement leaves); its id."""
     with transaction(factory) as session:
         budget = budgets.get_budget(session, budget_id)
-        start, end = period_bounds(budget.period, NOW)
+        start, end = period_bounds(budget.period, at)
         row = session.scalar(
             select(BudgetPeriod).where(
                 BudgetPeriod.budget_id == budget_id, BudgetPeriod.mode == mode, BudgetPeriod.period_start == start
