@@ -9,7 +9,16 @@ Public API:
   run even when the awaiting task is cancelled (releasing a slot, leaving a queue; see `finish_even_if_cancelled`).
 - `await finish_even_if_cancelled(future, cleanup)`: await a submitted future; if the awaiting task is
   cancelled first, `cleanup(result)` is submitted once the work is done, so what it took is given back.
+- `await write_once(factory, fn, attempts=3)` (blocking: `write_once_sync`): `in_transaction` for a final write
+  that must not be lost and is guarded so it cannot apply twice: a `DatabaseUnavailable` is retried a bounded
+  number of times.
 - `configure(max_workers)`, `max_workers()`, `pool_capacity(engine)`, `shutdown()`.
+
+Database errors: the one place they are mapped. An `OperationalError` or `InterfaceError` from the driver
+(SQLite's "database is locked" after its busy timeout, a dropped or refused PostgreSQL connection, a server
+shutting down) or an invalidated connection comes back from `run_db`/`in_transaction` as
+`common.errors.DatabaseUnavailable` (the cause chained), never as a raw SQLAlchemy error. Integrity errors and
+programming errors are bugs or lost races with their own handling, and pass through unchanged.
 
 Size: `IMAGEGATE_DB_THREADS` (default 15, at most 32). A thread holds at most one pooled connection at a
 time, so the executor should be no larger than the engine's pool (`pool_capacity`; `db.engine.make_engine`
@@ -37,14 +46,16 @@ import contextvars
 import functools
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, exc
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
 
+from common.errors import DatabaseUnavailable
 from db.engine import transaction
 
 P = ParamSpec("P")
@@ -125,10 +136,32 @@ def shutdown(wait: bool = True) -> None:
         old.shutdown(wait=wait)
 
 
+def database_unavailable(error: exc.DBAPIError) -> DatabaseUnavailable | None:
+    """The `DatabaseUnavailable` a driver error means, or None when it is not about the database being
+    reachable or writable (an integrity or programming error)."""
+    if not (error.connection_invalidated or isinstance(error, exc.OperationalError | exc.InterfaceError)):
+        return None
+    cause = error.orig if error.orig is not None else error
+    lines = str(cause).strip().splitlines()
+    reason = lines[0] if lines else type(cause).__name__
+    return DatabaseUnavailable(f"the database could not complete the work: {reason}")
+
+
+def _mapped(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except exc.DBAPIError as error:
+        unavailable = database_unavailable(error)
+        if unavailable is None:
+            raise
+        raise unavailable from error
+
+
 def submit(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-    """Run `fn` on the database executor with the caller's context variables; returns its future."""
+    """Run `fn` on the database executor with the caller's context variables; returns its future. Database
+    errors come back mapped (see the module docstring)."""
     context = contextvars.copy_context()
-    return _pool().submit(context.run, functools.partial(fn, *args, **kwargs))
+    return _pool().submit(context.run, _mapped, functools.partial(fn, *args, **kwargs))
 
 
 async def run_db(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -144,6 +177,39 @@ def _in_transaction(factory: sessionmaker[Session], fn: Callable[[Session], T]) 
 async def in_transaction(factory: sessionmaker[Session], fn: Callable[[Session], T]) -> T:
     """Await `fn(session)` run inside one `db.engine.transaction(factory)` on the database executor."""
     return await run_db(_in_transaction, factory, fn)
+
+
+WRITE_ATTEMPTS = 3
+"""How often `write_once` tries a final write before it gives up (the caller leaves the work to recovery)."""
+WRITE_BACKOFF_S = (0.05, 0.25)
+"""Waits between those tries (SQLite's busy timeout already waited inside each one)."""
+
+
+def write_once_sync(factory: sessionmaker[Session], fn: Callable[[Session], T], *, attempts: int = WRITE_ATTEMPTS) -> T:
+    """`fn(session)` in one transaction, tried again when the database is unavailable, up to `attempts` times
+    in all; the last `DatabaseUnavailable` is raised when every try failed. Blocking: run it on the pool
+    (`write_once`, or `submit` for a write that must go on when its awaiting task is cancelled).
+
+    Only for work that is guarded so it applies at most once (a guarded UPDATE ... WHERE finished_at IS NULL,
+    a status transition): a try whose commit reached the database but whose answer was lost must find its work
+    done on the next try and say so, not do it again. A failed try rolled back entirely (one transaction)."""
+    if attempts < 1:
+        raise ValueError("write_once needs at least one attempt")
+    for number in range(attempts):
+        try:
+            return _mapped(functools.partial(_in_transaction, factory, fn))
+        except DatabaseUnavailable:
+            if number + 1 >= attempts:
+                raise
+            time.sleep(WRITE_BACKOFF_S[min(number, len(WRITE_BACKOFF_S) - 1)])
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def write_once(
+    factory: sessionmaker[Session], fn: Callable[[Session], T], *, attempts: int = WRITE_ATTEMPTS
+) -> T:
+    """`write_once_sync` on the database executor."""
+    return await run_db(write_once_sync, factory, fn, attempts=attempts)
 
 
 async def finish_even_if_cancelled(future: Future[T], cleanup: Callable[[T], Any]) -> T:

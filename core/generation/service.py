@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -63,10 +64,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.errors import Billing, BudgetExceeded, ErrorClass, InvalidInput, ProviderError
+from common.errors import Billing, BudgetExceeded, DatabaseUnavailable, ErrorClass, InvalidInput, ProviderError
 from core.authz import authorize
 from core.generation import breaker, budgets, limits, records, usage
-from core.generation.dbexec import in_transaction, run_db, submit
+from core.generation.dbexec import in_transaction, run_db, submit, write_once_sync
 from core.generation.degrade import Degradation, SoftBudgetOver, degrade
 from core.generation.models import (
     Adjustment,
@@ -308,6 +309,19 @@ class _Begun:
     reservation: budgets.Reservation | None
     soft_over: tuple[SoftBudgetOver, ...]
     started_at: datetime
+
+
+@dataclass(frozen=True)
+class _Where:
+    """One attempt: what it ran at and how far into the request it is."""
+
+    candidate: Candidate
+    adapter: ProviderAdapter
+    begun: _Begun
+    attempt_no: int
+    position: int
+    owner: str
+    config: breaker.BreakerConfig
 
 
 @dataclass
@@ -720,31 +734,23 @@ class _Run:
             await self.progress(ProgressUpdate(event.kind.value, describe_event(event), provider, attempt_no, event))
 
         started = time.monotonic()
-        where_to = (candidate, adapter, begun, attempt_no, position, owner, config)
+        at = _Where(candidate, adapter, begun, attempt_no, position, owner, config)
         try:
             result = await adapter.generate(request, on_event=on_event, on_request_id=on_request_id)
         except ProviderError as error:
-            return await self._end_failed(*where_to, error, started)
+            return await self._end_failed(at, error, started)
         except asyncio.CancelledError:
-            await self._end_cancelled(*where_to, started, request_id)
+            await self._end_cancelled(at, started, request_id)
             raise
-        return await self._end_succeeded(*where_to, result)
+        return await self._end_succeeded(at, result)
 
-    def _record(
-        self,
-        candidate: Candidate,
-        adapter: ProviderAdapter,
-        begun: _Begun,
-        attempt_no: int,
-        position: int,
-        outcome: usage.AttemptOutcome,
-        request_id: str | None,
-    ) -> AttemptRecord:
+    def _record(self, where: _Where, outcome: usage.AttemptOutcome, request_id: str | None) -> AttemptRecord:
+        candidate = where.candidate
         return AttemptRecord(
-            attempt_no=attempt_no,
+            attempt_no=where.attempt_no,
             provider=candidate.provider,
-            fallback_position=position,
-            mode=adapter.mode.value,
+            fallback_position=where.position,
+            mode=where.adapter.mode.value,
             status=outcome.status,
             error_class=outcome.error_class,
             error_message=outcome.error_message,
@@ -760,22 +766,24 @@ class _Run:
             run_ms=outcome.run_ms,
             download_ms=outcome.download_ms,
             total_ms=outcome.total_ms,
-            started_at=begun.started_at,
+            started_at=where.begun.started_at,
             finished_at=utcnow(),
         )
 
-    def _final_cost(self, record: AttemptRecord) -> int | None:
-        """Every attempt's actual cost; None while one of them is unknown (reconciled later)."""
-        total = 0
-        for a in [*self.attempts, record]:
+    def _final_cost(self, settlement: Settlement) -> int | None:
+        """Every attempt's actual cost, this one's included; None while one of them is unknown (reconciled
+        later)."""
+        if settlement.billing is Billing.UNKNOWN:
+            return None
+        total = settlement.actual_micro_usd or 0
+        for a in self.attempts:
             if a.billing == Billing.UNKNOWN.value:
                 return None
             total += a.actual_micro_usd or 0
         return total
 
-    def _settle(
-        self, candidate: Candidate, adapter: ProviderAdapter, billing: Billing, units: Decimal | None
-    ) -> Settlement:
+    def _settle(self, where: _Where, billing: Billing, units: Decimal | None) -> Settlement:
+        candidate = where.candidate
         assert candidate.prepared.price is not None  # candidates are priced by construction
         return actual_cost(
             price=candidate.prepared.price.price,
@@ -783,7 +791,7 @@ class _Run:
             billed_units=units,
             estimated_micro_usd=candidate.estimate_micro_usd,
             params=candidate.request.params,
-            mode=adapter.mode.value,
+            mode=where.adapter.mode.value,
         )
 
     def _end_transaction(
@@ -793,12 +801,12 @@ class _Run:
         settlement: Settlement,
         outcome: usage.AttemptOutcome,
         breaker_call: Callable[[Session], object],
-        *,
-        images: list[usage.ImageRecord] | None = None,
-        finish: dict[str, Any] | None = None,
+        images: list[usage.ImageRecord] | None,
+        finish: dict[str, Any] | None,
     ) -> None:
         """The attempt's end, one transaction, in the lock order every writer keeps: budget periods (settle),
-        the attempt and its rollup, images, the generation, the breaker last."""
+        the attempt and its rollup, images, the generation, the breaker last. Applies at most once: the
+        attempt's guarded finish decides, and a finish that finds it done rolls everything back."""
         if begun.reservation is not None:
             budgets.settle(session, begun.reservation, settlement.actual_micro_usd or 0, settlement.billing)
         if not usage.finish_attempt(session, begun.attempt_id, outcome):
@@ -809,18 +817,71 @@ class _Run:
             usage.finish_generation(session, self.generation_id, **finish)
         breaker_call(session)
 
-    async def _end_succeeded(
+    def _write_end(self, fn: Callable[[Session], None], attempt_no: int) -> None:
+        """On a database thread: the end's transaction, retried while the database is unavailable (it applies
+        at most once: a retry after a commit whose answer was lost finds the attempt finished)."""
+        try:
+            write_once_sync(self.factory, fn)
+        except _AlreadyFinished:
+            log.warning("attempt %s of %s was already finished (by recovery, or by a lost commit's retry)",
+                        attempt_no, self.generation_id)  # fmt: skip
+
+    async def _commit_attempt_end(
         self,
-        candidate: Candidate,
-        adapter: ProviderAdapter,
-        begun: _Begun,
-        attempt_no: int,
-        position: int,
-        owner: str,
-        config: breaker.BreakerConfig,
-        result: ProviderResult,
-    ) -> _AttemptEnd:
-        settlement = self._settle(candidate, adapter, Billing.BILLED, result.billed_units)
+        where: _Where,
+        outcome: usage.AttemptOutcome,
+        settlement: Settlement,
+        request_id: str | None,
+        breaker_call: Callable[[Session], object],
+        *,
+        images: list[usage.ImageRecord] | None = None,
+        finish: dict[str, Any] | None = None,
+        cancelling: bool = False,
+    ) -> AttemptRecord:
+        """Write an attempt's end (settle, finish with its rollup, images, the generation, the breaker) in one
+        transaction, on a database thread that finishes it even when this task is cancelled meanwhile.
+
+        The database unavailable even after the retries: the end is not written, and nothing else may be
+        (a fallback would be admitted against a budget that still holds this attempt's reservation, and this
+        attempt's billing fact is known only here). The request stops with `DatabaseUnavailable`; its lease is
+        no longer renewed, so `imagegate recover` (or the worker) takes the generation over when the lease
+        expires, collects the attempt by its request id and settles it once. `cancelling`: the caller is
+        already cancelled; a failure is logged and the cancellation goes on."""
+        record = self._record(where, outcome, request_id)
+        fn = functools.partial(
+            self._end_transaction,
+            begun=where.begun,
+            settlement=settlement,
+            outcome=outcome,
+            breaker_call=breaker_call,
+            images=images,
+            finish=finish,
+        )
+        future = submit(self._write_end, fn, where.attempt_no)
+        try:
+            await asyncio.shield(asyncio.wrap_future(future))
+        except asyncio.CancelledError:
+            if not cancelling:
+                raise  # the write goes on in its thread
+        except DatabaseUnavailable as error:
+            log.error(
+                "the end of attempt %s of generation %s could not be written (%s); the generation is left for "
+                "recovery once its lease expires",
+                where.attempt_no,
+                self.generation_id,
+                error,
+            )
+            if not cancelling:
+                raise DatabaseUnavailable(
+                    f"the end of attempt {where.attempt_no} at {where.candidate.provider} could not be written "
+                    f"({error}); generation {self.generation_id} is left for recovery: `imagegate recover` (or "
+                    "the worker) settles it once its lease expires"
+                ) from error
+        self.attempts.append(record)
+        return record
+
+    async def _end_succeeded(self, where: _Where, result: ProviderResult) -> _AttemptEnd:
+        settlement = self._settle(where, Billing.BILLED, result.billed_units)
         images = [
             usage.ImageRecord(i.sha256, i.format, i.width, i.height, i.size_bytes, result.seed) for i in result.images
         ]
@@ -839,45 +900,26 @@ class _Run:
             total_ms=_ms(t.total_s),
             image_refs=[i.ref for i in images],
         )
-        record = self._record(candidate, adapter, begun, attempt_no, position, outcome, result.provider_request_id)
         finish = {
             "status": GenerationStatus.SUCCEEDED.value,
-            "final_provider": candidate.provider,
-            "final_cost_micro_usd": self._final_cost(record),
+            "final_provider": where.candidate.provider,
+            "final_cost_micro_usd": self._final_cost(settlement),
             "degraded": self.degraded,
         }
-        provider = candidate.provider
-        try:
-            await in_transaction(
-                self.factory,
-                lambda session: self._end_transaction(
-                    session,
-                    begun,
-                    settlement,
-                    outcome,
-                    lambda s: breaker.record_success(s, provider, owner, config=config),
-                    images=images,
-                    finish=finish,
-                ),
-            )
-        except _AlreadyFinished:
-            log.warning("attempt %s of %s was finished by recovery first", attempt_no, self.generation_id)
-        self.attempts.append(record)
+        provider, owner, config = where.candidate.provider, where.owner, where.config
+        record = await self._commit_attempt_end(
+            where,
+            outcome,
+            settlement,
+            result.provider_request_id,
+            lambda s: breaker.record_success(s, provider, owner, config=config),
+            images=images,
+            finish=finish,
+        )
         return _AttemptEnd(record, result=result)
 
-    async def _end_failed(
-        self,
-        candidate: Candidate,
-        adapter: ProviderAdapter,
-        begun: _Begun,
-        attempt_no: int,
-        position: int,
-        owner: str,
-        config: breaker.BreakerConfig,
-        error: ProviderError,
-        started: float,
-    ) -> _AttemptEnd:
-        settlement = self._settle(candidate, adapter, error.billing, error.billed_units)
+    async def _end_failed(self, where: _Where, error: ProviderError, started: float) -> _AttemptEnd:
+        settlement = self._settle(where, error.billing, error.billed_units)
         outcome = usage.AttemptOutcome(
             status="cancelled" if error.error_class is ErrorClass.CANCELLED else "failed",
             billing=settlement.billing,
@@ -887,42 +929,23 @@ class _Run:
             error_message=error.message,
             total_ms=_ms(time.monotonic() - started),
         )
-        record = self._record(candidate, adapter, begun, attempt_no, position, outcome, error.provider_request_id)
-        provider = candidate.provider
-        try:
-            await in_transaction(
-                self.factory,
-                lambda session: self._end_transaction(
-                    session,
-                    begun,
-                    settlement,
-                    outcome,
-                    lambda s: breaker.record_failure(s, provider, error, owner, config=config),
-                ),
-            )
-        except _AlreadyFinished:
-            log.warning("attempt %s of %s was finished by recovery first", attempt_no, self.generation_id)
-        self.attempts.append(record)
+        provider, owner, config = where.candidate.provider, where.owner, where.config
+        record = await self._commit_attempt_end(
+            where,
+            outcome,
+            settlement,
+            error.provider_request_id,
+            lambda s: breaker.record_failure(s, provider, error, owner, config=config),
+        )
         await self.progress(
-            ProgressUpdate("failed", f"{error.error_class.value}: {error.message}", provider, attempt_no)
+            ProgressUpdate("failed", f"{error.error_class.value}: {error.message}", provider, where.attempt_no)
         )
         return _AttemptEnd(record, error=error)
 
-    async def _end_cancelled(
-        self,
-        candidate: Candidate,
-        adapter: ProviderAdapter,
-        begun: _Begun,
-        attempt_no: int,
-        position: int,
-        owner: str,
-        config: breaker.BreakerConfig,
-        started: float,
-        request_id: list[str],
-    ) -> None:
+    async def _end_cancelled(self, where: _Where, started: float, request_id: list[str]) -> None:
         """The caller cancelled mid-attempt: the provider may have run it (billing unknown, held), so the end is
         written before the cancellation goes on, whatever happens to this task meanwhile."""
-        settlement = self._settle(candidate, adapter, Billing.UNKNOWN, None)
+        settlement = self._settle(where, Billing.UNKNOWN, None)
         outcome = usage.AttemptOutcome(
             status="cancelled",
             billing=settlement.billing,
@@ -931,44 +954,30 @@ class _Run:
             error_message="the request was cancelled by its caller while this attempt ran",
             total_ms=_ms(time.monotonic() - started),
         )
-        record = self._record(
-            candidate, adapter, begun, attempt_no, position, outcome, request_id[-1] if request_id else None
-        )
         finish = {
             "status": GenerationStatus.CANCELLED.value,
             "final_provider": None,
-            "final_cost_micro_usd": self._final_cost(record),
+            "final_cost_micro_usd": self._final_cost(settlement),
             "error_class": ErrorClass.CANCELLED.value,
             "error_message": outcome.error_message,
             "degraded": self.degraded,
         }
+        provider, owner, config = where.candidate.provider, where.owner, where.config
         cancelled = ProviderError(
-            ErrorClass.CANCELLED, outcome.error_message or "", provider=candidate.provider, billing=settlement.billing
+            ErrorClass.CANCELLED, outcome.error_message or "", provider=provider, billing=settlement.billing
         )
-        provider = candidate.provider
-
-        def write() -> None:
-            with contextlib.suppress(_AlreadyFinished):
-                with_factory_transaction(
-                    self.factory,
-                    lambda session: self._end_transaction(
-                        session,
-                        begun,
-                        settlement,
-                        outcome,
-                        lambda s: breaker.record_failure(s, provider, cancelled, owner, config=config),
-                        finish=finish,
-                    ),
-                )
-
-        future = submit(write)
         try:
-            await asyncio.shield(asyncio.wrap_future(future))
-        except asyncio.CancelledError:
-            pass  # cancelled again: the write still runs to its end in its thread
+            await self._commit_attempt_end(
+                where,
+                outcome,
+                settlement,
+                request_id[-1] if request_id else None,
+                lambda s: breaker.record_failure(s, provider, cancelled, owner, config=config),
+                finish=finish,
+                cancelling=True,
+            )
         except Exception:
-            log.exception("could not record the cancelled attempt %s of %s", attempt_no, self.generation_id)
-        self.attempts.append(record)
+            log.exception("could not record the cancelled attempt %s of %s", where.attempt_no, self.generation_id)
 
     # -- the end --
 
@@ -1088,13 +1097,6 @@ class _BreakerRefused(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-def with_factory_transaction(factory: sessionmaker[Session], fn: Callable[[Session], Any]) -> Any:
-    from db.engine import transaction
-
-    with transaction(factory) as session:
-        return fn(session)
 
 
 # --- the entry points --------------------------------------------------------------------------------------------
