@@ -1,0 +1,142 @@
+"""POST /api/generate, GET /api/generations/{id}, GET /api/images/{id}: waiting and queued jobs, idempotent
+retries, who may see what, and every refusal as problem details."""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import func, select
+
+from db.models import Generation, GenerationJob, Role, UsageAttempt
+from tests.api.conftest import Api
+
+PROBLEM = "application/problem+json"
+
+
+def test_a_waiting_request_returns_the_images_cost_and_attempts(api: Api) -> None:
+    token = api.token_for("ann")
+    answer = api.client.post(
+        "/api/generate",
+        json={"prompt": "a red fox", "provider": "sandbox", "params": {"seed": 7}},
+        headers=api.auth(token),
+    )
+    assert answer.status_code == 200, answer.text
+    job = answer.json()
+    assert job["status"] == "succeeded" and job["generation_id"] and job["error"] is None
+    generation = job["generation"]
+    assert generation["provider"] == "sandbox" and generation["seed"] == 7
+    assert generation["attempts"][0]["status"] == "succeeded" and "cost" in generation
+    assert "path" not in str(generation)  # server paths never leave the server
+    [image] = job["images"]
+    picture = api.client.get(image["url"], headers=api.auth(token))
+    assert picture.status_code == 200 and picture.headers["content-type"] == image["media_type"]
+    assert picture.content[:8] == b"\x89PNG\r\n\x1a\n" and len(picture.content) == image["size_bytes"]
+    again = api.client.get(f"/api/generations/{job['id']}", headers=api.auth(token))
+    assert again.status_code == 200 and again.json()["images"] == job["images"]
+
+
+def test_a_queued_request_is_accepted_at_once_and_finished_by_the_worker(api: Api) -> None:
+    token = api.token_for("ann")
+    answer = api.client.post(
+        "/api/generate", json={"prompt": "a red fox", "provider": "sandbox", "wait": False}, headers=api.auth(token)
+    )
+    assert answer.status_code == 202, answer.text
+    job_id = answer.json()["id"]
+    assert answer.headers["location"] == f"/api/generations/{job_id}"
+    deadline = time.monotonic() + 30
+    while True:
+        state = api.client.get(f"/api/generations/{job_id}", headers=api.auth(token)).json()
+        if state["status"] in ("succeeded", "failed") or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert state["status"] == "succeeded" and len(state["images"]) == 1
+
+
+def test_a_retry_with_the_same_idempotency_key_returns_the_first_job(api: Api) -> None:
+    token = api.token_for("ann")
+    headers = {**api.auth(token), "Idempotency-Key": "order-42"}
+    body = {"prompt": "a red fox", "provider": "sandbox"}
+    first = api.client.post("/api/generate", json=body, headers=headers)
+    second = api.client.post("/api/generate", json=body, headers=headers)
+    assert first.status_code == second.status_code == 200
+    assert first.json()["id"] == second.json()["id"]
+    with api.factory() as session:
+        assert session.scalar(select(func.count()).select_from(GenerationJob)) == 1
+        assert session.scalar(select(func.count()).select_from(Generation)) == 1
+        assert session.scalar(select(func.count()).select_from(UsageAttempt)) == 1
+    reused = api.client.post("/api/generate", json={**body, "prompt": "a blue fox"}, headers=headers)
+    assert reused.status_code == 422 and reused.headers["content-type"] == PROBLEM
+    assert reused.json()["errors"] == [{"field": "idempotency_key", "detail": "already used for a different request"}]
+
+
+def test_only_the_owner_and_staff_see_a_job_and_its_images(api: Api) -> None:
+    ann, bob = api.token_for("ann"), api.token_for("bob")
+    hero = api.token_for("hera", Role.HERO)
+    job = api.client.post(
+        "/api/generate", json={"prompt": "a fox", "provider": "sandbox"}, headers=api.auth(ann)
+    ).json()
+    url = job["images"][0]["url"]
+    for path in (f"/api/generations/{job['id']}", url):
+        assert api.client.get(path, headers=api.auth(hero)).status_code == 200
+        refused = api.client.get(path, headers=api.auth(bob))
+        assert refused.status_code == 404 and refused.headers["content-type"] == PROBLEM
+
+
+def test_requests_without_a_usable_token_get_401_with_a_challenge(api: Api) -> None:
+    body = {"prompt": "a fox", "provider": "sandbox"}
+    for headers in ({}, {"Authorization": "Bearer igt_" + "x" * 43}, {"Authorization": "Basic abc"}):
+        answer = api.client.post("/api/generate", json=body, headers=headers)
+        assert answer.status_code == 401 and answer.headers["content-type"] == PROBLEM
+        assert answer.headers["www-authenticate"].startswith("Bearer")
+        assert answer.json()["type"] == "urn:imagegate:problem:unauthenticated"
+
+
+def test_invalid_requests_are_problems_with_a_field_per_error(api: Api) -> None:
+    token = api.token_for("ann")
+    wrong = api.client.post(
+        "/api/generate",
+        json={"prompt": "a fox", "provider": "fal-qwen", "params": {"guidance_scale": 99}},
+        headers=api.auth(token),
+    )
+    assert wrong.status_code == 422 and wrong.headers["content-type"] == PROBLEM
+    assert "guidance_scale" in wrong.json()["detail"]
+    malformed = api.client.post("/api/generate", json={"prompt": 5, "bogus": 1}, headers=api.auth(token))
+    assert malformed.status_code == 422
+    fields = {e["field"] for e in malformed.json()["errors"]}
+    assert {"prompt", "bogus"} <= fields
+    not_json = api.client.post(
+        "/api/generate", content=b"{not json", headers={**api.auth(token), "Content-Type": "application/json"}
+    )
+    assert not_json.status_code == 422 and not_json.headers["content-type"] == PROBLEM
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(api: Api) -> None:
+    token = api.token_for("ann")
+    huge = api.client.post("/api/generate", json={"prompt": "x" * 20_000}, headers=api.auth(token))
+    assert huge.status_code == 413 and huge.headers["content-type"] == PROBLEM
+
+    def chunks():  # no Content-Length: counted as it streams
+        for _ in range(40):
+            yield b" " * 1024
+
+    streamed = api.client.post(
+        "/api/generate", content=chunks(), headers={**api.auth(token), "Content-Type": "application/json"}
+    )
+    assert streamed.status_code == 413
+
+
+def test_unknown_routes_and_methods_are_problems_too(api: Api) -> None:
+    missing = api.client.get("/api/nothing-here")
+    assert missing.status_code == 404 and missing.headers["content-type"] == PROBLEM
+    wrong_method = api.client.delete("/api/generate")
+    assert wrong_method.status_code == 405 and wrong_method.headers["content-type"] == PROBLEM
+
+
+def test_health_says_whether_the_database_answers_and_each_provider_state(api: Api) -> None:
+    assert api.client.get("/api/health/live").json() == {"status": "ok"}
+    ready = api.client.get("/api/health")
+    assert ready.status_code == 200
+    body = ready.json()
+    assert body["database"] == "ok"
+    states = {p["provider"]: p for p in body["providers"]}
+    assert states["sandbox"]["mode"] == "sandbox" and states["fal-qwen"]["status"] == "not_configured"
