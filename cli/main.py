@@ -23,6 +23,7 @@ import typer
 from sqlalchemy.exc import SQLAlchemyError
 from typer.core import TyperGroup
 
+from cli.api import api as api_command
 from cli.tokens import tokens_app
 from common.config import disable_telemetry
 from common.errors import (
@@ -118,6 +119,7 @@ usage_app = typer.Typer(help="Usage and spend from the daily rollups.", no_args_
 app.add_typer(budgets_app, name="budgets")
 app.add_typer(usage_app, name="usage")
 app.add_typer(tokens_app, name="tokens")
+app.command("api")(api_command)
 
 
 def _cli_actor() -> Actor:
