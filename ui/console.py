@@ -41,6 +41,9 @@ class PageSpec:
 # gets is a link to it. Every page also checks its user itself (`state.require_user`).
 PAGES = (
     PageSpec("settings", str(ROOT / "pages" / "settings.py"), "Settings", ":material/tune:", state.STAFF),
+    PageSpec("providers", str(ROOT / "pages" / "providers.py"), "Providers", ":material/dns:", state.STAFF),
+    PageSpec("users", str(ROOT / "pages" / "users.py"), "Users", ":material/group:", frozenset({Role.ADMIN})),
+    PageSpec("audit", str(ROOT / "pages" / "audit.py"), "Audit log", ":material/history:", state.STAFF),
     PageSpec("account", str(ROOT / "pages" / "account.py"), "Account", ":material/person:", frozenset(Role)),
     PageSpec("playground", str(ROOT / "pages" / "playground.py"), "Playground", ":material/brush:", frozenset(Role)),
 )
