@@ -1,0 +1,109 @@
+"""Worker processes for the alert races (spawned: they import this module, never the test module).
+
+Each process has its own engine and several threads with a session each. Per trial, every thread starts at once
+(a barrier across processes, then an event across threads), adds its share of spend to the trial's period (one
+atomic UPDATE, as settlement does) unless the parent already filled it, then runs a detection pass, and reports
+the alert ids its pass created (or the error it met).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.spend import alerts
+from db.engine import make_engine, session_factory, transaction
+from db.models import AlertEvent, BudgetPeriod
+
+NOW = datetime(2026, 3, 14, 12, 0, tzinfo=UTC)
+BARRIER_TIMEOUT_S = 90
+
+
+def _run_threads(count: int, work: Callable[[int], Any]) -> list[Any]:
+    results: list[Any] = [None] * count
+    go = threading.Event()
+
+    def run(i: int) -> None:
+        go.wait()
+        results[i] = work(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    go.set()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def naive_detect(session: Session, period_id: int, thresholds: tuple[int, ...]) -> list[int]:
+    """Check whether the alert exists, then insert it (no ON CONFLICT): the way this design replaces. Two
+    processes that both find nothing both insert, and the unique index fails the later pass."""
+    created: list[int] = []
+    for threshold in thresholds:
+        key = f"budget:{period_id}:{threshold}"
+        if session.scalar(select(AlertEvent.id).where(AlertEvent.dedupe_key == key)) is not None:
+            continue
+        time.sleep(0.05)  # any work between the check and the insert
+        event = AlertEvent(kind="budget_threshold", dedupe_key=key, title=key, fired_at=NOW)
+        session.add(event)
+        session.flush()
+        created.append(event.id)
+    return created
+
+
+def race(
+    url: str,
+    trials: int,
+    threads: int,
+    shares: tuple[int, ...],
+    naive: bool,
+    start: Barrier,
+    done: Barrier,
+    out: Queue[Any],
+) -> None:
+    """In trial t each thread adds `shares[t]` micro-dollars to the trial's period (0: the parent filled it),
+    then detects."""
+    factory: sessionmaker[Session] = session_factory(
+        make_engine(url, pool_size=threads, max_overflow=0, pool_timeout=120)
+    )
+    pid = os.getpid()
+
+    def work(share: int, _thread: int) -> dict[str, Any]:
+        try:
+            with factory() as session:
+                period_id = int(session.scalar(select(func.max(BudgetPeriod.id))) or 0)
+            if share:
+                with transaction(factory) as session:
+                    session.execute(
+                        update(BudgetPeriod)
+                        .where(BudgetPeriod.id == period_id)
+                        .values(spent_micro_usd=BudgetPeriod.spent_micro_usd + share)
+                        .execution_options(synchronize_session=False)
+                    )
+            with transaction(factory) as session:
+                if naive:
+                    created = naive_detect(session, period_id, alerts.DEFAULT_THRESHOLDS)
+                else:
+                    created = alerts.detect_budget_alerts(session, NOW)
+            return {"created": created, "error": None}
+        except Exception as error:  # reported to the parent, which asserts on it
+            return {"created": [], "error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
+
+    for trial in range(trials):
+        start.wait(BARRIER_TIMEOUT_S)
+        began = time.perf_counter()
+        results = _run_threads(threads, functools.partial(work, shares[trial]))
+        out.put({"trial": trial, "pid": pid, "results": results, "seconds": time.perf_counter() - began})
+        done.wait(BARRIER_TIMEOUT_S)
+    factory.kw["bind"].dispose()

@@ -1,0 +1,124 @@
+"""Budget threshold alerts fire once per (period, threshold) when several PROCESSES see the crossing at once,
+on SQLite and PostgreSQL; and each webhook gets one delivery per alert.
+
+Two shapes per trial, alternating: every thread of every process finds the period already full and races to
+fire the same three alerts; or every thread adds its share of spend (the crossings happen during the race) and
+detects right after. A naive check-then-insert in the same harness fails passes with unique violations."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections import Counter
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.spend import alerts
+from db.engine import transaction
+from db.models import AlertEvent, BudgetPeriod, SpendMode, Webhook, WebhookDelivery
+from tests.core.spend import alert_racers
+from tests.core.spend.alert_racers import NOW
+from tests.core.spend.test_alerts import make_budget
+
+PROCESSES = 3
+THREADS = 4
+TRIALS = 8
+LIMIT = 1_200_000
+SHARE = LIMIT // (PROCESSES * THREADS)  # every writer's share: together exactly the limit
+JOIN_TIMEOUT_S = 120
+Factory = sessionmaker[Session]
+SPAWN = multiprocessing.get_context("spawn")
+
+
+def _new_period(factory: Factory, trial: int, prefilled: bool) -> int:
+    budget_id = make_budget(factory, f"trial {trial}", LIMIT)
+    with transaction(factory) as session:
+        row = BudgetPeriod(
+            budget_id=budget_id,
+            mode=SpendMode.LIVE,
+            period_start=NOW.replace(day=1, hour=0),
+            period_end=NOW.replace(month=4, day=1, hour=0),
+            spent_micro_usd=LIMIT if prefilled else 0,
+            reserved_micro_usd=0,
+        )
+        session.add(row)
+        session.flush()
+        return row.id
+
+
+def _race(db_url: str, factory: Factory, *, naive: bool = False, trials: int = TRIALS) -> list[dict[str, Any]]:
+    start, done = SPAWN.Barrier(PROCESSES + 1), SPAWN.Barrier(PROCESSES + 1)
+    queue = SPAWN.Queue()
+    shares = [0 if trial % 2 == 0 else SHARE for trial in range(trials)]
+    facts: list[dict[str, Any]] = []
+    processes = [
+        SPAWN.Process(
+            target=alert_racers.race, args=(db_url, trials, THREADS, tuple(shares), naive, start, done, queue)
+        )
+        for _ in range(PROCESSES)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        for trial in range(trials):
+            period_id = _new_period(factory, trial, prefilled=shares[trial] == 0)
+            start.wait(alert_racers.BARRIER_TIMEOUT_S)
+            reports = [queue.get(timeout=JOIN_TIMEOUT_S) for _ in range(PROCESSES)]
+            results = [r for report in reports for r in report["results"]]
+            with factory() as session:
+                keys = Counter(
+                    session.scalars(
+                        select(AlertEvent.dedupe_key).where(AlertEvent.dedupe_key.like(f"budget:{period_id}:%"))
+                    )
+                )
+                spent = session.scalar(select(BudgetPeriod.spent_micro_usd).where(BudgetPeriod.id == period_id))
+            facts.append({"period_id": period_id, "results": results, "keys": keys, "spent": spent})
+            done.wait(alert_racers.BARRIER_TIMEOUT_S)
+    except BaseException:
+        start.abort()
+        done.abort()
+        raise
+    finally:
+        for process in processes:
+            process.join(JOIN_TIMEOUT_S)
+            if process.exitcode is None:
+                process.kill()
+    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
+    return facts
+
+
+def _backend(db_url: str) -> str:
+    return "postgresql" if db_url.startswith("postgresql") else "sqlite"
+
+
+def test_thresholds_fire_once_per_period_across_processes(db_url: str, db_session_factory: Factory) -> None:
+    with transaction(db_session_factory) as session:
+        session.add(Webhook(name="ops", url="https://hooks.example.com/x", events=[], signing_secret="s"))
+    began = time.monotonic()
+    facts = _race(db_url, db_session_factory)
+    for trial, fact in enumerate(facts):
+        where = f"[{_backend(db_url)} trial {trial} {'prefilled' if trial % 2 == 0 else 'crossing'}]"
+        errors = [r["error"] for r in fact["results"] if r["error"]]
+        assert errors == [], f"{where} {errors}"
+        created = [i for r in fact["results"] for i in r["created"]]
+        pid = fact["period_id"]
+        assert fact["spent"] == LIMIT, where
+        assert fact["keys"] == Counter({f"budget:{pid}:50": 1, f"budget:{pid}:80": 1, f"budget:{pid}:100": 1}), where
+        assert len(created) == len(set(created)) == 3, f"{where} {created}"  # each alert reported by ONE pass
+    with db_session_factory() as session:
+        per_event = Counter(session.scalars(select(WebhookDelivery.alert_event_id)))
+        assert len(per_event) == 3 * TRIALS and set(per_event.values()) == {1}  # one delivery per alert
+        assert session.scalar(select(func.count()).select_from(AlertEvent)) == 3 * TRIALS
+    assert alerts.detect_alerts(db_session_factory, NOW) == 0
+    seconds = time.monotonic() - began
+    print(f"[{_backend(db_url)}] {TRIALS} trials x {PROCESSES} processes x {THREADS} threads: {seconds:.1f} s")
+
+
+def test_a_naive_check_then_insert_fails_passes_in_the_same_race(db_url: str, db_session_factory: Factory) -> None:
+    facts = _race(db_url, db_session_factory, naive=True, trials=2)
+    errors = [r["error"] for fact in facts for r in fact["results"] if r["error"]]
+    assert errors and all("IntegrityError" in e for e in errors), errors
+    for fact in facts:  # the unique index still keeps one row per key: what saves it is the database
+        assert set(fact["keys"].values()) == {1}
