@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from typer.core import TyperGroup
 
 from cli.api import api as api_command
+from cli.spend import alerts_app, webhooks_app
 from cli.tokens import tokens_app
 from common.config import disable_telemetry
 from common.errors import (
@@ -118,6 +119,8 @@ budgets_app = typer.Typer(
 usage_app = typer.Typer(help="Usage and spend from the daily rollups.", no_args_is_help=True)
 app.add_typer(budgets_app, name="budgets")
 app.add_typer(usage_app, name="usage")
+app.add_typer(alerts_app, name="alerts")
+app.add_typer(webhooks_app, name="webhooks")
 app.add_typer(tokens_app, name="tokens")
 app.command("api")(api_command)
 
