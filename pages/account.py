@@ -9,6 +9,7 @@ from core.security import Role
 from core.users import change_own_password
 from db.engine import transaction
 from ui import state
+from ui.tokens_panel import token_panel
 
 user = state.require_user()
 
@@ -40,3 +41,7 @@ if submitted:
             st.error(str(exc))
         else:
             st.success("Password changed.")
+
+st.subheader("API tokens")
+st.caption("For the REST API: a token acts as you, with your role or a lesser one, until it expires or you revoke it.")
+token_panel(user, user, key="own")

@@ -135,3 +135,26 @@ def test_admin_manages_anyones_api_tokens(console_db: sessionmaker[Session], mon
     rerun(at)
     with pytest.raises(api_tokens.TokenRefused), transaction(console_db) as session:
         api_tokens.authenticate_token(session, secret)
+
+
+def test_every_user_manages_their_own_tokens_on_the_account_page(
+    console_db: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with transaction(console_db) as session:  # someone else's token, which bob must not see
+        api_tokens.create_token(session, actor(console_db, "alice"), _user(console_db, "hero").id, "hero's")
+    at = open_as(monkeypatch, console_db, "bob", "account")
+    assert titles(at)[0] == "Your account"
+    assert any("bob has no API tokens" in c.value for c in at.caption)
+    assert [str(o) for o in at.selectbox(key="tr-own").options] == ["USER"]
+    at.text_input(key="tn-own").input("my laptop")
+    _button(at, "Create token").click()  # type: ignore[attr-defined]
+    rerun(at)
+    (secret,) = [c.value for c in at.code]
+    with transaction(console_db) as session:
+        assert api_tokens.authenticate_token(session, secret).role is Role.USER
+    rerun(at)
+    assert not at.code
+    assert at.dataframe[0].value["name"].tolist() == ["my laptop"]
+    _button(at, "Revoke").click()  # type: ignore[attr-defined]
+    rerun(at)
+    assert at.dataframe[0].value["status"].tolist() == ["revoked"]
