@@ -1074,6 +1074,11 @@ def usage_summary(
         )
 
 
+from cli.reports import register as _register_reports  # noqa: E402 (after app and its helpers exist)
+
+_register_reports(app)
+
+
 def main() -> None:
     app()
 
