@@ -15,7 +15,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from common.errors import ImagegateError
 from common.problems import PROBLEM_TYPE_PREFIX, Problem, problem_for
 
-__all__ = ["PROBLEM_MEDIA_TYPE", "AuthenticationRequired", "install_problem_handlers", "problem_response"]
+__all__ = [
+    "PROBLEM_MEDIA_TYPE",
+    "AuthenticationRequired",
+    "TooManyRequests",
+    "install_problem_handlers",
+    "problem_response",
+]
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +34,16 @@ class AuthenticationRequired(Exception):
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
+
+
+class TooManyRequests(Exception):
+    """A token over its rate limit: 429 with `Retry-After`."""
+
+    def __init__(self, detail: str, retry_after_s: int, limit: int) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after_s = retry_after_s
+        self.limit = limit
 
 
 def problem_response(problem: Problem, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
@@ -77,6 +93,14 @@ async def _on_authentication_required(_: Request, error: Exception) -> JSONRespo
     return problem_response(problem, {"WWW-Authenticate": 'Bearer realm="imagegate"'})
 
 
+async def _on_too_many_requests(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, TooManyRequests)
+    problem = Problem(
+        PROBLEM_TYPE_PREFIX + "rate-limited", "Too many requests", 429, error.detail, {"limit_per_minute": error.limit}
+    )
+    return problem_response(problem, {"Retry-After": str(error.retry_after_s)})
+
+
 async def _on_unexpected(_: Request, error: Exception) -> JSONResponse:
     log.exception("unexpected error answering a request", exc_info=error)
     return problem_response(problem_for(error))
@@ -84,6 +108,7 @@ async def _on_unexpected(_: Request, error: Exception) -> JSONResponse:
 
 def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AuthenticationRequired, _on_authentication_required)
+    app.add_exception_handler(TooManyRequests, _on_too_many_requests)
     app.add_exception_handler(ImagegateError, _on_imagegate_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)

@@ -18,9 +18,8 @@ stored so a person can tell tokens apart. Audit rows name the token by id, name 
 `last_used_at` is written at most once a minute per token (a guarded UPDATE), so a busy client does not turn
 every API read into a write.
 
-Note for the REST API: `core.authz.authorize` reads the account's stored role and does not look at
-`Actor.role`; an endpoint serving a token must compare `actor.role` (the capped role returned here) with the
-roles it needs before calling core, or a HERO-scoped token of an ADMIN could do what the ADMIN may.
+The token's role travels as `Actor.role_cap`, which `core.authz.authorize` applies to the role it reads from the
+database at every change: a HERO-scoped token of an ADMIN is a HERO in core, whatever the endpoint checks.
 """
 
 from __future__ import annotations
@@ -44,8 +43,10 @@ __all__ = [
     "MAX_LIFETIME_DAYS",
     "TOKEN_PREFIX",
     "CreatedToken",
+    "TokenGrant",
     "TokenRefused",
     "TokenView",
+    "authenticate_request",
     "authenticate_token",
     "capped_role",
     "create_token",
@@ -257,7 +258,22 @@ def revoke_token(session: Session, actor: Actor, token_id: int, *, now: datetime
     return _view(token, user)
 
 
+@dataclass(frozen=True)
+class TokenGrant:
+    """What a request's bearer token grants: the actor, and the token itself for rate limiting."""
+
+    actor: Actor
+    token_id: int
+    rate_limit_per_minute: int | None
+    """The token's own limit; None: the installation's default."""
+
+
 def authenticate_token(session: Session, raw: str, *, now: datetime | None = None) -> Actor:
+    """`authenticate_request(...).actor`."""
+    return authenticate_request(session, raw, now=now).actor
+
+
+def authenticate_request(session: Session, raw: str, *, now: datetime | None = None) -> TokenGrant:
     """The actor a REST request acts as, from its bearer token; TokenRefused unless the token exists, is not
     revoked or expired, and its user is active. The actor's role is the token's, capped by the user's current
     role. Notes the use in `last_used_at` (at most once a minute)."""
@@ -289,4 +305,5 @@ def authenticate_token(session: Session, raw: str, *, now: datetime | None = Non
         .execution_options(synchronize_session=False)
     )
     # role_cap: core.authz applies the token's role at every change, against the user's role as it is then.
-    return Actor(user_id=user.id, username=user.username, role=capped_role(token.role, user.role), role_cap=token.role)
+    actor = Actor(user_id=user.id, username=user.username, role=capped_role(token.role, user.role), role_cap=token.role)
+    return TokenGrant(actor, token.id, token.rate_limit_per_minute)

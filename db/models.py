@@ -217,6 +217,17 @@ class ApiToken(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
+class ApiRateWindow(Base):
+    """Requests per API token per minute, counted by one upsert that returns the new count: the limit holds
+    across every API process on the database. Old windows are deleted by the worker."""
+
+    __tablename__ = "api_rate_windows"
+
+    token_id: Mapped[int] = mapped_column(ForeignKey("api_tokens.id"), primary_key=True)
+    window_start: Mapped[datetime] = mapped_column(primary_key=True)
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+
+
 class ConsoleSession(Base):
     """A signed-in console browser, kept across reloads by a cookie that holds a random token.
 

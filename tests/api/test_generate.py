@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from sqlalchemy import func, select
 
 from db.models import Generation, GenerationJob, Role, UsageAttempt
@@ -140,3 +141,15 @@ def test_health_says_whether_the_database_answers_and_each_provider_state(api: A
     assert body["database"] == "ok"
     states = {p["provider"]: p for p in body["providers"]}
     assert states["sandbox"]["mode"] == "sandbox" and states["fal-qwen"]["status"] == "not_configured"
+
+
+def test_a_token_over_its_rate_limit_gets_429_with_retry_after(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGEGATE_API_RATE_LIMIT", "3")
+    token = api.token_for("ann")
+    answers = [api.client.get("/api/generations/none", headers=api.auth(token)) for _ in range(4)]
+    assert [a.status_code for a in answers] == [404, 404, 404, 429]
+    refused = answers[-1]
+    assert refused.headers["content-type"] == PROBLEM and 1 <= int(refused.headers["retry-after"]) <= 60
+    assert refused.json()["limit_per_minute"] == 3
+    other = api.token_for("bob")  # limits are per token
+    assert api.client.get("/api/generations/none", headers=api.auth(other)).status_code == 404
