@@ -42,6 +42,8 @@ class DraftCheck:
     settings: ProviderSettings | None
     effective: EffectiveParams | None
     one_image: CostEstimate | None
+    request_cost: CostEstimate | None = None
+    """The cost of a request at these settings (their number of images)."""
     problems: tuple[str, ...] = ()
     changes: tuple[settings_service.FieldChange, ...] = ()
     """What saving the draft would change against the stored current version."""
@@ -109,12 +111,14 @@ def check_draft(session: Session, provider: str, draft: Mapping[str, Any]) -> Dr
     except InvalidInput as exc:
         return DraftCheck(provider, {f"params.{k}": v for k, v in exc.field_errors.items()}, None, None, None)
     one_image: CostEstimate | None = None
+    request_cost: CostEstimate | None = None
     price = price_store.active_price(session, provider)
     if price is None:
         problems.append("no price in force: estimates are impossible (an unpriced provider is never free)")
     elif effective is not None:
         try:
             one_image = estimate_cost(price.price, provider_id=provider, params={**effective.values(), "num_images": 1})
+            request_cost = estimate_cost(price.price, provider_id=provider, params=effective.values())
         except ValueError as exc:
             problems.append(f"cannot price these settings: {exc}")
     try:
@@ -124,7 +128,7 @@ def check_draft(session: Session, provider: str, draft: Mapping[str, Any]) -> Dr
     except (InvalidInput, NotFound):  # none stored yet (or deleted): everything saved is new
         stored = None
     changes = tuple(settings_service.diff_settings(stored, settings_service.settings_json(settings)))
-    return DraftCheck(provider, {}, settings, effective, one_image, tuple(problems), changes)
+    return DraftCheck(provider, {}, settings, effective, one_image, request_cost, tuple(problems), changes)
 
 
 def check_global_draft(draft: Mapping[str, Any]) -> tuple[GlobalSettings | None, dict[str, str]]:

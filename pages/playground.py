@@ -173,7 +173,7 @@ with state.db_session() as session:
         slots["preset"] = b.empty()
         size = a.text_input("Image size", key="pg.size", placeholder="square_hd, 16:9 or 1024x768; empty: default")
         slots["image_size"] = a.empty()
-        count = b.number_input("Images", min_value=1, max_value=8, value=1, step=1, key="pg.count")
+        count = b.slider("Images", min_value=1, max_value=8, value=1, step=1, key="pg.count")
         slots["num_images"] = b.empty()
         seed_text = a.text_input("Seed", key="pg.seed", placeholder="empty: random")
         slots["seed"] = a.empty()

@@ -48,6 +48,21 @@ def _write(action: Any, *args: Any, **kwargs: Any) -> Any:
         return None
 
 
+def _loaded(form: str, current: int, what: str) -> int:
+    """The version a form started from (kept in this session, so someone else's save never wipes what is typed
+    here); when a newer one exists, say so and offer to start again from it."""
+    loaded: int = st.session_state.setdefault(f"{form}.loaded", current)
+    if loaded != current:
+        st.warning(
+            f"Someone saved version {current} of {what} after you started editing version {loaded}: saving this "
+            "form would be refused. Reload to start again from the current version."
+        )
+        if st.button("Reload the form", key=f"{form}.reload"):
+            st.session_state[f"{form}.loaded"] = current
+            st.rerun()
+    return loaded
+
+
 def _when(moment: datetime | None) -> str:
     return "—" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -78,8 +93,9 @@ def _history(kind: str, history: list[settings_service.SettingsVersion], key: st
     versions = [v.version for v in history]
     by_version = {v.version: v for v in history}
     left, right = st.columns(2)
-    older = left.selectbox("Compare version", versions, index=min(1, len(versions) - 1), key=f"{key}.a")
-    newer = right.selectbox("with version", versions, index=0, key=f"{key}.b")
+    latest = f"{key}.{versions[0]}"  # a new version resets the comparison to it and the one before
+    older = left.selectbox("Compare version", versions, index=min(1, len(versions) - 1), key=f"{latest}.a")
+    newer = right.selectbox("with version", versions, index=0, key=f"{latest}.b")
     diff = settings_service.diff_settings(by_version[older].settings, by_version[newer].settings)
     if diff:
         st.dataframe(changes_table(diff, f"version {older}", f"version {newer}"), hide_index=True, width="stretch")
@@ -145,7 +161,8 @@ with state.db_session() as session:
         current = overview.settings or ProviderSettings.defaults(provider)
         version = overview.settings_version or 0
         inherited = inherited_values(session, provider)
-        key = f"ps.{provider}.{version}."  # a new version reloads the form from what was saved
+        loaded = _loaded(f"ps.{provider}", version, "these settings")
+        key = f"ps.{provider}.{loaded}."  # keyed by the version the form started from: it keeps its input
         st.caption(f"{spec.description} Settings version {version or 'none yet (catalog defaults)'}.")
         for problem in overview.problems:
             st.warning(problem)
@@ -224,9 +241,15 @@ with state.db_session() as session:
 
         with preview:
             st.markdown("**Preview: what a request runs with**")
-            st.metric("One image at these settings", check.one_image.formatted if check.one_image else "—")
-            if check.one_image is not None:
-                st.caption(" · ".join(check.one_image.breakdown))
+            one, whole = st.columns(2)
+            one.metric("One image at these settings", check.one_image.formatted if check.one_image else "—")
+            count = check.effective.value_of("num_images") if check.effective is not None else 1
+            whole.metric(
+                f"A request ({count} image{'s' if count != 1 else ''})",
+                check.request_cost.formatted if check.request_cost else "—",
+            )
+            if check.request_cost is not None:
+                st.caption(" · ".join(check.request_cost.breakdown))
             for message in (*unplaced, *check.problems):
                 st.error(message)
             if check.effective is not None:
@@ -245,9 +268,10 @@ with state.db_session() as session:
                     provider,
                     draft,
                     comment=comment or None,
-                    expected_version=version,
+                    expected_version=loaded,
                 )
                 if saved is not None:
+                    st.session_state[f"ps.{provider}.loaded"] = saved.version
                     state.flash(f"Saved {spec.label} settings as version {saved.version}.")
                     st.rerun()
 
@@ -255,13 +279,15 @@ with state.db_session() as session:
         if target is not None:
             rolled = _write(settings_service.rollback_provider_settings, provider, target)
             if rolled is not None:
+                st.session_state[f"ps.{provider}.loaded"] = rolled.version
                 state.flash(f"Rolled {spec.label} back to version {target}: now version {rolled.version}.")
                 st.rerun()
 
     # --- global settings and presets ---------------------------------------------------------------------------
     with global_tab:
         gview = settings_service.get_global_settings(session)
-        gkey = f"gs.{gview.version}."
+        gloaded = _loaded("gs", gview.version, "the global settings")
+        gkey = f"gs.{gloaded}."
         st.caption(
             f"Global settings version {gview.version or 'none yet (built-in defaults)'}. Generation defaults apply "
             "to every provider that has the parameter (clamped to its range); empty means not set."
@@ -325,15 +351,17 @@ with state.db_session() as session:
                 settings_service.save_global_settings,
                 gdraft,
                 comment=gcomment or None,
-                expected_version=gview.version,
+                expected_version=gloaded,
             )
             if gsaved is not None:
+                st.session_state["gs.loaded"] = gsaved.version
                 state.flash(f"Saved the global settings as version {gsaved.version}.")
                 st.rerun()
         gtarget = _history("global", settings_service.global_history(session, limit=50), "gh")
         if gtarget is not None:
             grolled = _write(settings_service.rollback_global_settings, gtarget)
             if grolled is not None:
+                st.session_state["gs.loaded"] = grolled.version
                 state.flash(f"Rolled the global settings back to version {gtarget}: now version {grolled.version}.")
                 st.rerun()
 

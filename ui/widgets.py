@@ -41,7 +41,6 @@ def param_input(spec: ParamSpec, value: Any, key: str, *, help_suffix: str = "")
         and spec.minimum is not None
         and spec.maximum is not None
         and spec.minimum < spec.maximum
-        and spec.name != "num_images"
     ):
         if spec.kind == "int":
             current = (
