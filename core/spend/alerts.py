@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
+from decimal import Decimal
 from enum import StrEnum
 from fractions import Fraction
 from typing import Any
@@ -371,6 +372,11 @@ def _median(values: Sequence[int]) -> Fraction:
     return Fraction(ordered[middle - 1] + ordered[middle], 2)
 
 
+def _exact(value: Fraction) -> str:
+    """A median of whole micro-dollars is whole or ends in .5: shown exactly, as a decimal string."""
+    return str(Decimal(value.numerator) / Decimal(value.denominator))
+
+
 def daily_spend(session: Session, first: date, last: date) -> dict[tuple[date, SpendMode], int]:
     """Actual spend per UTC day and spend mode, from the rollups (one grouped query over their day index)."""
     rows = session.execute(
@@ -427,8 +433,8 @@ def detect_spend_anomalies(
                     "day": today.isoformat(),
                     "spent_today_micro_usd": spent_today,
                     "projected_micro_usd": projected_micro,
-                    "median_micro_usd": str(median),
-                    "usual_micro_usd": str(usual),
+                    "median_micro_usd": _exact(median),
+                    "usual_micro_usd": _exact(usual),
                     "floor_micro_usd": cfg.floor_micro_usd,
                     "factor": cfg.factor,
                     "trailing_days": cfg.trailing_days,

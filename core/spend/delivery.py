@@ -67,6 +67,7 @@ BATCH = 50
 CONCURRENCY = 8
 """Posts in flight at once per pass: one slow receiver does not hold the others up."""
 MAX_ERROR_CHARS = 500
+MAX_ANSWER_BYTES = 1024
 
 D = WebhookDelivery
 
@@ -140,6 +141,7 @@ def _claim(session: Session, delivery_id: int, owner: str, now: datetime) -> _Cl
             D.status == "pending",
             or_(D.next_attempt_at.is_(None), D.next_attempt_at <= now),
             or_(D.lease_expires_at.is_(None), D.lease_expires_at < now),
+            D.webhook_id.in_(select(Webhook.id).where(Webhook.active.is_(True), Webhook.deleted_at.is_(None))),
         )
         .values(lease_owner=owner, lease_expires_at=now + LEASE)
         .returning(D.id)
@@ -214,17 +216,24 @@ async def _post(client: httpx.AsyncClient, claimed: _Claimed) -> _Outcome:
     }
     started = time.perf_counter()
     try:
-        response = await client.post(
-            claimed.url, content=body, headers=headers, timeout=TIMEOUT_S, follow_redirects=False
-        )
-    except httpx.TimeoutException as error:
+        # One bound on the whole exchange (httpx's timeout is per phase), and at most 1 KiB of the answer read.
+        async with asyncio.timeout(TIMEOUT_S):
+            async with client.stream(
+                "POST", claimed.url, content=body, headers=headers, timeout=TIMEOUT_S, follow_redirects=False
+            ) as response:
+                head = b""
+                async for chunk in response.aiter_bytes():
+                    head += chunk
+                    if len(head) >= MAX_ANSWER_BYTES:
+                        break
+    except (TimeoutError, httpx.TimeoutException) as error:
         return _Outcome(False, None, _clip(f"timeout after {TIMEOUT_S:g} s ({type(error).__name__})"), elapsed())
     except httpx.HTTPError as error:
         return _Outcome(False, None, _clip(f"{type(error).__name__}: {error}"), elapsed())
     ms = elapsed()
     if 200 <= response.status_code < 300:
         return _Outcome(True, response.status_code, None, ms)
-    snippet = response.text[:200].strip() if response.content else ""
+    snippet = head[:200].decode("utf-8", "replace").strip()
     error_text = f"HTTP {response.status_code}" + (f": {snippet}" if snippet else "")
     return _Outcome(False, response.status_code, _clip(error_text), ms)
 

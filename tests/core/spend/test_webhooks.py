@@ -360,3 +360,21 @@ async def test_a_worker_loop_fires_once_and_delivers_once(db_session_factory: Fa
     assert [p.answered for p in receiver.posts] == [500, 200]
     with db_session_factory() as session:
         assert session.scalars(select(AlertEvent.delivery_status)).all() == ["delivered"]
+
+
+async def test_a_slow_receiver_is_a_timed_out_attempt(
+    db_session_factory: Factory, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(delivery, "TIMEOUT_S", 0.3)  # the bound on the whole exchange (5 s in production)
+    receiver.delay_s = 1.0
+    create(db_session_factory, receiver)
+    now = utcnow()
+    fire_budget_alert(db_session_factory, now)
+    async with httpx.AsyncClient(trust_env=False) as client:
+        began = asyncio.get_running_loop().time()
+        assert await deliver_due(db_session_factory, client, now) == 1
+        took = asyncio.get_running_loop().time() - began
+    row = delivery_row(db_session_factory)
+    assert row.status == "pending" and row.attempts == 1 and row.response_code is None
+    assert row.last_error is not None and row.last_error.startswith("timeout after 0.3 s")
+    assert row.response_ms is not None and 250 <= row.response_ms < 900 and took < 0.9
