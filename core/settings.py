@@ -292,6 +292,36 @@ def field_errors_from_validation(
     return out
 
 
+def _valid_negative_prompt(value: str | None) -> str | None:
+    """A negative prompt as the global settings and user preferences store it (ValueError when refused)."""
+    if value is None:
+        return None
+    problem = prompt_problem(value, field="negative_prompt", allow_empty=True)
+    if problem is not None:
+        raise ValueError(problem)
+    return value.replace("\r\n", "\n").strip()
+
+
+def _valid_size(value: str | None) -> str | None:
+    """A provider-independent canonical size (checked against a provider only at resolution)."""
+    if value is None:
+        return None
+    try:
+        parse_size(value)
+    except SizeError as exc:
+        raise ValueError(str(exc)) from None
+    return value.strip()
+
+
+def _valid_preset(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return normalize_preset(value)
+    except UnknownPreset as exc:
+        raise ValueError(str(exc)) from None
+
+
 class GlobalSettings(BaseModel):
     """Settings shared by all providers. A generation field left None is not set: the provider's own settings
     or the catalog decide. Ranges here are the widest any provider allows; `resolve_effective` fits a value to
@@ -390,33 +420,17 @@ class GlobalSettings(BaseModel):
     @field_validator("negative_prompt")
     @classmethod
     def _negative_prompt(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        problem = prompt_problem(value, field="negative_prompt", allow_empty=True)
-        if problem is not None:
-            raise ValueError(problem)
-        return value.replace("\r\n", "\n").strip()
+        return _valid_negative_prompt(value)
 
     @field_validator("image_size")
     @classmethod
     def _image_size(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            parse_size(value)
-        except SizeError as exc:
-            raise ValueError(str(exc)) from None
-        return value.strip()
+        return _valid_size(value)
 
     @field_validator("default_preset")
     @classmethod
     def _default_preset(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            return normalize_preset(value)
-        except UnknownPreset as exc:
-            raise ValueError(str(exc)) from None
+        return _valid_preset(value)
 
     def generation_params(self) -> dict[str, Any]:
         """The generation parameters this level sets (canonical names; unset ones left out)."""
@@ -436,35 +450,19 @@ class UserPreferenceValues(BaseModel):
     @field_validator("negative_prompt")
     @classmethod
     def _negative_prompt(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        problem = prompt_problem(value, field="negative_prompt", allow_empty=True)
-        if problem is not None:
-            raise ValueError(problem)
-        return value.replace("\r\n", "\n").strip()
+        return _valid_negative_prompt(value)
 
     @field_validator("image_size")
     @classmethod
     def _image_size(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            parse_size(value)
-        except SizeError as exc:
-            raise ValueError(str(exc)) from None
-        return value.strip()
+        return _valid_size(value)
 
     @field_validator("preset")
     @classmethod
     def _preset(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        if value.strip().lower() in NO_PRESET:
+        if value is not None and value.strip().lower() in NO_PRESET:
             return "none"
-        try:
-            return normalize_preset(value)
-        except UnknownPreset as exc:
-            raise ValueError(str(exc)) from None
+        return _valid_preset(value)
 
     def allowed(self, fields: tuple[str, ...]) -> dict[str, Any]:
         """The values set here that `fields` (what the admins allow) admits."""

@@ -377,29 +377,24 @@ def recommend(session: Session, *, now: datetime | None = None, spend_mode: str 
     usage = _usage(session, start, end, spend_mode)
     ctx = _context(session, moment.date())
     advice: list[Recommendation] = []
+
+    def basis(provider: str) -> Basis:
+        use = usage.get(provider, _Usage(0, 0, 0))
+        return Basis(provider=provider, images=use.images, requests=use.attempts, date_from=start, date_to=end,
+                     spend_mode=spend_mode)  # fmt: skip
+
     for provider in sorted(usage):
         use = usage[provider]
         if provider not in PROVIDERS or use.images <= 0:
             continue
-        basis = Basis(
-            provider=provider,
-            images=use.images,
-            requests=use.attempts,
-            date_from=start,
-            date_to=end,
-            spend_mode=spend_mode,
-        )
         for advise in (_provider_advice, _preset_advice, _size_advice, _steps_advice):
-            found = advise(ctx, provider, use, basis)
+            found = advise(ctx, provider, use, basis(provider))
             if found is not None:
                 advice.append(found)
     for provider in sorted(ctx.prices):
         if spend_mode != "live":
             break  # tiers count live units only
-        use = usage.get(provider, _Usage(0, 0, 0))
-        basis = Basis(provider=provider, images=use.images, requests=use.attempts, date_from=start, date_to=end,
-                      spend_mode=spend_mode)  # fmt: skip
-        found = _tier_advice(session, ctx, provider, moment, basis)
+        found = _tier_advice(session, ctx, provider, moment, basis(provider))
         if found is not None:
             advice.append(found)
     advice.sort(key=lambda r: (-r.monthly_saving_micro_usd, r.id))
