@@ -16,7 +16,7 @@ from common.errors import AccountLocked, InvalidInput, PermissionDenied
 from core.security import Role
 from core.setup_code import setup_code_matches
 from core.users import authenticate, create_first_admin, needs_first_admin
-from ui import session_routes, state
+from ui import oidc_sign_in, session_routes, state
 
 # A local image: an icon name like ":material/image:" makes the browser fetch the favicon from Google's font
 # server, and the console must never need the internet.
@@ -97,6 +97,7 @@ def sign_in_form(page: str) -> None:
         submitted = st.form_submit_button("Sign in", type="primary")
     if not session_routes.served():
         st.caption("Started without its session routes (`streamlit run app.py` has them): a reload signs you out.")
+    oidc_sign_in.offer(page, _landing)
     if not submitted:
         return
     try:
