@@ -11,10 +11,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import routes_generate, routes_health
+from api import metrics, routes_generate, routes_health
 from api.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
+from api.metrics import HttpMetrics
 from api.problems import install_problem_handlers
 from api.runner import JobRunner
 from core.generation.service import AdapterFactory
@@ -54,6 +56,9 @@ def create_app(
     )
     install_problem_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.state.http_registry = CollectorRegistry()  # this process's own: Prometheus scrapes each replica
+    app.add_middleware(HttpMetrics, registry=app.state.http_registry)
     app.include_router(routes_generate.router)
     app.include_router(routes_health.router)
+    app.include_router(metrics.router)
     return app

@@ -153,3 +153,22 @@ def test_a_token_over_its_rate_limit_gets_429_with_retry_after(api: Api, monkeyp
     assert refused.json()["limit_per_minute"] == 3
     other = api.token_for("bob")  # limits are per token
     assert api.client.get("/api/generations/none", headers=api.auth(other)).status_code == 404
+
+
+def test_metrics_are_for_staff_and_count_requests_spend_breakers_and_jobs(api: Api) -> None:
+    user, hero = api.token_for("ann"), api.token_for("hera", Role.HERO)
+    made = api.client.post("/api/generate", json={"prompt": "a fox", "provider": "fal-qwen"}, headers=api.auth(user))
+    assert made.status_code == 200
+    cost = made.json()["generation"]["cost"]["actual_micro_usd"]
+    assert cost > 0  # fal-qwen's would-be cost, run by the sandbox: simulated spend
+    assert api.client.get("/metrics", headers=api.auth(user)).status_code == 403
+    scraped = api.client.get("/metrics", headers=api.auth(hero))
+    assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
+    text = scraped.text
+    assert 'imagegate_http_requests_total{method="POST",route="/api/generate",status="200"} 1.0' in text
+    assert 'imagegate_http_request_duration_seconds_bucket{le="+Inf",method="POST",route="/api/generate"} 1.0' in text
+    assert 'imagegate_jobs{status="succeeded"} 1.0' in text
+    assert 'imagegate_breaker_state{provider="fal-qwen"} 0.0' in text
+    assert f'imagegate_spend_usd{{mode="simulated",period="day",provider="fal-qwen"}} {cost / 1e6}' in text
+    assert 'imagegate_spend_usd{mode="live"' not in text  # nothing live was spent
+    assert "/api/generations/" not in text  # route templates only, never raw paths
