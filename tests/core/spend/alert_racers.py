@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
@@ -24,26 +22,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.spend import alerts
 from db.engine import make_engine, session_factory, transaction
 from db.models import AlertEvent, BudgetPeriod
+from tests.core.generation.breaker_racers import _run_threads  # one harness for every racer
 
 NOW = datetime(2026, 3, 14, 12, 0, tzinfo=UTC)
 BARRIER_TIMEOUT_S = 90
-
-
-def _run_threads(count: int, work: Callable[[int], Any]) -> list[Any]:
-    results: list[Any] = [None] * count
-    go = threading.Event()
-
-    def run(i: int) -> None:
-        go.wait()
-        results[i] = work(i)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    go.set()
-    for thread in threads:
-        thread.join()
-    return results
 
 
 def naive_detect(session: Session, period_id: int, thresholds: tuple[int, ...]) -> list[int]:
