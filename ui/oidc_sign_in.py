@@ -8,6 +8,7 @@ of the console, Streamlit's identity cookie is still there, and signing out must
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,6 +38,11 @@ def providers() -> list[str | None]:
     return named or ([None] if "server_metadata_url" in section or "client_id" in section else [])
 
 
+def _authlib_available() -> bool:
+    """st.login needs Authlib (`streamlit[auth]`)."""
+    return importlib.util.find_spec("authlib") is not None
+
+
 def _claims() -> Mapping[str, Any] | None:
     """The identity Streamlit holds for this browser, or None."""
     if not st.user.is_logged_in:
@@ -50,6 +56,9 @@ def offer(page: str, landing: Callable[[str, Role], str]) -> None:
     if not names:
         return
     st.divider()
+    if not _authlib_available():
+        st.warning("Single sign-on is configured in secrets, but Authlib is missing: `pip install 'streamlit[auth]'`.")
+        return
     claims = _claims()
     if claims is None:
         for name in names:

@@ -26,6 +26,7 @@ def _signed_out(monkeypatch: pytest.MonkeyPatch, claims: Mapping[str, Any] | Non
     monkeypatch.setattr(state, "session_cookie", lambda: None)
     monkeypatch.setattr(oidc_sign_in, "providers", lambda: [None] if configured else [])
     monkeypatch.setattr(oidc_sign_in, "_claims", lambda: claims)
+    monkeypatch.setattr(oidc_sign_in, "_authlib_available", lambda: True)
     at = AppTest.from_file(APP, default_timeout=60)
     return rerun(at)
 
