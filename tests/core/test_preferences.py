@@ -143,3 +143,41 @@ def test_the_resolver_places_them_between_provider_and_preset() -> None:
         overrides=None, prompt="a fox", user_preferences=UserPreferenceValues(preset="none"),
     )  # fmt: skip
     assert no_preset.preset is None
+
+
+def test_concurrent_saves_from_one_version_let_exactly_one_through(people: People) -> None:
+    """Eight sessions save from version 1 at once: one wins (version 2), the others get Conflict, none is lost
+    silently. Threads, each with its own connection, on both databases."""
+    import threading
+
+    factory, alice, _, _ = people
+    assert alice.user_id is not None
+    user_id = alice.user_id
+    with transaction(factory) as s:
+        save_preferences(s, alice, user_id, {"preset": "fast"}, expected_version=0)
+    barrier = threading.Barrier(8)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def save(size: str) -> None:
+        barrier.wait()
+        try:
+            with transaction(factory) as s:
+                save_preferences(s, alice, user_id, {"image_size": size}, expected_version=1)
+            result = size
+        except Conflict:
+            result = "conflict"
+        with lock:
+            outcomes.append(result)
+
+    sizes = [f"{64 * (i + 8)}x{64 * (i + 8)}" for i in range(8)]
+    threads = [threading.Thread(target=save, args=(size,)) for size in sizes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [o for o in outcomes if o != "conflict"]
+    assert len(outcomes) == 8 and len(winners) == 1
+    with factory() as s:
+        final = get_preferences(s, alice, user_id)
+    assert final.version == 2 and final.values.image_size == winners[0]
