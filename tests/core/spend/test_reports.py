@@ -148,3 +148,12 @@ def test_cost_per_image_rounds_half_up_once() -> None:
     assert cost_per_image_micros(10, 4) == 3  # 2.5 -> 3
     assert cost_per_image_micros(390_000, 14) == 27_857
     assert cost_per_image_micros(5, 0) is None
+
+
+def test_the_target_stays_out_of_the_stored_form_at_its_default() -> None:
+    from core.settings import GlobalSettings
+    from core.settings_service import settings_json
+
+    stored = settings_json(GlobalSettings())
+    assert "target_cost_per_image_usd" not in stored and "user_preference_fields" not in stored
+    assert settings_json(GlobalSettings(target_cost_per_image_usd="0.0500"))["target_cost_per_image_usd"] == "0.05"
