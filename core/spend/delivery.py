@@ -41,7 +41,15 @@ from common.errors import ImagegateError
 from core.generation.dbexec import run_db
 from core.generation.periods import as_utc
 from core.spend.alerts import AnomalyConfig, detect_alerts
-from core.spend.webhooks import check_address, check_url, lock_event, resolve_secret, sign, summarise_event
+from core.spend.webhooks import (
+    check_address,
+    check_url,
+    fail_pending,
+    lock_event,
+    resolve_secret,
+    sign,
+    summarise_event,
+)
 from db.engine import transaction
 from db.models import Webhook, WebhookDelivery, utcnow
 
@@ -164,7 +172,23 @@ def _claim(session: Session, delivery_id: int, owner: str, now: datetime) -> _Cl
     )
 
 
+def _close_orphans(factory: sessionmaker[Session]) -> None:
+    """Fail pending deliveries of webhooks that are disabled or deleted. Disabling fails them itself; this
+    catches an alert that fired while the webhook was being disabled (it saw the webhook still active)."""
+    with factory() as session:
+        stopped = session.scalars(
+            select(D.webhook_id)
+            .join(Webhook, Webhook.id == D.webhook_id)
+            .where(D.status == "pending", or_(Webhook.active.is_(False), Webhook.deleted_at.is_not(None)))
+            .distinct()
+        ).all()
+    for webhook_id in stopped:
+        with transaction(factory) as session:
+            fail_pending(session, int(webhook_id), "the webhook was disabled or deleted before this delivery")
+
+
 def _claim_due(factory: sessionmaker[Session], owner: str, now: datetime, limit: int) -> list[_Claimed]:
+    _close_orphans(factory)
     with factory() as session:
         ids = _due(session, now, limit)
     claimed: list[_Claimed] = []

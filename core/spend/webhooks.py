@@ -66,6 +66,7 @@ __all__ = [
     "create_webhook",
     "delete_webhook",
     "display_url",
+    "fail_pending",
     "list_deliveries",
     "list_webhooks",
     "resolve_secret",
@@ -341,7 +342,7 @@ def _editable(session: Session, webhook_id: int) -> Webhook:
     return row
 
 
-def _fail_pending(session: Session, webhook_id: int, reason: str) -> None:
+def fail_pending(session: Session, webhook_id: int, reason: str) -> None:
     """Close the webhook's pending deliveries as failed (it will not be called), and re-summarise their alerts.
     The alerts are locked first, in id order, as a delivery worker locks an alert before its delivery."""
     pending = session.scalars(
@@ -372,7 +373,7 @@ def set_active(session: Session, actor: Actor, webhook_id: int, active: bool) ->
     row.active = active
     session.flush()
     if not active:
-        _fail_pending(session, row.id, "the webhook was disabled before this delivery succeeded")
+        fail_pending(session, row.id, "the webhook was disabled before this delivery succeeded")
     audit.record(
         session,
         who,
@@ -395,7 +396,7 @@ def delete_webhook(session: Session, actor: Actor, webhook_id: int) -> WebhookVi
     row.active = False
     row.signing_secret = None
     session.flush()
-    _fail_pending(session, row.id, "the webhook was deleted before this delivery succeeded")
+    fail_pending(session, row.id, "the webhook was deleted before this delivery succeeded")
     audit.record(session, who, "webhook.deleted", "webhook", str(row.id), before=before)
     return _view(row)
 

@@ -378,3 +378,19 @@ async def test_a_slow_receiver_is_a_timed_out_attempt(
     assert row.status == "pending" and row.attempts == 1 and row.response_code is None
     assert row.last_error is not None and row.last_error.startswith("timeout after 0.3 s")
     assert row.response_ms is not None and 250 <= row.response_ms < 900 and took < 0.9
+
+
+async def test_a_delivery_queued_for_a_webhook_disabled_meanwhile_is_failed_not_left_pending(
+    db_session_factory: Factory, receiver: Receiver
+) -> None:
+    webhook_id = create(db_session_factory, receiver)
+    event_id = fire_budget_alert(db_session_factory, utcnow())
+    with transaction(db_session_factory) as session:  # disabled behind the alert's back (raced with its fan-out)
+        row = session.get(Webhook, webhook_id)
+        assert row is not None
+        row.active = False
+    async with httpx.AsyncClient(trust_env=False) as client:
+        assert await deliver_due(db_session_factory, client) == 0
+    failed = delivery_row(db_session_factory)
+    assert failed.status == "failed" and failed.last_error is not None and "disabled or deleted" in failed.last_error
+    assert event_status(db_session_factory, event_id) == "failed" and receiver.posts == []
