@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import metrics, routes_generate, routes_health
+from api import metrics, routes_admin, routes_generate, routes_health
 from api.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
 from api.metrics import HttpMetrics
 from api.problems import install_problem_handlers
@@ -60,5 +60,6 @@ def create_app(
     app.add_middleware(HttpMetrics, registry=app.state.http_registry)
     app.include_router(routes_generate.router)
     app.include_router(routes_health.router)
+    app.include_router(routes_admin.router)
     app.include_router(metrics.router)
     return app
