@@ -142,7 +142,8 @@ def _estimate_panel(found: Estimate) -> None:
     refused = found.refused_by
     if refused is not None:
         st.warning(
-            f"{refused.name} has {format_usd(refused.left_micro_usd)} left: this request would be refused there."
+            f"{refused.name} has {format_usd(refused.left_micro_usd)} left: it refuses this request on "
+            f"{found.provider}; with fallback on, the next provider of the route may take it."
         )
     if found.route:
         with st.expander("Route"):
@@ -177,6 +178,9 @@ with state.db_session() as session:
         slots["num_images"] = b.empty()
         seed_text = a.text_input("Seed", key="pg.seed", placeholder="empty: random")
         slots["seed"] = a.empty()
+        fallback = b.toggle(
+            "Fall back to other providers", value=True, key="pg.fallback", help="Off: only the route's first runs."
+        )
 
     params: dict[str, Any] = {"num_images": int(count)}
     if size.strip():
@@ -191,6 +195,7 @@ with state.db_session() as session:
         policy=None if named or not choice else choice,
         preset=preset or None,
         params=params,
+        allow_fallback=None if fallback else False,
     )
     found = estimate(session, base, user_id=user.id)
     errors: Mapping[str, str] = {key.rsplit(".", 1)[-1]: message for key, message in found.field_errors.items()}
