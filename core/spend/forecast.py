@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from common.errors import InvalidInput
 from core.generation.budgets import BudgetView, current_figures, get_budget, list_budgets
 from core.generation.periods import as_utc
 from core.money import round_half_up_micros
@@ -98,12 +99,21 @@ def daily_rate(session: Session, budget: BudgetView, now: datetime, mode: SpendM
     return Fraction(int(total or 0), days), days
 
 
+def _spend_mode(mode: SpendMode | str) -> SpendMode:
+    try:
+        return SpendMode(mode)
+    except ValueError:
+        raise InvalidInput(
+            f"the spend mode is live or simulated, not {mode!r}", {"mode": "live or simulated"}
+        ) from None
+
+
 def forecast_budget(
     session: Session, budget_id: int, *, now: datetime | None = None, mode: SpendMode | str = SpendMode.LIVE
 ) -> BudgetForecast:
     """The forecast the Budgets page shows beside a budget (see the module docstring for the method)."""
     moment = as_utc(now or utcnow())
-    spend_mode = SpendMode(mode)
+    spend_mode = _spend_mode(mode)
     budget = get_budget(session, budget_id)
     figures = current_figures(session, budget_id, spend_mode, now=moment)
     committed = figures.spent_micro_usd + figures.reserved_micro_usd
@@ -147,4 +157,5 @@ def forecast_budgets(
 ) -> list[BudgetForecast]:
     """A forecast for every active budget, in id order."""
     moment = as_utc(now or utcnow())
+    _spend_mode(mode)
     return [forecast_budget(session, b.id, now=moment, mode=mode) for b in list_budgets(session) if b.active]

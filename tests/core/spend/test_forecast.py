@@ -108,3 +108,10 @@ def test_no_history_projects_what_is_committed(db_session_factory: sessionmaker[
         forecast = forecast_budget(s, budget_id, now=NOW)
     assert forecast.rate_days == 0 and forecast.daily_rate_micro_usd == 0
     assert forecast.projected_micro_usd == 9 * USD and forecast.runs_out_at is None
+
+
+def test_a_wrong_mode_is_invalid_input(db_session_factory: sessionmaker[Session]) -> None:
+    from common.errors import InvalidInput
+
+    with db_session_factory() as s, pytest.raises(InvalidInput):
+        forecast_budgets(s, now=NOW, mode="both")
