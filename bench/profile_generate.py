@@ -43,7 +43,7 @@ def _inline_executor() -> None:
             future.set_exception(error)
         return future
 
-    dbexec.submit = submit  # type: ignore[assignment]
+    dbexec.submit = submit
 
 
 def _count_statements(engine: Any) -> collections.Counter[str]:
