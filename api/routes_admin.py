@@ -9,7 +9,7 @@ from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from sqlalchemy.orm import Session, sessionmaker
@@ -31,6 +31,8 @@ T = TypeVar("T")
 Who = Annotated[Actor, Depends(acting_account)]
 Sessions = Annotated[sessionmaker[Session], Depends(sessions)]
 STAFF = (Role.ADMIN, Role.HERO)
+RowId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+ProviderId = Annotated[str, Path(min_length=1, max_length=64)]
 _JSON: TypeAdapter[Any] = TypeAdapter(Any)
 
 
@@ -99,7 +101,7 @@ async def list_provider_settings(actor: Who, factory: Sessions) -> list[dict[str
 
 
 @router.get("/provider-settings/{provider}")
-async def get_provider_settings(provider: str, actor: Who, factory: Sessions) -> dict[str, Any]:
+async def get_provider_settings(provider: ProviderId, actor: Who, factory: Sessions) -> dict[str, Any]:
     def read(session: Session) -> dict[str, Any]:
         _staff(session, actor, "read provider settings")
         return _settings_out(settings_service.get_provider_settings(session, provider))
@@ -108,7 +110,7 @@ async def get_provider_settings(provider: str, actor: Who, factory: Sessions) ->
 
 
 @router.get("/provider-settings/{provider}/versions")
-async def provider_settings_versions(provider: str, actor: Who, factory: Sessions) -> list[dict[str, Any]]:
+async def provider_settings_versions(provider: ProviderId, actor: Who, factory: Sessions) -> list[dict[str, Any]]:
     def read(session: Session) -> list[dict[str, Any]]:
         _staff(session, actor, "read provider settings")
         return [_json(v) for v in settings_service.provider_history(session, provider)]
@@ -132,7 +134,9 @@ async def create_provider_settings(body: NewSettingsBody, actor: Who, factory: S
 
 
 @router.put("/provider-settings/{provider}")
-async def replace_provider_settings(provider: str, body: SettingsBody, actor: Who, factory: Sessions) -> dict[str, Any]:
+async def replace_provider_settings(
+    provider: ProviderId, body: SettingsBody, actor: Who, factory: Sessions
+) -> dict[str, Any]:
     """Save a new version of a provider's settings (validated as in the console; the change is audited)."""
 
     def write(session: Session) -> dict[str, Any]:
@@ -146,7 +150,7 @@ async def replace_provider_settings(provider: str, body: SettingsBody, actor: Wh
 
 @router.delete("/provider-settings/{provider}")
 async def delete_provider_settings(
-    provider: str, actor: Who, factory: Sessions, comment: Annotated[str | None, Query(max_length=500)] = None
+    provider: ProviderId, actor: Who, factory: Sessions, comment: Annotated[str | None, Query(max_length=500)] = None
 ) -> dict[str, Any]:
     """Remove a provider's configuration (its history stays; a rollback restores it)."""
 
@@ -278,7 +282,7 @@ async def create_budget(body: BudgetBody, actor: Who, factory: Sessions) -> dict
 
 
 @router.put("/budgets/{budget_id}")
-async def change_budget(budget_id: int, body: BudgetChange, actor: Who, factory: Sessions) -> dict[str, Any]:
+async def change_budget(budget_id: RowId, body: BudgetChange, actor: Who, factory: Sessions) -> dict[str, Any]:
     def write(session: Session) -> dict[str, Any]:
         view = budgets.update_budget(session, actor, budget_id, **body.model_dump(exclude_none=True))
         return _budget_out(session, view)
@@ -287,24 +291,24 @@ async def change_budget(budget_id: int, body: BudgetChange, actor: Who, factory:
 
 
 @router.delete("/budgets/{budget_id}")
-async def delete_budget(budget_id: int, actor: Who, factory: Sessions) -> dict[str, Any]:
+async def delete_budget(budget_id: RowId, actor: Who, factory: Sessions) -> dict[str, Any]:
     """Soft delete: the budget stops applying; its periods and the ledger stay."""
     return await _write(factory, lambda session: _json(budgets.delete_budget(session, actor, budget_id)))
 
 
 @router.post("/budgets/{budget_id}/reset")
 async def reset_budget_period(
-    budget_id: int,
+    budget_id: RowId,
     actor: Who,
     factory: Sessions,
-    mode: Annotated[str, Query(max_length=16, description="live | simulated")] = "live",
+    mode: budgets.SpendMode = budgets.SpendMode.LIVE,
 ) -> dict[str, Any]:
     """Start the current period afresh; the closed period keeps its figures in the history."""
     return await _write(factory, lambda session: _json(budgets.reset_period(session, actor, budget_id, mode)))
 
 
 @router.put("/budgets/{budget_id}/thresholds")
-async def set_budget_thresholds(budget_id: int, body: ThresholdsBody, actor: Who, factory: Sessions) -> list[int]:
+async def set_budget_thresholds(budget_id: RowId, body: ThresholdsBody, actor: Who, factory: Sessions) -> list[int]:
     return await _write(
         factory, lambda session: list(alerts.set_thresholds(session, actor, budget_id, body.thresholds))
     )
@@ -340,7 +344,7 @@ async def list_alerts(
     actor: Who,
     factory: Sessions,
     unread: bool = False,
-    kind: Annotated[str | None, Query(max_length=32)] = None,
+    kind: alerts.AlertKind | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> list[dict[str, Any]]:
     """Alerts this account may see, newest first, each saying whether this account has read it."""
@@ -374,17 +378,17 @@ async def create_webhook(body: WebhookBody, actor: Who, factory: Sessions) -> di
 
 
 @router.put("/webhooks/{webhook_id}")
-async def change_webhook(webhook_id: int, body: WebhookChange, actor: Who, factory: Sessions) -> dict[str, Any]:
+async def change_webhook(webhook_id: RowId, body: WebhookChange, actor: Who, factory: Sessions) -> dict[str, Any]:
     return await _write(factory, lambda session: _json(webhooks.set_active(session, actor, webhook_id, body.active)))
 
 
 @router.delete("/webhooks/{webhook_id}")
-async def delete_webhook(webhook_id: int, actor: Who, factory: Sessions) -> dict[str, Any]:
+async def delete_webhook(webhook_id: RowId, actor: Who, factory: Sessions) -> dict[str, Any]:
     return await _write(factory, lambda session: _json(webhooks.delete_webhook(session, actor, webhook_id)))
 
 
 @router.post("/webhooks/{webhook_id}/test", status_code=202)
-async def send_test_webhook(webhook_id: int, actor: Who, factory: Sessions) -> JSONResponse:
+async def send_test_webhook(webhook_id: RowId, actor: Who, factory: Sessions) -> JSONResponse:
     """Queue a signed test delivery (the worker posts it; see the delivery log)."""
     delivery = await _write(factory, lambda session: webhooks.send_test(session, actor, webhook_id))
     return JSONResponse({"delivery_id": delivery}, status_code=202)

@@ -24,7 +24,9 @@ from core.security import Actor
 router = APIRouter(prefix="/api", tags=["generation"])
 
 PROBLEM = {"content": {PROBLEM_MEDIA_TYPE: {}}, "description": "problem details (RFC 9457)"}
-ERRORS: dict[int | str, dict[str, Any]] = {401: PROBLEM, 403: PROBLEM, 422: PROBLEM}
+ERRORS: dict[int | str, dict[str, Any]] = {status: PROBLEM for status in (401, 403, 413, 422, 429, 503)}
+"""What any authenticated route may answer besides its success: no token, not allowed, body too large, invalid,
+rate limited, database unavailable."""
 POLL_S = 0.05
 
 
@@ -105,7 +107,12 @@ def _finished_response(out: JobOut) -> Response:
     "/generate",
     response_model=JobOut,
     status_code=200,
-    responses={202: {"model": JobOut, "description": "accepted: poll GET /api/generations/{id}"}, **ERRORS},
+    responses={
+        202: {"model": JobOut, "description": "accepted: poll GET /api/generations/{id}"},
+        402: PROBLEM,
+        502: PROBLEM,
+        **ERRORS,
+    },
 )
 async def post_generate(
     body: GenerateBody,
