@@ -1,11 +1,12 @@
 """Webhook delivery: run by the worker, never on a generation's path, so a slow receiver delays nobody.
 
 One `webhook_deliveries` row per alert per webhook (made when the alert fires) or per "send test". A pass
-(`deliver_due`) finds due rows and CLAIMS each with one guarded statement,
+(`deliver_due`) CLAIMS a batch of due rows with one guarded statement,
 
     UPDATE webhook_deliveries SET lease_owner = :me, lease_expires_at = :now + 60 s
-    WHERE id = :id AND status = 'pending' AND next_attempt_at <= :now
-      AND (lease_expires_at IS NULL OR lease_expires_at < :now)
+    WHERE id IN (SELECT id ... due, not leased ... LIMIT :n FOR UPDATE SKIP LOCKED)   -- PostgreSQL's lock
+      AND status = 'pending' AND next_attempt_at <= :now
+      AND (lease_expires_at IS NULL OR lease_expires_at < :now) AND <its webhook is active>
 
 committed before anything is posted: however many workers run, one of them holds a delivery at a time, and a
 worker that dies mid-post leaves a lease that runs out (the delivery is then posted again: receivers dedupe on
@@ -124,52 +125,54 @@ class PassReport:
     errors: list[str] = field(default_factory=list)
 
 
-def _due(session: Session, now: datetime, limit: int) -> list[int]:
-    query = (
+def _claimable(now: datetime) -> tuple[Any, ...]:
+    """What makes a delivery claimable at `now`: pending, due, not leased (or its lease ran out), its webhook on."""
+    return (
+        D.status == "pending",
+        or_(D.next_attempt_at.is_(None), D.next_attempt_at <= now),
+        or_(D.lease_expires_at.is_(None), D.lease_expires_at < now),
+        D.webhook_id.in_(select(Webhook.id).where(Webhook.active.is_(True), Webhook.deleted_at.is_(None))),
+    )
+
+
+def _claim(session: Session, owner: str, now: datetime, limit: int) -> list[_Claimed]:
+    """Lease up to `limit` due deliveries to `owner` in ONE statement. PostgreSQL: the candidates are locked
+    FOR UPDATE SKIP LOCKED, so concurrent workers take disjoint batches without waiting or deadlocking; SQLite:
+    the statement runs under the database's write lock. The outer WHERE re-checks every condition on the row
+    as it is when updated, so a row another worker leased in between is not taken twice."""
+    candidates = (
         select(D.id)
-        .join(Webhook, Webhook.id == D.webhook_id)
-        .where(
-            D.status == "pending",
-            or_(D.next_attempt_at.is_(None), D.next_attempt_at <= now),
-            or_(D.lease_expires_at.is_(None), D.lease_expires_at < now),
-            Webhook.active.is_(True),
-            Webhook.deleted_at.is_(None),
-        )
+        .where(*_claimable(now))
         .order_by(D.next_attempt_at, D.id)
         .limit(limit)
+        .with_for_update(skip_locked=True)
     )
-    return [int(i) for i in session.scalars(query)]
-
-
-def _claim(session: Session, delivery_id: int, owner: str, now: datetime) -> _Claimed | None:
-    taken = session.execute(
+    taken = session.scalars(
         update(D)
-        .where(
-            D.id == delivery_id,
-            D.status == "pending",
-            or_(D.next_attempt_at.is_(None), D.next_attempt_at <= now),
-            or_(D.lease_expires_at.is_(None), D.lease_expires_at < now),
-            D.webhook_id.in_(select(Webhook.id).where(Webhook.active.is_(True), Webhook.deleted_at.is_(None))),
-        )
+        .where(D.id.in_(candidates), *_claimable(now))
         .values(lease_owner=owner, lease_expires_at=now + LEASE)
         .returning(D.id)
         .execution_options(synchronize_session=False)
-    ).first()
-    if taken is None:
-        return None
-    row = session.execute(select(D, Webhook).join(Webhook, Webhook.id == D.webhook_id).where(D.id == delivery_id)).one()
-    delivery, webhook = row
-    return _Claimed(
-        id=delivery.id,
-        webhook_id=webhook.id,
-        alert_event_id=delivery.alert_event_id,
-        event_type=delivery.event_type,
-        payload=dict(delivery.payload),
-        attempts=delivery.attempts,
-        url=webhook.url,
-        secret_env_var=webhook.secret_env_var,
-        signing_secret=webhook.signing_secret,
-    )
+    ).all()
+    if not taken:
+        return []
+    rows = session.execute(
+        select(D, Webhook).join(Webhook, Webhook.id == D.webhook_id).where(D.id.in_(taken)).order_by(D.id)
+    ).all()
+    return [
+        _Claimed(
+            id=delivery.id,
+            webhook_id=webhook.id,
+            alert_event_id=delivery.alert_event_id,
+            event_type=delivery.event_type,
+            payload=dict(delivery.payload),
+            attempts=delivery.attempts,
+            url=webhook.url,
+            secret_env_var=webhook.secret_env_var,
+            signing_secret=webhook.signing_secret,
+        )
+        for delivery, webhook in rows
+    ]
 
 
 def _close_orphans(factory: sessionmaker[Session]) -> None:
@@ -189,15 +192,8 @@ def _close_orphans(factory: sessionmaker[Session]) -> None:
 
 def _claim_due(factory: sessionmaker[Session], owner: str, now: datetime, limit: int) -> list[_Claimed]:
     _close_orphans(factory)
-    with factory() as session:
-        ids = _due(session, now, limit)
-    claimed: list[_Claimed] = []
-    for delivery_id in ids:  # one short transaction per claim: the lease is visible to others at once
-        with transaction(factory) as session:
-            got = _claim(session, delivery_id, owner, now)
-        if got is not None:
-            claimed.append(got)
-    return claimed
+    with transaction(factory) as session:  # committed before any post: the leases are visible to others at once
+        return _claim(session, owner, now, limit)
 
 
 def _clip(text: str) -> str:
