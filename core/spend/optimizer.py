@@ -2,9 +2,11 @@
 
 Inputs: the last WINDOW_DAYS complete UTC days of rollups (images and spend per provider, in one spend mode: live
 by default, simulated to rehearse offline; never both), the current global and provider settings, and the prices
-in force. Every amount is priced with core.pricing at each provider's own effective parameters (the one resolver;
-`estimate_cost` prices the size each provider really renders), per image, then multiplied by the images of the
-window: the window is 30 days, so the figure is a monthly one at that volume. Money is integer micro-USD.
+in force. Every amount is priced through the one preparation step (core.generation.prepare: the resolver and
+core.pricing, which prices the size each provider really renders) at each provider's own effective parameters,
+from one settings snapshot (a proposed edit replaces its provider's settings in a copy of it), per image, then
+multiplied by the images of the window: the window is 30 days, so the figure is a monthly one at that volume.
+Money is integer micro-USD.
 
 Recommendations (each: id, kind, title, detail, monthly saving in micro-USD, basis):
 
@@ -28,7 +30,7 @@ stored, priced per image before and after, times that provider's images over the
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
@@ -39,18 +41,15 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from common.errors import InvalidInput
-from core import price_store, settings_service
 from core.catalog import PROVIDERS
 from core.generation.periods import as_utc
+from core.generation.prepare import PreparedRequest, prepare
+from core.generation.snapshot import SettingsSnapshot, load_snapshot
 from core.money import format_usd, round_half_up_micros
 from core.presets import PRESET_NAMES
-from core.pricing import PriceUnit, ProviderPrice, estimate_cost
-from core.settings import (
-    GlobalSettings,
-    ProviderSettings,
-    resolve_effective,
-    validate_provider_settings,
-)
+from core.pricing import PriceUnit, ProviderPrice
+from core.settings import EffectiveParams, ProviderSettings, validate_provider_settings
+from core.settings_service import ProviderSettingsView
 from core.sizes import SizeError, resolve_size
 from core.spend.reports import cost_per_image_micros, target_cost_per_image_micros
 from core.spend.tiers import month_to_date_units, tier_position
@@ -138,9 +137,10 @@ class _Usage:
 
 @dataclass(frozen=True)
 class _Context:
-    global_settings: GlobalSettings
+    snapshot: SettingsSnapshot
     settings: dict[str, ProviderSettings]
     prices: dict[str, ProviderPrice]
+    """Usable prices in force."""
 
 
 def _window(now: datetime) -> tuple[date, date]:
@@ -160,9 +160,37 @@ def _usage(session: Session, start: date, end: date, spend_mode: str) -> dict[st
 
 
 def _context(session: Session, on: date) -> _Context:
-    prices = {p: v.price for p, v in price_store.active_prices(session, on).items() if v.price.problem is None}
-    return _Context(
-        settings_service.get_global_settings(session).settings, settings_service.settings_for_routing(session), prices
+    snapshot = load_snapshot(session, on)
+    prices = {p: v.price for p, v in snapshot.prices.items() if v.price.problem is None}
+    return _Context(snapshot, snapshot.routing_settings(), prices)
+
+
+def _with_settings(ctx: _Context, provider: str, settings: ProviderSettings) -> SettingsSnapshot:
+    """The snapshot with `settings` in place of the provider's stored ones (a proposed edit; nothing stored)."""
+    current = ctx.snapshot.stored_settings(provider)
+    view = ProviderSettingsView(
+        provider=provider,
+        version=current.version if current is not None else 0,
+        settings=settings,
+        updated_at=utcnow(),
+        updated_by="proposed",
+        comment=None,
+    )
+    return replace(ctx.snapshot, stored={**ctx.snapshot.stored, provider: view})
+
+
+def _prepared(
+    ctx: _Context,
+    provider: str,
+    *,
+    settings: ProviderSettings | None = None,
+    preset: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> PreparedRequest:
+    """One image at the provider's effective parameters, through the one preparation step (resolve + price)."""
+    snapshot = ctx.snapshot if settings is None else _with_settings(ctx, provider, settings)
+    return prepare(
+        None, provider, prompt=_PROMPT, preset=preset, overrides=overrides, priced_images=1, snapshot=snapshot
     )
 
 
@@ -174,36 +202,15 @@ def _per_image(
     preset: str | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> int | None:
-    """One image's estimate at the provider's effective parameters (None: unpriced or not servable)."""
-    price = ctx.prices.get(provider)
-    if price is None:
+    """One image's estimate (None: unpriced, unusable price or not servable)."""
+    if provider not in ctx.prices:
         return None
-    try:
-        effective = resolve_effective(
-            provider,
-            global_settings=ctx.global_settings,
-            provider_settings=settings if settings is not None else ctx.settings.get(provider),
-            preset=preset,
-            overrides={**(overrides or {}), "num_images": 1},
-            prompt=_PROMPT,
-        )
-        return estimate_cost(price, provider_id=provider, params=effective.values()).micro_usd
-    except (InvalidInput, ValueError):
-        return None
+    prepared = _prepared(ctx, provider, settings=settings, preset=preset, overrides=overrides)
+    return prepared.estimate.micro_usd if prepared.valid and prepared.estimate is not None else None
 
 
-def _effective(ctx: _Context, provider: str) -> Any:
-    try:
-        return resolve_effective(
-            provider,
-            global_settings=ctx.global_settings,
-            provider_settings=ctx.settings.get(provider),
-            preset=None,
-            overrides=None,
-            prompt=_PROMPT,
-        )
-    except InvalidInput:
-        return None
+def _effective(ctx: _Context, provider: str) -> EffectiveParams | None:
+    return _prepared(ctx, provider).effective
 
 
 def _usd(micros: int) -> str:
