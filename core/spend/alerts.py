@@ -37,6 +37,7 @@ from fractions import Fraction
 from typing import Any
 
 from sqlalchemy import and_, func, select
+from sqlalchemy import insert as sa_insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.errors import InvalidInput, NotFound
@@ -214,14 +215,26 @@ def set_thresholds(
 # --- firing ---------------------------------------------------------------------------------------------------
 
 
-def _subscribed(session: Session, kind: str) -> list[int]:
-    """Active, not deleted webhooks that take `kind` (an empty event list takes every kind)."""
+_Hooks = list[tuple[int, list[str]]]
+
+
+def _webhooks(session: Session) -> _Hooks:
+    """Active, not deleted webhooks with the kinds they take (an empty list takes every kind), read once a pass."""
     rows = session.execute(
         select(Webhook.id, Webhook.events)
         .where(Webhook.active.is_(True), Webhook.deleted_at.is_(None))
         .order_by(Webhook.id)
     ).all()
-    return [int(webhook_id) for webhook_id, events in rows if not events or kind in events]
+    return [(int(webhook_id), list(events or [])) for webhook_id, events in rows]
+
+
+def _already_fired(session: Session, keys: Sequence[str]) -> set[str]:
+    """Which of `keys` exist (through the unique index on dedupe_key): a steady pass inserts nothing."""
+    found: set[str] = set()
+    for i in range(0, len(keys), 500):
+        chunk = keys[i : i + 500]
+        found.update(session.scalars(select(AlertEvent.dedupe_key).where(AlertEvent.dedupe_key.in_(chunk))))
+    return found
 
 
 def alert_payload(event: AlertEvent) -> dict[str, Any]:
@@ -242,33 +255,36 @@ def alert_payload(event: AlertEvent) -> dict[str, Any]:
     }
 
 
-def _fire(session: Session, values: dict[str, Any]) -> int | None:
-    """Insert the alert unless its dedupe key exists; the winner fans it out to the webhooks. Returns the new
-    alert's id, or None when another process (or an earlier pass) fired it."""
-    insert = dialect_insert(session, AlertEvent).values(**values).on_conflict_do_nothing()
+def _fire(session: Session, values: dict[str, Any], hooks: _Hooks | None = None) -> int | None:
+    """Insert the alert unless its dedupe key exists; the winner fans it out to the webhooks that take its kind
+    (one delivery each, in the same transaction). Returns the new alert's id, or None when another process (or
+    an earlier pass) fired it."""
+    candidates = hooks if hooks is not None else _webhooks(session)
+    subscribers = [wid for wid, kinds in candidates if not kinds or values["kind"] in kinds]
+    row = {**values, "delivery_status": "pending" if subscribers else "no_webhooks"}
+    insert = dialect_insert(session, AlertEvent).values(**row).on_conflict_do_nothing()
     created = session.execute(insert.returning(AlertEvent.id)).first()
     if created is None:
         return None
     event_id = int(created[0])
-    event = session.get(AlertEvent, event_id)
-    assert event is not None
-    webhooks = _subscribed(session, event.kind)
-    payload = alert_payload(event)
-    for webhook_id in webhooks:
-        session.add(
-            WebhookDelivery(
-                webhook_id=webhook_id,
-                alert_event_id=event_id,
-                event_type=event.kind,
-                payload=payload,
-                status="pending",
-                attempts=0,
-                created_at=values["fired_at"],
-                next_attempt_at=values["fired_at"],
-            )
+    if subscribers:
+        payload = alert_payload(AlertEvent(id=event_id, **row))  # transient: the payload from what was inserted
+        session.execute(
+            sa_insert(WebhookDelivery),
+            [
+                {
+                    "webhook_id": webhook_id,
+                    "alert_event_id": event_id,
+                    "event_type": row["kind"],
+                    "payload": payload,
+                    "status": "pending",
+                    "attempts": 0,
+                    "created_at": row["fired_at"],
+                    "next_attempt_at": row["fired_at"],
+                }
+                for webhook_id in subscribers
+            ],
         )
-    event.delivery_status = "pending" if webhooks else "no_webhooks"
-    session.flush()
     return event_id
 
 
@@ -289,47 +305,53 @@ def detect_budget_alerts(session: Session, now: datetime | None = None) -> list[
         .order_by(BudgetPeriod.id)
     ).all()
     rules = _rules(session, {budget.id for _, budget in rows})
-    created: list[int] = []
+    crossed: list[tuple[BudgetPeriod, Budget, int, int | None]] = []
     for period, budget in rows:
         pairs = rules.get(budget.id, [(t, None) for t in DEFAULT_THRESHOLDS])
         spent, limit = period.spent_micro_usd, budget.limit_micro_usd
-        for threshold, rule_id in sorted(pairs):
-            if spent * 100 < limit * threshold:
-                continue
-            mode = SpendMode(period.mode).value
-            started = as_utc(period.period_start)
-            title = (
-                f"{budget.name}: {threshold}% of its {budget.period.value} {mode} limit reached "
-                f"({format_usd(spent)} spent of {format_usd(limit)}, period from {started:%Y-%m-%d})"
-            )
-            event_id = _fire(
-                session,
-                {
-                    "kind": AlertKind.BUDGET_THRESHOLD.value,
-                    "dedupe_key": f"budget:{period.id}:{threshold}",
-                    "rule_id": rule_id,
-                    "budget_period_id": period.id,
-                    "title": title,
-                    "details": {
-                        "budget_id": budget.id,
-                        "budget_name": budget.name,
-                        "scope": budget.scope.value,
-                        "scope_id": budget.scope_id,
-                        "period": budget.period.value,
-                        "mode": mode,
-                        "threshold_percent": threshold,
-                        "period_start": as_utc(period.period_start).isoformat(),
-                        "period_end": as_utc(period.period_end).isoformat(),
-                        "reserved_micro_usd": period.reserved_micro_usd,
-                        "hard": budget.hard,
-                    },
-                    "fired_at": moment,
-                    "spent_micro_usd": spent,
-                    "limit_micro_usd": limit,
+        crossed.extend((period, budget, t, rule) for t, rule in sorted(pairs) if spent * 100 >= limit * t)
+    fired = _already_fired(session, [f"budget:{period.id}:{t}" for period, _, t, _ in crossed])
+    hooks = _webhooks(session)
+    created: list[int] = []
+    for period, budget, threshold, rule_id in crossed:
+        if f"budget:{period.id}:{threshold}" in fired:
+            continue
+        spent, limit = period.spent_micro_usd, budget.limit_micro_usd
+        mode = SpendMode(period.mode).value
+        started = as_utc(period.period_start)
+        title = (
+            f"{budget.name}: {threshold}% of its {budget.period.value} {mode} limit reached "
+            f"({format_usd(spent)} spent of {format_usd(limit)}, period from {started:%Y-%m-%d})"
+        )
+        event_id = _fire(
+            session,
+            {
+                "kind": AlertKind.BUDGET_THRESHOLD.value,
+                "dedupe_key": f"budget:{period.id}:{threshold}",
+                "rule_id": rule_id,
+                "budget_period_id": period.id,
+                "title": title,
+                "details": {
+                    "budget_id": budget.id,
+                    "budget_name": budget.name,
+                    "scope": budget.scope.value,
+                    "scope_id": budget.scope_id,
+                    "period": budget.period.value,
+                    "mode": mode,
+                    "threshold_percent": threshold,
+                    "period_start": as_utc(period.period_start).isoformat(),
+                    "period_end": as_utc(period.period_end).isoformat(),
+                    "reserved_micro_usd": period.reserved_micro_usd,
+                    "hard": budget.hard,
                 },
-            )
-            if event_id is not None:
-                created.append(event_id)
+                "fired_at": moment,
+                "spent_micro_usd": spent,
+                "limit_micro_usd": limit,
+            },
+            hooks,
+        )
+        if event_id is not None:
+            created.append(event_id)
     return created
 
 
