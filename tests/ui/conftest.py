@@ -87,7 +87,7 @@ def console_with_accounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     yield from _run_console(data_dir)
 
 
-def _run_console(data_dir: Path) -> Iterator[Console]:
+def _run_console(data_dir: Path, env_overrides: dict[str, str] | None = None) -> Iterator[Console]:
     log = data_dir / "console.log"
     port = free_port()
     env = {
@@ -99,6 +99,7 @@ def _run_console(data_dir: Path) -> Iterator[Console]:
     }
     env.pop("DATABASE_URL", None)
     env.pop("IMAGEGATE_EMULATOR_URL", None)
+    env.update(env_overrides or {})
     bin_dir = Path(sys.executable).parent
     cmd = [
         str(bin_dir / "streamlit"), "run", str(ROOT / "app.py"),
