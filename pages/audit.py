@@ -60,6 +60,8 @@ except InvalidInput as exc:
 
 
 def _short(value: Any) -> str:
+    if value is None:
+        return "—"
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     return text if len(text) <= 60 else text[:57] + "…"
 
@@ -111,6 +113,6 @@ if chosen is not None:
         st.caption("Nothing differs between before and after.")
     left, right = st.columns(2)
     left.caption("Before")
-    left.json(chosen.before or {}, expanded=False)
+    left.json(chosen.before or {}, expanded=True)
     right.caption("After")
-    right.json(chosen.after or {}, expanded=False)
+    right.json(chosen.after or {}, expanded=True)

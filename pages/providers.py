@@ -39,6 +39,14 @@ def _when(value: datetime | None) -> str:
     return stamp
 
 
+def _short(value: datetime | None) -> str:
+    """For the table: time of day (UTC), with the date only when it is not today."""
+    if value is None:
+        return "—"
+    value = value.astimezone(UTC)
+    return value.strftime("%H:%M:%S" if value.date() == datetime.now(UTC).date() else "%m-%d %H:%M")
+
+
 def _ms(value: float | None) -> str:
     return "—" if value is None else f"{value:,.0f} ms"
 
@@ -49,7 +57,6 @@ with state.db_session() as session:
 table = pd.DataFrame(
     [
         {
-            "provider": s.label,
             "id": s.provider,
             "mode": s.mode,
             "key": s.key,
@@ -62,7 +69,7 @@ table = pd.DataFrame(
                 if s.breaker.last_probe_at is None
                 else f"{'ok' if s.breaker.last_probe_ok else 'failed'} {_when(s.breaker.last_probe_at)}"
             ),
-            "success": "—" if s.success_rate is None else f"{s.success_rate:.0%} of {s.attempts}",
+            f"success ({RECENT_DAYS} d)": "—" if s.success_rate is None else f"{s.success_rate:.0%} of {s.attempts}",
             "p50": _ms(s.p50_ms),
             "p95": _ms(s.p95_ms),
             "in flight": s.in_flight,
@@ -83,7 +90,8 @@ with left:
 
 for s in statuses:
     snap = s.breaker
-    with st.expander(f"{s.label} — {s.mode}, breaker {snap.state.value.replace('_', '-')}, {s.health.value}"):
+    health = s.health.value.replace("_", " ")
+    with st.expander(f"{s.label} — {s.mode}, breaker {snap.state.value.replace('_', '-')}, {health}"):
         info, actions = st.columns([3, 1])
         with info:
             st.text(f"key: {s.key}")
