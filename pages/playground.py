@@ -94,31 +94,35 @@ def _remember(request: GenerationRequest, result: GenerationResult | None) -> No
 
 
 def _show_result(request: GenerationRequest, result: GenerationResult, key: str, *, again: bool = True) -> None:
-    """One result: its images (downloadable), then provider, seed, cost, time and every attempt."""
-    for i, image in enumerate(result.images):
-        path = Path(image.path)
-        if path.exists():
-            st.image(str(path), width="stretch")
-            st.download_button(
-                f"Download image {i + 1}",
-                data=path.read_bytes(),
-                file_name=f"imagegate-{result.generation_id[:8]}-{i + 1}.{image.format.lower()}",
-                mime=f"image/{image.format.lower()}",
-                key=f"{key}.dl.{i}",
-            )
+    """One result: prompt, provider, seed, cost and time, its images (each downloadable), every attempt."""
     st.text(f"prompt: {request.prompt}")
     seed = result.seed if result.seed is not None else "—"
     st.text(
         f"{result.provider or 'no provider'} ({result.mode or '—'}) · seed {seed} · cost {_cost(result)} · "
-        f"estimate {format_usd(result.cost.estimated_micro_usd)} · {result.timings.total_s:.2f} s · "
-        f"{len(result.attempts)} attempt(s) · {result.status.value}"
+        f"{result.timings.total_s:.2f} s · {len(result.attempts)} attempt(s) · {result.status.value}"
     )
-    for attempt in result.attempts:
-        timing = f"{attempt.total_ms} ms" if attempt.total_ms is not None else "—"
-        cost = format_usd(attempt.actual_micro_usd) if attempt.actual_micro_usd is not None else "held"
-        st.text(f"  {attempt.attempt_no}. {attempt.why} · {attempt.billing or '—'} · {cost} · {timing}")
-    for adjustment in result.adjustments:
-        st.text(f"  {adjustment.kind.value}: {adjustment.message}")
+    shown = [(i, image) for i, image in enumerate(result.images) if Path(image.path).exists()]
+    if shown:
+        grid = st.columns(min(2, len(shown)))
+        for n, (i, image) in enumerate(shown):
+            path = Path(image.path)
+            with grid[n % len(grid)]:
+                st.image(str(path), width="stretch")
+                st.download_button(
+                    f"Download image {i + 1}",
+                    data=path.read_bytes(),
+                    file_name=f"imagegate-{result.generation_id[:8]}-{i + 1}.{image.format.lower()}",
+                    mime=f"image/{image.format.lower()}",
+                    key=f"{key}.dl.{i}",
+                    icon=":material/download:",
+                )
+    with st.expander(f"Attempts and notes (estimate {format_usd(result.cost.estimated_micro_usd)})"):
+        for attempt in result.attempts:
+            timing = f"{attempt.total_ms} ms" if attempt.total_ms is not None else "—"
+            cost = format_usd(attempt.actual_micro_usd) if attempt.actual_micro_usd is not None else "held"
+            st.text(f"{attempt.attempt_no}. {attempt.why} · {attempt.billing or '—'} · {cost} · {timing}")
+        for adjustment in result.adjustments:
+            st.text(f"{adjustment.kind.value}: {adjustment.message}")
     if again and result.ok and st.button("Run again with the same seed", key=f"{key}.again"):
         params = {**dict(request.params), "seed": result.seed}
         st.session_state[PENDING] = replace(request, provider=result.provider, params=params)
@@ -213,6 +217,15 @@ with state.db_session() as session:
         request = pending if pending is not None else base
         _remember(request, _run(request, "Generating…"))
 
+    st.subheader("Gallery")
+    gallery = st.session_state.get(GALLERY, [])
+    if not gallery:
+        st.caption("Your results appear here.")
+    cards = st.columns(2)
+    for i, (request, result) in enumerate(gallery):
+        with cards[i % 2], st.container(border=True):
+            _show_result(request, result, f"gal.{result.generation_id}")
+
     st.subheader("Side by side")
     compare = st.multiselect(
         "Run this prompt on several providers",
@@ -236,11 +249,3 @@ with state.db_session() as session:
             for column, (request, result) in zip(st.columns(len(done)), done, strict=True):
                 with column:
                     _show_result(request, result, f"cmp.{result.generation_id}", again=False)
-
-    st.subheader("Gallery")
-    gallery = st.session_state.get(GALLERY, [])
-    if not gallery:
-        st.caption("Your results appear here.")
-    for request, result in gallery:
-        with st.container(border=True):
-            _show_result(request, result, f"gal.{result.generation_id}")

@@ -76,7 +76,7 @@ def _history_table(history: list[settings_service.SettingsVersion]) -> pd.DataFr
                 "by": v.created_by_name,
                 "comment": v.comment or "",
                 "deleted": v.deleted,
-                "rollback of": v.source_version,
+                "rollback of": "" if v.source_version is None else f"version {v.source_version}",
             }
             for v in history
         ]
