@@ -73,13 +73,12 @@ def test_first_run_sign_in_reload_and_roles(
     page.get_by_text("Provider settings").first.wait_for(timeout=30_000)  # type: ignore[attr-defined]
     assert page.get_by_text("Sign in to Imagegate").count() == 0  # type: ignore[attr-defined]
     assert page.get_by_text("Sandbox mode").first.is_visible()  # type: ignore[attr-defined]
-    page.get_by_text("fal.ai Qwen-Image — sandbox").click()  # type: ignore[attr-defined]
-    fal = page.get_by_test_id("stExpander").filter(has_text="fal.ai Qwen-Image — sandbox")  # type: ignore[attr-defined]
-    fal.get_by_text("One image at these settings").wait_for(timeout=10_000)
-    assert fal.get_by_text("$0.015729").first.is_visible()
-    page.set_viewport_size({"width": 1400, "height": 1900})  # type: ignore[attr-defined]
-    page.wait_for_timeout(500)  # type: ignore[attr-defined]
-    screenshot(page, "settings")
+    page.get_by_test_id("stSelectbox").first.click()  # type: ignore[attr-defined]  # the provider picker
+    option = page.get_by_role("option").filter(has_text="fal.ai Qwen-Image · $0.015729/image · sandbox")  # type: ignore[attr-defined]
+    assert option.count() == 1
+    page.keyboard.press("Escape")  # type: ignore[attr-defined]
+    page.get_by_text("One image at these settings").first.wait_for(timeout=10_000)  # type: ignore[attr-defined]
+    screenshot(page, "settings-start", in_readme=False)  # the README's settings.png: the Settings browser test
 
     # A USER account, made with the CLI against the same database.
     cli(console.data_dir, "users", "create", "bob", "--role", "USER", "--password-stdin", stdin=PASSWORD + "\n")
