@@ -16,6 +16,9 @@ from core.runtime import Runtime, open_runtime
 from core.security import Actor, Role
 from core.users import UserView, create_user
 from db.engine import transaction
+from tests.dbfixtures import _fresh_pg, pg_admin_dsn, pg_session_database
+
+__all__ = ["console", "console_any_db", "pg_admin_dsn", "pg_session_database"]
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = str(ROOT / "ui" / "console.py")
@@ -42,11 +45,12 @@ class Console:
         return at
 
 
-@pytest.fixture
-def console(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Console]:
-    """A new data directory (SQLite, migrated and seeded) with one account per role, sandbox providers."""
+def _console(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str | None) -> Iterator[Console]:
     monkeypatch.setenv("IMAGEGATE_DATA_DIR", str(tmp_path))
-    monkeypatch.delenv("DATABASE_URL", raising=False)
+    if url is None:
+        monkeypatch.delenv("DATABASE_URL", raising=False)
+    else:
+        monkeypatch.setenv("DATABASE_URL", url)
     monkeypatch.delenv("IMAGEGATE_EMULATOR_URL", raising=False)
     st.cache_resource.clear()
     runtime = open_runtime()
@@ -57,6 +61,22 @@ def console(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Console
     yield Console(tmp_path, runtime, users)
     st.cache_resource.clear()
     runtime.engine.dispose()
+
+
+@pytest.fixture
+def console(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Console]:
+    """A new data directory (SQLite, migrated and seeded) with one account per role, sandbox providers."""
+    yield from _console(tmp_path, monkeypatch, None)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def console_any_db(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Console]:
+    """The same on SQLite, then on PostgreSQL (a fresh database of this test session, emptied, then migrated
+    and seeded by the console itself)."""
+    url = None if request.param == "sqlite" else _fresh_pg(request.getfixturevalue("pg_session_database"))
+    yield from _console(tmp_path, monkeypatch, url)
 
 
 def by_key(elements: object, key: str) -> object:

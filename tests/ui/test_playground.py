@@ -11,9 +11,9 @@ from streamlit.testing.v1 import AppTest
 from core.generation.budgets import create_budget
 from core.security import Actor, Role
 from db.engine import transaction
-from tests.ui.apptest_helpers import Console, by_key, console, texts
+from tests.ui.apptest_helpers import Console, by_key, console, console_any_db, pg_admin_dsn, pg_session_database, texts
 
-__all__ = ["console"]
+__all__ = ["console", "console_any_db", "pg_admin_dsn", "pg_session_database"]
 
 
 def _estimate(at: AppTest) -> str:
@@ -73,8 +73,9 @@ def test_bad_values_are_told_at_their_field(console: Console) -> None:
 
 
 def test_generate_shows_progress_then_the_image_with_its_cost_and_runs_again_with_the_same_seed(
-    console: Console,
+    console_any_db: Console,
 ) -> None:
+    console = console_any_db
     at = console.app(Role.USER, "playground")
     by_key(at.text_area, "pg.prompt").input("a red fox in snow").run()  # type: ignore[attr-defined]
     _generate(at)
@@ -94,7 +95,8 @@ def test_generate_shows_progress_then_the_image_with_its_cost_and_runs_again_wit
     assert len(results) == 2 and all(f" · seed {seed} · " in r for r in results)
 
 
-def test_a_hard_budget_refuses_and_nothing_is_spent(console: Console) -> None:
+def test_a_hard_budget_refuses_and_nothing_is_spent(console_any_db: Console) -> None:
+    console = console_any_db
     with transaction(console.runtime.sessions) as session:
         create_budget(
             session,

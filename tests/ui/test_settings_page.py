@@ -10,9 +10,9 @@ from streamlit.testing.v1 import AppTest
 
 from core import price_store, settings_service, transfer
 from core.security import Actor, Role
-from tests.ui.apptest_helpers import ROOT, Console, by_key, console
+from tests.ui.apptest_helpers import ROOT, Console, by_key, console, console_any_db, pg_admin_dsn, pg_session_database
 
-__all__ = ["console"]
+__all__ = ["console", "console_any_db", "pg_admin_dsn", "pg_session_database"]
 
 
 def _version(console: Console, provider: str) -> int:
@@ -98,7 +98,8 @@ def test_errors_show_at_the_field_and_the_form_keeps_its_input(console: Console)
     assert any("priority 5000" in e for e in errors)
 
 
-def test_save_makes_a_version_then_diff_and_rollback(console: Console) -> None:
+def test_save_makes_a_version_then_diff_and_rollback(console_any_db: Console) -> None:
+    console = console_any_db
     at = console.app(Role.HERO, "settings")
     _pick(at, "huggingface")
     v = _version(console, "huggingface")
@@ -194,7 +195,8 @@ def test_prices_list_versions_and_add_one(console: Console) -> None:
     assert list(table["version"]) == [latest.version + 1, latest.version]
 
 
-def test_import_shows_the_dry_run_diff_before_applying(console: Console) -> None:
+def test_import_shows_the_dry_run_diff_before_applying(console_any_db: Console) -> None:
+    console = console_any_db
     admin = Actor(user_id=console.users[Role.ADMIN].id, username="alice", role=Role.ADMIN)
     with console.runtime.sessions() as session:
         document = json.loads(transfer.export_json(session, admin))
