@@ -62,14 +62,14 @@ table = pd.DataFrame(
             "key": s.key,
             "health": s.health.value.replace("_", " "),
             "breaker": s.breaker.state.value.replace("_", "-"),
-            "since": _when(s.breaker.since),
-            "next probe": _when(s.breaker.next_probe_at),
+            "since (UTC)": _short(s.breaker.since),
+            "next probe": _short(s.breaker.next_probe_at),
             "last probe": (
                 "—"
                 if s.breaker.last_probe_at is None
-                else f"{'ok' if s.breaker.last_probe_ok else 'failed'} {_when(s.breaker.last_probe_at)}"
+                else f"{'ok' if s.breaker.last_probe_ok else 'failed'} {_short(s.breaker.last_probe_at)}"
             ),
-            f"success ({RECENT_DAYS} d)": "—" if s.success_rate is None else f"{s.success_rate:.0%} of {s.attempts}",
+            "success": "—" if s.success_rate is None else f"{s.success_rate:.0%} of {s.attempts}",
             "p50": _ms(s.p50_ms),
             "p95": _ms(s.p95_ms),
             "in flight": s.in_flight,

@@ -101,6 +101,7 @@ def test_users_providers_faults_and_audit(
     assert fal.is_visible()
     form = page.get_by_test_id("stForm")  # type: ignore[attr-defined]
     form.get_by_test_id("stSelectbox").nth(1).click()
+    page.keyboard.type("server_e")  # type: ignore[attr-defined]  # the list is virtual: filter it to the option
     page.get_by_role("option", name="server_error", exact=True).click()  # type: ignore[attr-defined]
     form.get_by_role("button", name="Inject fault").click()
     wait_for_app(page)
