@@ -8,9 +8,13 @@ from __future__ import annotations
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from core import settings_service
 from core.generation.budgets import create_budget
 from core.security import Actor, Role
 from db.engine import transaction
+from emulator.faults import Fault, FaultBoard
+from emulator.runner import serve_in_thread
+from emulator.server import create_emulator_app
 from tests.ui.apptest_helpers import Console, by_key, console, console_any_db, pg_admin_dsn, pg_session_database, texts
 
 __all__ = ["console", "console_any_db", "pg_admin_dsn", "pg_session_database"]
@@ -142,3 +146,30 @@ def test_prompts_are_text_never_markup(console: Console) -> None:
     assert f"prompt: {evil}" in texts(at)
     assert not any("onerror" in m.value for m in at.markdown)
     assert not any("onerror" in str(h.proto) for h in at.get("html"))
+
+
+def test_through_the_emulator_a_failing_provider_falls_back_and_the_status_box_shows_it(
+    console: Console, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real client libraries against the local emulator: fal answers 500s, the service retries it once, falls
+    back, and every step is written live into the status box."""
+    with transaction(console.runtime.sessions) as session:
+        data = settings_service.settings_json(settings_service.get_global_settings(session).settings)
+        data.update({"retry_backoff_s": 0.05, "retry_backoff_max_s": 0.2})
+        settings_service.save_global_settings(session, Actor.system("test"), data)
+    board = FaultBoard()
+    board.set_fault("fal", Fault.SERVER_ERROR, count=10)
+    with serve_in_thread(create_emulator_app(board)) as server:
+        monkeypatch.setenv("IMAGEGATE_EMULATOR_URL", server.url)
+        at = console.app(Role.USER, "playground")
+        by_key(at.text_area, "pg.prompt").input("a lighthouse at dusk").run()  # type: ignore[attr-defined]
+        by_key(at.selectbox, "pg.route").set_value("fal-qwen").run()  # type: ignore[attr-defined]
+        assert "emulator" in next(c.value for c in at.caption if c.value.startswith("on fal-qwen"))
+        _generate(at)
+    lines = texts(at)
+    assert any("fal-qwen" in line and "retry" in line.lower() for line in lines), lines
+    assert any("fallback" in line.lower() or "next provider" in line.lower() for line in lines), lines
+    (summary,) = _results(at)
+    served = summary.split(" ")[0]
+    assert served != "fal-qwen" and "(emulator)" in summary
+    assert "2 attempt(s)" in summary or "3 attempt(s)" in summary
