@@ -4,11 +4,13 @@ real uvicorn server. No answer may be a 5xx, an undocumented status, or a body t
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import schemathesis
-from schemathesis import checks
 from hypothesis import HealthCheck, given, settings
+from schemathesis import checks
+from schemathesis.core.result import Ok
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
@@ -59,6 +61,9 @@ def test_the_api_keeps_to_its_spec(served: tuple[BackgroundServer, str]) -> None
     failures: list[str] = []
     operations = 0
     for result in schema.get_all_operations():
+        if not isinstance(result, Ok):
+            failures.append(f"the spec has an operation schemathesis cannot read: {result.err()}")
+            continue
         operation = result.ok()
         operations += 1
 
@@ -70,7 +75,7 @@ def test_the_api_keeps_to_its_spec(served: tuple[BackgroundServer, str]) -> None
             database=None,
             suppress_health_check=list(HealthCheck),
         )
-        def check(case: schemathesis.Case) -> None:
+        def check(case: schemathesis.Case[Any]) -> None:
             case.call_and_validate(headers=headers, excluded_checks=SEMANTIC, timeout=60)
 
         try:
