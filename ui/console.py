@@ -46,6 +46,8 @@ PAGES = (
     PageSpec("audit", str(ROOT / "pages" / "audit.py"), "Audit log", ":material/history:", state.STAFF),
     PageSpec("account", str(ROOT / "pages" / "account.py"), "Account", ":material/person:", frozenset(Role)),
     PageSpec("playground", str(ROOT / "pages" / "playground.py"), "Playground", ":material/brush:", frozenset(Role)),
+    PageSpec("usage", str(ROOT / "pages" / "usage.py"), "Usage", ":material/monitoring:", frozenset(Role)),
+    PageSpec("budgets", str(ROOT / "pages" / "budgets.py"), "Budgets", ":material/savings:", state.STAFF),
 )
 
 
