@@ -12,16 +12,11 @@ from cli.main import app
 from core.api_tokens import TokenRefused, authenticate_token
 from core.runtime import open_runtime
 from db.engine import transaction
+from tests.cli.test_cli import data_dir
+
+__all__ = ["data_dir"]
 
 PASSWORD = "correct horse battery"
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("IMAGEGATE_DATA_DIR", str(tmp_path))
-    monkeypatch.delenv("DATABASE_URL", raising=False)
-    monkeypatch.delenv("IMAGEGATE_EMULATOR_URL", raising=False)
-    return tmp_path
 
 
 def run(*args: str, input: str | None = None) -> tuple[int, str, str]:
