@@ -127,3 +127,33 @@ def test_only_admins_set_emails_and_a_new_email_unlinks(
     assert _sign_in(db_session_factory, _identity("sub-9", "bob@new.example.com")).username == "bob"
     cleared = _set_email(db_session_factory, people["alice"], people["bob"], None)
     assert cleared.email is None and not cleared.oidc_linked
+
+
+def test_two_identities_racing_for_one_email_link_once(
+    db_session_factory: sessionmaker[Session], people: dict[str, Actor]
+) -> None:
+    """Two first sign-ins with bob's email and different subjects at the same moment: one links, one is refused."""
+    import threading
+
+    _set_email(db_session_factory, people["alice"], people["bob"], "bob@example.com")
+    barrier = threading.Barrier(2)
+    outcomes: dict[str, str] = {}
+
+    def sign_in(sub: str) -> None:
+        barrier.wait()
+        try:
+            outcomes[sub] = _sign_in(db_session_factory, _identity(sub, "bob@example.com")).username
+        except OidcRefused as exc:
+            outcomes[sub] = f"refused: {exc}"
+
+    threads = [threading.Thread(target=sign_in, args=(sub,)) for sub in ("sub-a", "sub-b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(v == "bob" for v in outcomes.values()) == [False, True], outcomes
+    with db_session_factory() as session:
+        linked = session.scalar(select(User.oidc_subject).where(User.username == "bob"))
+        links = session.scalars(select(AuditLog.id).where(AuditLog.action == "user.oidc_link")).all()
+    winner = next(sub for sub, v in outcomes.items() if v == "bob")
+    assert linked == f"{ISSUER}|{winner}" and len(links) == 1
