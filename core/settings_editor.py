@@ -8,9 +8,14 @@ The rules stay where they are: validation is core.settings (`validate_settings`)
 
 from __future__ import annotations
 
+import ast
+import inspect
+import itertools
+import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
+from functools import cache
 from typing import Any, Literal
 
 from sqlalchemy.orm import Session
@@ -183,9 +188,27 @@ _GROUPS = {
 }
 
 
+@cache
+def _attribute_docs() -> dict[str, str]:
+    """GlobalSettings' fields are documented by the string under each (not by pydantic descriptions)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(GlobalSettings)))
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for field_node, doc_node in itertools.pairwise(body):
+        if (
+            isinstance(field_node, ast.AnnAssign)
+            and isinstance(field_node.target, ast.Name)
+            and isinstance(doc_node, ast.Expr)
+            and isinstance(doc_node.value, ast.Constant)
+            and isinstance(doc_node.value.value, str)
+        ):
+            docs[field_node.target.id] = " ".join(doc_node.value.value.split())
+    return docs
+
+
 def _help(name: str) -> str:
     info = GlobalSettings.model_fields[name]
-    return (info.description or "").strip()
+    return (info.description or _attribute_docs().get(name, "")).strip()
 
 
 def global_fields() -> list[GlobalField]:

@@ -115,38 +115,14 @@ st.caption(
     "a preset and overrides; the *from* column says which. Every save is a new version."
 )
 
-with state.db_session() as session:
-    overviews = provider_overviews(session)
-    health = {h.provider: h for h in health_report(session)}
-    st.dataframe(
-        pd.DataFrame(
-            [
-                {
-                    "provider": o.spec.label,
-                    "id": o.provider,
-                    "mode": o.connection.mode.value,
-                    "health": health[o.provider].status.value.replace("_", " "),
-                    "key": o.key.masked,
-                    "priority": o.settings.priority if o.settings else None,
-                    "active": o.settings.active if o.settings else False,
-                    "default": o.settings.is_default if o.settings else False,
-                    "premium": o.spec.premium,
-                    "price": o.price_description or "no price",
-                    "one image": o.one_image.formatted if o.one_image else "—",
-                }
-                for o in overviews
-            ]
-        ),
-        hide_index=True,
-        width="stretch",
-    )
 
-    provider_tab, global_tab, prices_tab, transfer_tab = st.tabs(
-        ["Provider", "Global settings and presets", "Prices", "Import and export"]
-    )
-
-    # --- one provider ------------------------------------------------------------------------------------------
-    with provider_tab:
+@st.fragment
+def _provider_editor() -> None:
+    """A fragment, like each tab: its widgets rerun only their part of the page (a slider moves quickly).
+    One provider: picker, parameters and routing with errors at each field, the live preview, save, history."""
+    with state.db_session() as session:
+        overviews = provider_overviews(session)
+        health = {h.provider: h for h in health_report(session)}
         by_id = {o.provider: o for o in overviews}
 
         def _label(provider_id: str) -> str:
@@ -283,8 +259,11 @@ with state.db_session() as session:
                 state.flash(f"Rolled {spec.label} back to version {target}: now version {rolled.version}.")
                 st.rerun()
 
-    # --- global settings and presets ---------------------------------------------------------------------------
-    with global_tab:
+
+@st.fragment
+def _global_editor() -> None:
+    """The global settings (every field, grouped), their history, and the quality presets."""
+    with state.db_session() as session:
         gview = settings_service.get_global_settings(session)
         gloaded = _loaded("gs", gview.version, "the global settings")
         gkey = f"gs.{gloaded}."
@@ -307,7 +286,13 @@ with state.db_session() as session:
                         gdraft[fld.name] = st.toggle(label, bool(now), key=fkey, help=fld.help or None)
                     elif fld.kind == "optional_bool":
                         options = ["not set", "on", "off"]
-                        picked = st.selectbox(label, options, index=0 if now is None else (1 if now else 2), key=fkey)
+                        picked = st.selectbox(
+                            label,
+                            options,
+                            index=0 if now is None else (1 if now else 2),
+                            key=fkey,
+                            help=fld.help or None,
+                        )
                         gdraft[fld.name] = None if picked == "not set" else picked == "on"
                     elif fld.kind == "choice":
                         options = list(fld.choices)
@@ -317,7 +302,9 @@ with state.db_session() as session:
                         )
                         gdraft[fld.name] = None if picked == "none" else picked
                     elif fld.kind == "many":
-                        gdraft[fld.name] = st.multiselect(label, list(fld.choices), default=list(now), key=fkey)
+                        gdraft[fld.name] = st.multiselect(
+                            label, list(fld.choices), default=list(now), key=fkey, help=fld.help or None
+                        )
                     elif fld.kind in ("int", "float"):
                         text = st.text_input(label, "" if now is None else str(now), key=fkey, help=fld.help or None)
                         typed = number_from_text(text, "int" if fld.kind == "int" else "float")
@@ -326,7 +313,7 @@ with state.db_session() as session:
                         else:
                             gdraft[fld.name] = text  # a required number left empty: core says so at the field
                     else:
-                        text = st.text_input(label, "" if now is None else str(now), key=fkey)
+                        text = st.text_input(label, "" if now is None else str(now), key=fkey, help=fld.help or None)
                         gdraft[fld.name] = text.strip() or None
                     gslots[fld.name] = st.empty()
         gdraft = {k: v for k, v in gdraft.items() if v is not None}
@@ -388,8 +375,11 @@ with state.db_session() as session:
             width="stretch",
         )
 
-    # --- prices ------------------------------------------------------------------------------------------------
-    with prices_tab:
+
+@st.fragment
+def _prices_editor() -> None:
+    """One provider's price versions and a form to add the next one."""
+    with state.db_session() as session:
         price_provider = st.selectbox(
             "Provider", list(PROVIDERS), format_func=lambda p: PROVIDERS[p].label, key="prices.provider"
         )
@@ -474,8 +464,11 @@ with state.db_session() as session:
                     st.rerun()
                 st.info("That price equals the latest version: nothing was added.")
 
-    # --- import and export -------------------------------------------------------------------------------------
-    with transfer_tab:
+
+@st.fragment
+def _transfer_panel() -> None:
+    """Export as JSON; import with the dry-run diff before anything is applied."""
+    with state.db_session() as session:
         st.download_button(
             "Download settings and prices (JSON)",
             data=transfer.export_json(session, actor),
@@ -509,3 +502,42 @@ with state.db_session() as session:
                         counts = transfer.import_summary(applied)
                         state.flash(f"Imported: {counts['create']} created, {counts['update']} updated.")
                         st.rerun()
+
+
+with state.db_session() as session:
+    overviews = provider_overviews(session)
+    health = {h.provider: h for h in health_report(session)}
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "provider": o.spec.label,
+                    "id": o.provider,
+                    "mode": o.connection.mode.value,
+                    "health": health[o.provider].status.value.replace("_", " "),
+                    "key": o.key.masked,
+                    "priority": o.settings.priority if o.settings else None,
+                    "active": o.settings.active if o.settings else False,
+                    "default": o.settings.is_default if o.settings else False,
+                    "premium": o.spec.premium,
+                    "price": o.price_description or "no price",
+                    "one image": o.one_image.formatted if o.one_image else "—",
+                }
+                for o in overviews
+            ]
+        ),
+        hide_index=True,
+        width="stretch",
+    )
+
+provider_tab, global_tab, prices_tab, transfer_tab = st.tabs(
+    ["Provider", "Global settings and presets", "Prices", "Import and export"]
+)
+with provider_tab:
+    _provider_editor()
+with global_tab:
+    _global_editor()
+with prices_tab:
+    _prices_editor()
+with transfer_tab:
+    _transfer_panel()
