@@ -37,6 +37,8 @@ from common.problems import problem_for
 from core.authz import authorize, begin_write
 from core.generation.dbexec import in_transaction, run_db
 from core.generation.models import GenerationRequest, GenerationResult
+from core.generation.records import generation_by_key, load_result
+from core.generation.recovery import recover
 from core.generation.service import AdapterFactory, generate
 from core.generation.usage import scoped_idempotency_key
 from core.security import Actor, Role
@@ -319,12 +321,17 @@ async def run_job(
     *,
     adapters: AdapterFactory | None = None,
     lease_s: float = JOB_LEASE_S,
+    now: datetime | None = None,
 ) -> JobView:
     """Run a claimed job through `generate()` as its user, keep its lease alive meanwhile, and record the
-    outcome. A generation still running elsewhere (a dead worker's, not yet recovered) leaves the job claimed:
-    its lease runs out and a later claim finds the recovered result."""
+    outcome. A generation left by a dead worker is recovered first (its paid result collected, settled once); one
+    still running elsewhere leaves the job claimed: its lease runs out and a later claim finds the result."""
     request = GenerationRequest.from_record(job.request, idempotency_key=f"job:{job.id}")
     actor = Actor(user_id=job.user_id, username=f"user {job.user_id}")
+    if await run_db(_left_unfinished, factory, scoped_idempotency_key(job.user_id, f"job:{job.id}")):
+        # An earlier claim's worker died mid-generation: collect and settle what it left before asking again, so
+        # generate() replays that generation instead of waiting on a lease nobody renews. `now` judges leases.
+        await recover(factory, adapters=adapters, now=now)
     keeper = asyncio.create_task(_keep_lease(factory, job.id, owner, lease_s))
     status: str
     error: dict[str, Any] | None
@@ -339,6 +346,11 @@ async def run_job(
         else:
             generation_id = result.generation_id
             if not result.status.finished:
+                # A dead worker's generation: collect what it left with the provider (recovery takes over only
+                # generations whose lease ran out), then read the outcome again.
+                await recover(factory, adapters=adapters, now=now)
+                result = await run_db(_load_result, factory, generation_id)
+            if not result.status.finished:
                 log.info("job %s: generation %s is still running elsewhere", job.id, generation_id)
                 return job
             status, error = _outcome(result)
@@ -352,6 +364,17 @@ async def run_job(
     )
     row = await run_db(_read, factory, job.id)
     return row
+
+
+def _left_unfinished(factory: sessionmaker[Session], scoped_key: str) -> bool:
+    with factory() as session:
+        generation = generation_by_key(session, scoped_key)
+        return generation is not None and generation.status in ("pending", "running")
+
+
+def _load_result(factory: sessionmaker[Session], generation_id: str) -> GenerationResult:
+    with factory() as session:
+        return load_result(session, generation_id)
 
 
 def _read(factory: sessionmaker[Session], job_id: str) -> JobView:
