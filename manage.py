@@ -87,9 +87,12 @@ def console(argv: list[str]) -> None:
     if code:
         env["IMAGEGATE_SETUP_CODE"] = code
     port = os.environ.get("IMAGEGATE_PORT", "8501")
-    say("starting the background worker (crash recovery, reservation expiry, health probes)")
+    api_port = os.environ.get("IMAGEGATE_API_PORT", "8000")
+    say("starting the background worker (crash recovery, reservation expiry, health probes, alerts)")
     worker = start_worker(imagegate)
-    say(f"starting the console on http://localhost:{port} (Ctrl+C stops it and the worker)")
+    say(f"starting the REST API on http://localhost:{api_port} (OpenAPI at /docs)")
+    api = start_companion(imagegate, "api", "--port", api_port)
+    say(f"starting the console on http://localhost:{port} (Ctrl+C stops it, the API and the worker)")
     try:
         run(
             BIN / "streamlit", "run", ROOT / "app.py",
@@ -100,6 +103,7 @@ def console(argv: list[str]) -> None:
             env=env,
         )
     finally:
+        stop_worker(api)
         stop_worker(worker)
 
 
@@ -108,8 +112,12 @@ WORKER_STOP_TIMEOUT_S = 15.0
 
 def start_worker(imagegate: Path, *extra: str, stdout: int | None = None) -> subprocess.Popen[bytes]:
     """`imagegate worker` in the background, writing to this terminal; the console's companion process."""
-    command = [str(imagegate), "worker", *extra]
-    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, **OFFLINE_ENV}, stdout=stdout)
+    return start_companion(imagegate, "worker", *extra, stdout=stdout)
+
+
+def start_companion(imagegate: Path, *command: str, stdout: int | None = None) -> subprocess.Popen[bytes]:
+    """An `imagegate` command in the background beside the console (the worker, the REST API)."""
+    return subprocess.Popen([str(imagegate), *command], cwd=ROOT, env={**os.environ, **OFFLINE_ENV}, stdout=stdout)
 
 
 def stop_worker(worker: subprocess.Popen[bytes], timeout_s: float = WORKER_STOP_TIMEOUT_S) -> int:
