@@ -143,7 +143,7 @@ def _provider_editor() -> None:
         for problem in overview.problems:
             st.warning(problem)
 
-        form, preview = st.columns([3, 2], gap="large")
+        form, preview = st.columns([5, 4], gap="large")
         slots: dict[str, Any] = {}
         shown: dict[str, Any] = {}
         with form:
