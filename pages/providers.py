@@ -14,12 +14,13 @@ from common.errors import InvalidInput, PermissionDenied
 from core import emulator_faults
 from core.generation import breaker
 from core.generation.health import run_probes
-from core.provider_status import RECENT_DAYS, provider_statuses
+from core.provider_status import RECENT_DAYS, ProviderStatus, provider_statuses
 from core.providers.registry import emulator_url
 from db.engine import transaction
 from ui import state
 
 user = state.require_user(state.STAFF)
+LIVE_EVERY_S = 5
 
 st.title("Providers")
 st.caption(
@@ -54,31 +55,46 @@ def _ms(value: float | None) -> str:
 with state.db_session() as session:
     statuses = provider_statuses(session)
 
-table = pd.DataFrame(
-    [
-        {
-            "id": s.provider,
-            "mode": s.mode,
-            "key": s.key,
-            "health": s.health.value.replace("_", " "),
-            "breaker": s.breaker.state.value.replace("_", "-"),
-            "since (UTC)": _short(s.breaker.since),
-            "next probe": _short(s.breaker.next_probe_at),
-            "last probe": (
-                "—"
-                if s.breaker.last_probe_at is None
-                else f"{'ok' if s.breaker.last_probe_ok else 'failed'} {_short(s.breaker.last_probe_at)}"
-            ),
-            "success": "—" if s.success_rate is None else f"{s.success_rate:.0%} of {s.attempts}",
-            "p50": _ms(s.p50_ms),
-            "p95": _ms(s.p95_ms),
-            "in flight": s.in_flight,
-            "queued": s.queued,
-        }
-        for s in statuses
-    ]
-)
-st.dataframe(table, hide_index=True, width="stretch")
+
+def _table(rows: list[ProviderStatus]) -> None:
+    table = pd.DataFrame(
+        [
+            {
+                "id": s.provider,
+                "mode": s.mode,
+                "key": s.key,
+                "health": s.health.value.replace("_", " "),
+                "breaker": s.breaker.state.value.replace("_", "-"),
+                "since (UTC)": _short(s.breaker.since),
+                "next probe": _short(s.breaker.next_probe_at),
+                "last probe": (
+                    "—"
+                    if s.breaker.last_probe_at is None
+                    else f"{'ok' if s.breaker.last_probe_ok else 'failed'} {_short(s.breaker.last_probe_at)}"
+                ),
+                "success": "—" if s.success_rate is None else f"{s.success_rate:.0%} of {s.attempts}",
+                "p50": _ms(s.p50_ms),
+                "p95": _ms(s.p95_ms),
+                "in flight": s.in_flight,
+                "queued": s.queued,
+            }
+            for s in rows
+        ]
+    )
+    st.dataframe(table, hide_index=True, width="stretch")
+
+
+@st.fragment(run_every=LIVE_EVERY_S)
+def _live_table() -> None:
+    """The table alone, re-read every few seconds: watch breakers open and close while generations run."""
+    with state.db_session() as session:
+        _table(provider_statuses(session))
+
+
+if st.toggle(f"Live: refresh the table every {LIVE_EVERY_S} s", key="providers_live"):
+    _live_table()
+else:
+    _table(statuses)
 
 left, right = st.columns([1, 3])
 with left:

@@ -5,6 +5,7 @@ with the emulator (which it then really changes)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 
 import httpx
 import pytest
@@ -15,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 from common.errors import ErrorClass
 from core.generation import breaker, limits
 from db.engine import transaction
-from db.models import AuditLog
+from db.models import AuditLog, utcnow
 from emulator.faults import FaultBoard
 from emulator.runner import BackgroundServer, serve_in_thread
 from emulator.server import create_emulator_app
@@ -48,6 +49,9 @@ def test_staff_see_every_provider(
     assert set(table["breaker"]) == {"closed"}
     assert any("Sandbox mode" in w.value for w in at.warning)  # the banner, on this page too
     assert any("not available" in i.value and "sandbox" in i.value for i in at.info)  # no faults to inject
+    at.toggle(key="providers_live").set_value(True)  # the table in a fragment that re-reads itself (timer not run)
+    rerun(at)
+    assert set(at.dataframe[0].value["id"]) == set(table.index)
 
 
 def test_a_user_cannot_reach_providers(console_db: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -62,8 +66,10 @@ def test_breaker_slots_probe_and_reset(console_db: sessionmaker[Session], monkey
         for _ in range(5):
             breaker.record_failure(session, "huggingface", ErrorClass.UNAVAILABLE, message="503 from the test")
         limits.ensure_slots(session, "ideogram", 1)
-        assert limits.try_acquire(session, "ideogram", "gen-1:1", 1, 1) is not None
-        assert limits.try_acquire(session, "ideogram", "gen-2:1", 2, 1) is None  # waits
+        # Leases far enough ahead to outlast a slow first page run (a waiter's own lease is 3 s, renewed by polling).
+        later = utcnow() + timedelta(minutes=5)
+        assert limits.try_acquire(session, "ideogram", "gen-1:1", 1, 1, now=later) is not None
+        assert limits.try_acquire(session, "ideogram", "gen-2:1", 2, 1, now=later) is None  # waits
     at = open_as(monkeypatch, console_db, "alice", "providers")
     table = at.dataframe[0].value.set_index("id")
     assert table.loc["huggingface", "breaker"] == "open"
