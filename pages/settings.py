@@ -63,6 +63,14 @@ def _loaded(form: str, current: int, what: str) -> int:
     return loaded
 
 
+def _field_label(name: str) -> str:
+    """A setting's name as a label: `request_timeout_s` -> "Request timeout (s)"."""
+    for suffix, unit in (("_usd", " (USD)"), ("_s", " (s)")):
+        if name.endswith(suffix):
+            return name.removesuffix(suffix).replace("_", " ").capitalize() + unit
+    return name.replace("_", " ").capitalize()
+
+
 def _when(moment: datetime | None) -> str:
     return "—" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -280,7 +288,7 @@ def _global_editor() -> None:
             for i, fld in enumerate(f for f in fields if f.group == group):
                 now = getattr(gview.settings, fld.name)
                 with columns[i % 3]:
-                    label = fld.name.replace("_", " ").capitalize()
+                    label = _field_label(fld.name)
                     fkey = gkey + fld.name
                     if fld.kind == "bool":
                         gdraft[fld.name] = st.toggle(label, bool(now), key=fkey, help=fld.help or None)
@@ -306,14 +314,26 @@ def _global_editor() -> None:
                             label, list(fld.choices), default=list(now), key=fkey, help=fld.help or None
                         )
                     elif fld.kind in ("int", "float"):
-                        text = st.text_input(label, "" if now is None else str(now), key=fkey, help=fld.help or None)
+                        text = st.text_input(
+                            label,
+                            "" if now is None else str(now),
+                            key=fkey,
+                            help=fld.help or None,
+                            placeholder="not set",
+                        )
                         typed = number_from_text(text, "int" if fld.kind == "int" else "float")
                         if typed is not None or now is None:
                             gdraft[fld.name] = typed
                         else:
                             gdraft[fld.name] = text  # a required number left empty: core says so at the field
                     else:
-                        text = st.text_input(label, "" if now is None else str(now), key=fkey, help=fld.help or None)
+                        text = st.text_input(
+                            label,
+                            "" if now is None else str(now),
+                            key=fkey,
+                            help=fld.help or None,
+                            placeholder="not set",
+                        )
                         gdraft[fld.name] = text.strip() or None
                     gslots[fld.name] = st.empty()
         gdraft = {k: v for k, v in gdraft.items() if v is not None}
@@ -477,7 +497,13 @@ def _transfer_panel() -> None:
             help="Every configured provider, the global settings and each provider's latest price. Never keys.",
         )
         st.markdown("**Import**")
-        uploaded = st.file_uploader("Settings file", type=["json"], key="import.file")
+        uploaded = st.file_uploader(
+            "Settings file",
+            type=["json"],
+            key="import.file",
+            help=f"An export of this or another Imagegate, at most {transfer.MAX_IMPORT_BYTES // 1024} KiB. "
+            "Nothing changes before you apply the plan shown below.",
+        )
         pasted = st.text_area("…or paste its JSON", key="import.text", height=150)
         raw: bytes | str | None = uploaded.getvalue() if uploaded is not None else (pasted or None)
         if raw:

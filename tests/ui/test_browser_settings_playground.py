@@ -81,6 +81,15 @@ def test_slider_estimate_save_history_and_a_playground_run(
     cells = page.locator("[role=gridcell]").all_inner_texts()  # type: ignore[attr-defined]
     assert "two images, more steps" in cells, cells
     screenshot(page, "settings-history", in_readme=False)
+    for tab, name in (
+        ("Global settings and presets", "settings-global"),
+        ("Prices", "settings-prices"),
+        ("Import and export", "settings-import"),
+    ):
+        page.get_by_role("tab", name=tab).click()  # type: ignore[attr-defined]
+        page.wait_for_timeout(300)  # type: ignore[attr-defined]
+        page.evaluate("window.scrollTo(0, 0)")  # type: ignore[attr-defined]
+        screenshot(page, name, in_readme=False)
 
     # The Playground: the estimate before anything runs, then a generation with its image and cost.
     page.goto(f"{console.url}/playground")  # type: ignore[attr-defined]
