@@ -1,12 +1,13 @@
 """Webhook delivery: run by the worker, never on a generation's path, so a slow receiver delays nobody.
 
 One `webhook_deliveries` row per alert per webhook (made when the alert fires) or per "send test". A pass
-(`deliver_due`) CLAIMS a batch of due rows with one guarded statement,
+(`deliver_due`) CLAIMS a batch of due rows with one guarded statement that re-checks every condition,
 
     UPDATE webhook_deliveries SET lease_owner = :me, lease_expires_at = :now + 60 s
-    WHERE id IN (SELECT id ... due, not leased ... LIMIT :n FOR UPDATE SKIP LOCKED)   -- PostgreSQL's lock
-      AND status = 'pending' AND next_attempt_at <= :now
+    WHERE id IN (<a batch of due ids>) AND status = 'pending' AND next_attempt_at <= :now
       AND (lease_expires_at IS NULL OR lease_expires_at < :now) AND <its webhook is active>
+
+(the batch: PostgreSQL reads it first FOR UPDATE SKIP LOCKED; SQLite selects it inside the statement),
 
 committed before anything is posted: however many workers run, one of them holds a delivery at a time, and a
 worker that dies mid-post leaves a lease that runs out (the delivery is then posted again: receivers dedupe on
@@ -136,20 +137,26 @@ def _claimable(now: datetime) -> tuple[Any, ...]:
 
 
 def _claim(session: Session, owner: str, now: datetime, limit: int) -> list[_Claimed]:
-    """Lease up to `limit` due deliveries to `owner` in ONE statement. PostgreSQL: the candidates are locked
-    FOR UPDATE SKIP LOCKED, so concurrent workers take disjoint batches without waiting or deadlocking; SQLite:
-    the statement runs under the database's write lock. The outer WHERE re-checks every condition on the row
-    as it is when updated, so a row another worker leased in between is not taken twice."""
-    candidates = (
-        select(D.id)
-        .where(*_claimable(now))
-        .order_by(D.next_attempt_at, D.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
+    """Lease up to `limit` due deliveries to `owner`; concurrent workers take disjoint batches.
+
+    PostgreSQL: the batch is read FOR UPDATE SKIP LOCKED (locked rows are someone else's batch: skipped, never
+    waited for), then leased. Two statements on purpose: inside `UPDATE ... WHERE id IN (SELECT ... LIMIT n FOR
+    UPDATE SKIP LOCKED)` PostgreSQL may run the subquery more than once and lease more than n.
+    SQLite: one statement, `UPDATE ... WHERE id IN (SELECT ... LIMIT n)`, which runs under the database's write
+    lock, so the next worker's statement already sees these leases.
+    Either way the UPDATE re-checks every condition on each row as it is when updated: a row never has two
+    lease holders."""
+    batch = select(D.id).where(*_claimable(now)).order_by(D.next_attempt_at, D.id).limit(limit)
+    chosen: Any
+    if session.get_bind().dialect.name == "postgresql":
+        chosen = session.scalars(batch.with_for_update(skip_locked=True)).all()
+        if not chosen:
+            return []
+    else:
+        chosen = batch.scalar_subquery()
     taken = session.scalars(
         update(D)
-        .where(D.id.in_(candidates), *_claimable(now))
+        .where(D.id.in_(chosen), *_claimable(now))
         .values(lease_owner=owner, lease_expires_at=now + LEASE)
         .returning(D.id)
         .execution_options(synchronize_session=False)

@@ -89,3 +89,26 @@ def race(
         out.put({"trial": trial, "pid": pid, "results": results, "seconds": time.perf_counter() - began})
         done.wait(BARRIER_TIMEOUT_S)
     factory.kw["bind"].dispose()
+
+
+def deliver(url: str, passes: int, start: Barrier, out: Queue[Any]) -> None:
+    """`passes` delivery passes running at once in this process (as several worker loops would), after the
+    cross-process barrier; reports how many deliveries each pass attempted."""
+    import asyncio
+
+    import httpx
+
+    from core.spend.delivery import deliver_due
+
+    factory: sessionmaker[Session] = session_factory(make_engine(url, pool_size=4, max_overflow=4, pool_timeout=120))
+
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(trust_env=False) as client:
+            return list(await asyncio.gather(*(deliver_due(factory, client, limit=7) for _ in range(passes))))
+
+    start.wait(BARRIER_TIMEOUT_S)
+    try:
+        out.put({"pid": os.getpid(), "attempted": asyncio.run(run()), "error": None})
+    except Exception as error:
+        out.put({"pid": os.getpid(), "attempted": [], "error": f"{type(error).__name__}: {error}"})
+    factory.kw["bind"].dispose()

@@ -12,15 +12,18 @@ import time
 from collections import Counter
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.spend import alerts
+from core.spend.webhooks import ALLOW_PRIVATE_ENV
 from db.engine import transaction
-from db.models import AlertEvent, BudgetPeriod, SpendMode, Webhook, WebhookDelivery
+from db.models import AlertEvent, BudgetPeriod, SpendMode, Webhook, WebhookDelivery, utcnow
 from tests.core.spend import alert_racers
 from tests.core.spend.alert_racers import NOW
 from tests.core.spend.test_alerts import make_budget
+from tests.core.spend.webhook_receiver import Receiver, serve
 
 PROCESSES = 3
 THREADS = 4
@@ -122,3 +125,54 @@ def test_a_naive_check_then_insert_fails_passes_in_the_same_race(db_url: str, db
     assert errors and all("IntegrityError" in e for e in errors), errors
     for fact in facts:  # the unique index still keeps one row per key: what saves it is the database
         assert set(fact["keys"].values()) == {1}
+
+
+def test_delivery_passes_in_several_processes_post_each_delivery_once(
+    db_url: str, db_session_factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three processes, each running three delivery passes at once, over 60 due deliveries: every delivery is
+    claimed by exactly one pass (the batch claim), so the receiver sees each delivery id once."""
+    monkeypatch.setenv(ALLOW_PRIVATE_ENV, "1")  # the spawned processes inherit it
+    deliveries = 60
+    with serve(Receiver(secret="s3cret", delay_s=0.02)) as receiver:
+        now = utcnow()
+        with transaction(db_session_factory) as session:
+            hook = Webhook(name="ops", url=receiver.url, events=[], signing_secret="s3cret")
+            session.add(hook)
+            session.flush()
+            session.add_all(
+                WebhookDelivery(
+                    webhook_id=hook.id, event_type="test", payload={"n": n}, status="pending", attempts=0,
+                    created_at=now, next_attempt_at=now,
+                )
+                for n in range(deliveries)
+            )  # fmt: skip
+        start = SPAWN.Barrier(PROCESSES + 1)
+        queue = SPAWN.Queue()
+        processes = [
+            SPAWN.Process(target=alert_racers.deliver, args=(db_url, 3, start, queue)) for _ in range(PROCESSES)
+        ]
+        for process in processes:
+            process.start()
+        try:
+            start.wait(alert_racers.BARRIER_TIMEOUT_S)
+            reports = [queue.get(timeout=JOIN_TIMEOUT_S) for _ in range(PROCESSES)]
+        finally:
+            for process in processes:
+                process.join(JOIN_TIMEOUT_S)
+                if process.exitcode is None:
+                    process.kill()
+        assert [r["error"] for r in reports] == [None] * PROCESSES, reports
+        attempted = [n for r in reports for n in r["attempted"]]
+        assert sum(attempted) <= deliveries and max(attempted) <= 7, attempted  # no pass takes beyond its batch
+        ids = Counter(p.headers["X-Imagegate-Delivery"] for p in receiver.posts)
+        assert set(ids.values()) == {1}, ids.most_common(3)  # nothing posted twice
+        assert all(p.signature_ok for p in receiver.posts)
+        with db_session_factory() as session:
+            statuses = Counter(session.scalars(select(WebhookDelivery.status)))
+            left = session.execute(
+                select(WebhookDelivery.id, WebhookDelivery.last_error).where(WebhookDelivery.status != "delivered")
+            ).all()
+        # Disjoint batches of at most 7 from 9 passes (63 places): all 60 delivered, none twice.
+        assert statuses["delivered"] == len(receiver.posts) == sum(attempted) == deliveries, (statuses, attempted, left)
+        print(f"[{_backend(db_url)}] {PROCESSES} processes x 3 passes: {sum(attempted)} delivered, {attempted}")

@@ -82,14 +82,19 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the default listen backlog (5) refuses connections when many workers post at once
+    daemon_threads = True
+
+
 @contextmanager
 def serve(receiver: Receiver) -> Iterator[Receiver]:
     """Serve on a free port picked at random in 20000-40000 (the machine is shared)."""
-    server: ThreadingHTTPServer | None = None
+    server: _Server | None = None
     for _ in range(50):
         port = random.randint(20000, 40000)
         try:
-            server = ThreadingHTTPServer(("127.0.0.1", port), _handler(receiver))
+            server = _Server(("127.0.0.1", port), _handler(receiver))
             break
         except OSError:
             continue
