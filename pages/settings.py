@@ -5,6 +5,7 @@ Every save is a new version (history, side-by-side diff, rollback). Every rule i
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import pandas as pd
@@ -61,6 +62,13 @@ def _loaded(form: str, current: int, what: str) -> int:
             st.session_state[f"{form}.loaded"] = current
             st.rerun()
     return loaded
+
+
+def _optional(column: Any, label: str, value: object, key: str, help_text: str) -> str:
+    """A value that may be left empty (not set), typed as text; amounts keep their exact decimal form."""
+    shown = "" if value is None else format(value, "f") if isinstance(value, Decimal) else str(value)
+    text: str = column.text_input(label, shown, key=key, help=help_text, placeholder="not set")
+    return text
 
 
 def _field_label(name: str) -> str:
@@ -173,25 +181,24 @@ def _provider_editor() -> None:
                 "Priority", value=current.priority, step=1, key=key + "priority", help="Higher is tried first (0-1000)."
             )
             slots["priority"] = a.empty()
-            daily = b.text_input(
+            daily = _optional(
+                b,
                 "Daily cost limit (USD)",
-                "" if current.daily_cost_limit_usd is None else format(current.daily_cost_limit_usd, "f"),
-                key=key + "daily",
-                help="Empty: no limit. A hard daily budget for this provider.",
+                current.daily_cost_limit_usd,
+                key + "daily",
+                "Empty: no limit. A hard daily budget for this provider.",
             )
             slots["daily_cost_limit_usd"] = b.empty()
-            timeout = a.text_input(
-                "Request timeout (s)",
-                "" if current.request_timeout_s is None else str(current.request_timeout_s),
-                key=key + "timeout",
-                help="Empty: the global setting.",
+            timeout = _optional(
+                a, "Request timeout (s)", current.request_timeout_s, key + "timeout", "Empty: the global setting."
             )
             slots["request_timeout_s"] = a.empty()
-            in_flight = b.text_input(
+            in_flight = _optional(
+                b,
                 "Max in flight",
-                "" if current.max_in_flight is None else str(current.max_in_flight),
-                key=key + "inflight",
-                help="Requests at once across every process. Empty: the catalog's limit.",
+                current.max_in_flight,
+                key + "inflight",
+                "Requests at once across every process. Empty: the catalog's limit.",
             )
             slots["max_in_flight"] = b.empty()
             c, d, e = st.columns(3)
