@@ -350,10 +350,13 @@ async def run_pass(
     now: datetime | None = None,
     *,
     anomaly: AnomalyConfig | None = None,
+    detect: bool = True,
 ) -> PassReport:
-    """One detection pass and one delivery pass: `imagegate alerts run`, and what the worker does each turn."""
+    """One detection pass (unless `detect` is false) and one delivery pass: `imagegate alerts run`, and what the
+    worker does each turn."""
     report = PassReport()
-    report.alerts = await run_db(detect_alerts, session_factory, now, anomaly=anomaly)
+    if detect:
+        report.alerts = await run_db(detect_alerts, session_factory, now, anomaly=anomaly)
     if http_client is not None:
         await deliver_due(session_factory, http_client, now, report=report)
         return report
