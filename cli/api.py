@@ -20,9 +20,11 @@ def api(
     needed, runs its own job worker, and shares budgets, breakers and the job queue with the others through it."""
     import uvicorn
 
+    from cli.main import _check_can_listen
     from db import migrate
 
     disable_telemetry()
+    _check_can_listen(host, port)  # a clear refusal instead of uvicorn's log line and exit code
     migrate.upgrade()  # once here, so the worker processes find the schema ready
     typer.echo(f"imagegate api on http://{host}:{port} ({workers} worker process{'es' if workers > 1 else ''})")
     uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="info")

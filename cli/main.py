@@ -28,36 +28,23 @@ from cli.spend import alerts_app, webhooks_app
 from cli.tokens import tokens_app
 from common.config import disable_telemetry
 from common.errors import (
-    AccountLocked,
-    BudgetExceeded,
-    Conflict,
     DatabaseUnavailable,
     ImagegateError,
     InvalidInput,
     NotFound,
-    PermissionDenied,
-    ProviderError,
 )
+from common.problems import kind_of
 from core.runtime import Runtime, open_runtime
 from core.security import Actor, Role
 from db.engine import transaction
 
 DEBUG_ENV = "IMAGEGATE_DEBUG"
-EXIT_CODES: tuple[tuple[type[ImagegateError], int], ...] = (
-    (InvalidInput, 2),
-    (PermissionDenied, 3),
-    (AccountLocked, 3),
-    (NotFound, 4),
-    (Conflict, 5),
-    (DatabaseUnavailable, 6),
-    (ProviderError, 7),
-    (BudgetExceeded, 8),
-)
-"""common/errors.py's table, in one place: the first class an error is an instance of decides."""
 
 
 def exit_code_for(error: ImagegateError) -> int:
-    return next((code for cls, code in EXIT_CODES if isinstance(error, cls)), 1)
+    """The exit code of common.problems.ERROR_KINDS (the one table of the error tree's outward faces)."""
+    kind = kind_of(error)
+    return 1 if kind is None else kind.exit_code
 
 
 def _report(error: BaseException) -> None:

@@ -1,5 +1,6 @@
-"""The error tree as RFC 9457 problem details: the one map from an `ImagegateError` to an HTTP status, a stable
-problem type and the fields a client can act on. The REST API answers with it (`application/problem+json`) and a
+"""The error tree as the outside world sees it: ERROR_KINDS is the one table of each class's CLI exit code, HTTP
+status and problem type, and `problem_for` renders an error as RFC 9457 problem details with the fields a client
+can act on. The REST API answers with it (`application/problem+json`) and a
 failed generation job stores it, so a job's error reads the same as a synchronous one.
 
     problem = problem_for(error)          # Problem(type=..., title=..., status=..., detail=..., ...)
@@ -26,22 +27,39 @@ from common.errors import (
     ProviderError,
 )
 
-__all__ = ["PROBLEM_TYPE_PREFIX", "Problem", "problem_for", "status_for"]
+__all__ = ["ERROR_KINDS", "PROBLEM_TYPE_PREFIX", "ErrorKind", "Problem", "kind_of", "problem_for", "status_for"]
 
 PROBLEM_TYPE_PREFIX = "urn:imagegate:problem:"
 """Problem types are URNs: stable identifiers a client can switch on, not pages to fetch."""
 
-# Most specific first: AccountLocked is not a PermissionDenied, but keep the order explicit anyway.
-_KINDS: tuple[tuple[type[BaseException], int, str, str], ...] = (
-    (InvalidInput, 422, "invalid-input", "The request is not valid"),
-    (AccountLocked, 423, "account-locked", "The account is locked"),
-    (PermissionDenied, 403, "permission-denied", "Not allowed"),
-    (NotFound, 404, "not-found", "Not found"),
-    (Conflict, 409, "conflict", "Changed by someone else"),
-    (DatabaseUnavailable, 503, "database-unavailable", "The database is unavailable"),
-    (BudgetExceeded, 402, "budget-exceeded", "A budget has not enough left"),
-    (ProviderError, 502, "provider-failed", "The image provider failed"),
+
+@dataclass(frozen=True)
+class ErrorKind:
+    """How one class of the error tree is answered everywhere: the CLI's exit code, the HTTP status, the
+    problem type's slug and its title. The ONE table: cli.main and the REST API both read it."""
+
+    error: type[ImagegateError]
+    exit_code: int
+    status: int
+    slug: str
+    title: str
+
+
+ERROR_KINDS: tuple[ErrorKind, ...] = (
+    ErrorKind(InvalidInput, 2, 422, "invalid-input", "The request is not valid"),
+    ErrorKind(AccountLocked, 3, 423, "account-locked", "The account is locked"),
+    ErrorKind(PermissionDenied, 3, 403, "permission-denied", "Not allowed"),
+    ErrorKind(NotFound, 4, 404, "not-found", "Not found"),
+    ErrorKind(Conflict, 5, 409, "conflict", "Changed by someone else"),
+    ErrorKind(DatabaseUnavailable, 6, 503, "database-unavailable", "The database is unavailable"),
+    ErrorKind(ProviderError, 7, 502, "provider-failed", "The image provider failed"),
+    ErrorKind(BudgetExceeded, 8, 402, "budget-exceeded", "A budget has not enough left"),
 )
+"""The first kind an error is an instance of decides."""
+
+
+def kind_of(error: BaseException) -> ErrorKind | None:
+    return next((kind for kind in ERROR_KINDS if isinstance(error, kind.error)), None)
 
 
 @dataclass(frozen=True)
@@ -61,7 +79,8 @@ class Problem:
 
 
 def status_for(error: BaseException) -> int:
-    return next((status for cls, status, _, _ in _KINDS if isinstance(error, cls)), 500)
+    kind = kind_of(error)
+    return 500 if kind is None else kind.status
 
 
 def _extensions(error: ImagegateError) -> dict[str, Any]:
@@ -106,8 +125,7 @@ def _iso(moment: datetime) -> str:
 
 def problem_for(error: BaseException) -> Problem:
     """The problem details of `error`: its class decides status and type; the message is the detail."""
-    for cls, status, slug, title in _KINDS:
-        if isinstance(error, cls):
-            assert isinstance(error, ImagegateError)
-            return Problem(PROBLEM_TYPE_PREFIX + slug, title, status, str(error), _extensions(error))
-    return Problem(PROBLEM_TYPE_PREFIX + "internal", "Internal error", 500, None)
+    kind = kind_of(error)
+    if kind is None or not isinstance(error, ImagegateError):
+        return Problem(PROBLEM_TYPE_PREFIX + "internal", "Internal error", 500, None)
+    return Problem(PROBLEM_TYPE_PREFIX + kind.slug, kind.title, kind.status, str(error), _extensions(error))

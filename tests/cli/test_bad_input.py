@@ -173,6 +173,37 @@ def _cases(root: Path, busy_port: int) -> dict[tuple[str, ...], list[Bad]]:
             Bad(("settings", "export", "-o", str(root)), 2, "cannot write"),
             Bad(("settings", "export", "-o", str(root / "no" / "such" / "dir.json")), 2, "cannot write"),
         ],
+        ("api",): [
+            Bad(("api", "--port", "0"), 2, "greater than or equal to 1"),
+            Bad(("api", "--workers", "0"), 2, "greater than or equal to 1"),
+            Bad(("api", "--port", str(busy_port)), 2, f"cannot listen on 127.0.0.1:{busy_port}"),
+        ],
+        ("tokens", "create"): [
+            Bad(("tokens", "create", "nobody", "--name", "x"), 4, "no user named 'nobody'"),
+            Bad(("tokens", "create", "erin", "--name", "x", "--days", "9999"), 2, "lifetime"),
+        ],
+        ("tokens", "list"): [Bad(("tokens", "list", "nobody"), 4, "no user named 'nobody'")],
+        ("tokens", "revoke"): [
+            Bad(("tokens", "revoke", "999"), 4, "no API token with id 999"),
+            Bad(("tokens", "revoke", "x"), 2, "valid integer"),
+        ],
+        ("alerts", "list"): [Bad(("alerts", "list", "--kind", "bogus"), 2, "--kind is one of")],
+        ("alerts", "read"): [Bad(("alerts", "read", "1"), 2, "name it with --as USER")],
+        ("alerts", "thresholds"): [Bad(("alerts", "thresholds", "999", "50"), 4, "budget 999 does not exist")],
+        ("alerts", "run"): [Bad(("alerts", "run", "extra"), 2, "unexpected extra argument")],
+        ("webhooks", "create"): [Bad(("webhooks", "create", "x", "ftp://x"), 2, "must start with http")],
+        ("webhooks", "list"): [Bad(("webhooks", "list", "extra"), 2, "unexpected extra argument")],
+        ("webhooks", "test"): [Bad(("webhooks", "test", "999"), 4, "webhook 999 does not exist")],
+        ("webhooks", "disable"): [Bad(("webhooks", "disable", "999"), 4, "webhook 999 does not exist")],
+        ("webhooks", "enable"): [Bad(("webhooks", "enable", "999"), 4, "webhook 999 does not exist")],
+        ("webhooks", "delete"): [Bad(("webhooks", "delete", "999"), 4, "webhook 999 does not exist")],
+        ("webhooks", "log"): [Bad(("webhooks", "log", "x"), 2, "valid integer")],
+        ("report",): [
+            Bad(("report", "--from", "2026-02-30"), 2, "--from takes a date"),
+            Bad(("report", "--by", "nonsense"), 2, "cannot report by 'nonsense'"),
+        ],
+        ("recommend",): [Bad(("recommend", "--mode", "bogus"), 2, "live or simulated")],
+        ("forecast",): [Bad(("forecast", "--mode", "bogus"), 2, "live or simulated")],
         ("settings", "import"): [
             Bad(("settings", "import", str(files["directory"])), 2, "is a directory"),
             Bad(("settings", "import", str(files["dev-zero"])), 2, "is a character device"),
@@ -261,13 +292,31 @@ DATABASE_COMMANDS: list[tuple[str, ...]] = [
     ("budgets", "create", "x", "--limit", "1"),
     ("budgets", "reset", "x"),
     ("usage", "summary"),
+    ("api", "--port", "1"),
+    ("tokens", "list"),
+    ("tokens", "create", "erin", "--name", "x"),
+    ("tokens", "revoke", "1"),
+    ("alerts", "list"),
+    ("alerts", "read", "1", "--as", "erin"),
+    ("alerts", "thresholds", "1"),
+    ("alerts", "run"),
+    ("webhooks", "create", "x", "https://example.com/hook"),
+    ("webhooks", "list"),
+    ("webhooks", "test", "1"),
+    ("webhooks", "disable", "1"),
+    ("webhooks", "enable", "1"),
+    ("webhooks", "delete", "1"),
+    ("webhooks", "log"),
+    ("report",),
+    ("recommend",),
+    ("forecast",),
 ]
 
 
 def test_every_command_that_needs_the_database_says_when_it_cannot_reach_it(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    grouped = ("db", "users", "settings", "budgets", "usage")
+    grouped = ("db", "users", "settings", "budgets", "usage", "tokens", "alerts", "webhooks")
     database_paths = {args[: 2 if args[0] in grouped else 1] for args in DATABASE_COMMANDS}
     assert database_paths | {("emulator",), ("health",), ("settings", "import")} == set(_command_paths())
     importable = data_dir / "ok.json"
@@ -329,14 +378,14 @@ def test_the_error_tree_maps_to_the_documented_exit_codes(
 
 def test_every_class_of_the_error_tree_has_its_own_exit_code() -> None:
     import common.errors
-    from cli.main import EXIT_CODES
+    from common.problems import ERROR_KINDS
 
     tree = {
         cls
         for cls in vars(common.errors).values()
         if isinstance(cls, type) and issubclass(cls, ImagegateError) and cls is not ImagegateError
     }
-    assert tree == {cls for cls, _ in EXIT_CODES}, "map a new error class in cli.main.EXIT_CODES"
+    assert tree == {kind.error for kind in ERROR_KINDS}, "map a new error class in common.problems.ERROR_KINDS"
 
 
 def test_an_unexpected_error_is_one_line_unless_debugging(ready: Path, monkeypatch: pytest.MonkeyPatch) -> None:
