@@ -17,10 +17,7 @@ st.title("Your account")
 st.text(f"username: {user.username}")
 st.text(f"role: {user.role.value}")
 if user.role is Role.USER:
-    st.info(
-        "Your role may generate in the Playground within your budget and see your own usage. Those pages come "
-        "with the generation service; until then this account page is all there is for your role."
-    )
+    st.info("Your role may generate in the Playground within your budget and see your own usage on the Usage page.")
 else:
     st.info(f"Your role ({user.role.value}) may view and change provider settings, prices and budgets.")
 
