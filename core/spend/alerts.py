@@ -527,7 +527,12 @@ def list_alerts(
     read_join = and_(AlertRead.alert_event_id == AlertEvent.id, AlertRead.user_id == (who.user_id or -1))
     query = _visible(who).add_columns(AlertRead.read_at).outerjoin(AlertRead, read_join)
     if kind is not None:
-        query = query.where(AlertEvent.kind == AlertKind(kind).value)
+        try:
+            wanted = AlertKind(kind)
+        except ValueError:
+            kinds = ", ".join(k.value for k in AlertKind)
+            raise InvalidInput(f"unknown alert kind {kind!r}; one of {kinds}", {"kind": f"one of {kinds}"}) from None
+        query = query.where(AlertEvent.kind == wanted.value)
     if unread_only:
         query = query.where(AlertRead.read_at.is_(None))
     query = query.order_by(AlertEvent.fired_at.desc(), AlertEvent.id.desc()).limit(limit)

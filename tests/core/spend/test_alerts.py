@@ -328,6 +328,9 @@ def test_in_app_visibility_unread_and_read_marks(db_session_factory: Factory) ->
     with db_session_factory() as session:
         titles = [a.title.split(":")[0] for a in alerts.list_alerts(session, admin)]
         assert sorted(titles) == ["ann's", "ideogram", "team"]
+        with pytest.raises(InvalidInput, match="unknown alert kind ''") as refused:
+            alerts.list_alerts(session, admin, kind="")
+        assert "kind" in refused.value.field_errors
         assert alerts.unread_count(session, admin) == alerts.unread_count(session, hero) == 3
         (own,) = alerts.list_alerts(session, ann)
         assert own.title.startswith("ann's: 50%") and not own.read
