@@ -11,6 +11,11 @@ Presets deliberately do not set `image_size` or `num_images`. Size is a composit
 portrait in every preset) and, with count, is what per-megapixel and per-image prices charge for: a preset that
 quietly changed either would change the bill behind the admin's back. Pick those explicitly.
 
+Admins edit presets through the global setting `preset_overrides` (preset -> provider -> {param: value}),
+validated by core.settings like every other parameter value and applied over these built-in values by
+`resolve_effective`; edits are therefore versioned, audited, diffed and rolled back with the global settings.
+The values below stay the built-in ones ("reset to built-in" removes an override).
+
 Rationale per preset:
 - fast: drafts and previews. About 10-15 steps is where Qwen-Image first gives a usable composition; fal's
   `acceleration=high` roughly halves run time for a visible quality cost; JPEG output downloads faster.
@@ -26,6 +31,7 @@ Rationale per preset:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -100,6 +106,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+PRESET_FORBIDDEN_PARAMS: frozenset[str] = frozenset({"image_size", "num_images"})
+"""What a preset, built-in or edited, never sets (they decide the bill; see above)."""
+
+PresetOverrides = Mapping[str, Mapping[str, Mapping[str, Any]]]
+"""preset -> provider -> {param: value}: the admins' edits over the built-in values."""
+
+
 class UnknownPreset(ValueError):
     """A preset name that is not one of PRESET_NAMES."""
 
@@ -120,7 +133,13 @@ def preset_params(preset: str, provider_id: str) -> dict[str, Any]:
     return dict(PRESETS[key].get(provider_id, {}))
 
 
-def presets_for(provider_id: str) -> MappingProxyType[str, dict[str, Any]]:
-    """Every preset's values for one provider, for a UI table."""
+def presets_for(provider_id: str, overrides: PresetOverrides | None = None) -> MappingProxyType[str, dict[str, Any]]:
+    """Every preset's values for one provider, for a UI table: the built-in values, with `overrides` (the
+    global settings' `preset_overrides`, already validated) applied over them when given."""
     get_provider(provider_id)
-    return MappingProxyType({name: dict(PRESETS[name].get(provider_id, {})) for name in PRESET_NAMES})
+    return MappingProxyType(
+        {
+            name: {**PRESETS[name].get(provider_id, {}), **((overrides or {}).get(name, {}).get(provider_id, {}))}
+            for name in PRESET_NAMES
+        }
+    )

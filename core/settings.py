@@ -42,7 +42,7 @@ from common.errors import InvalidInput
 from core.catalog import COMMON_PARAMS, PROVIDERS, SEED_MAX, ParamSpec, ProviderSpec
 from core.keys import key_destination_problem, keys_in, looks_like_url
 from core.money import MAX_UNIT_PRICE_USD, exact_decimal, money_limit, usd_to_micros
-from core.presets import UnknownPreset, normalize_preset, preset_params
+from core.presets import PRESET_FORBIDDEN_PARAMS, PRESET_NAMES, UnknownPreset, normalize_preset, preset_params
 from core.prompts import prompt_problem
 from core.sizes import SizeError, parse_size, resolve_size
 
@@ -68,6 +68,8 @@ SOURCE_PROVIDER = "provider"
 SOURCE_REQUEST = "request"
 SOURCE_USER = "user preference"
 PRESET_SOURCE_PREFIX = "preset:"
+PRESET_EDITED_SUFFIX = " (edited)"
+"""Appended to a preset's source when the value is the admins' edit, not the built-in one: "preset:fast (edited)"."""
 DEFAULT_TARGET_COST_PER_IMAGE_USD = Decimal("0.02")
 """The design document's target cost per image; `GlobalSettings.target_cost_per_image_usd` changes it."""
 USER_PREFERENCE_FIELDS: tuple[str, ...] = ("image_size", "preset", "negative_prompt")
@@ -313,6 +315,51 @@ def _valid_size(value: str | None) -> str | None:
     return value.strip()
 
 
+def clean_preset_overrides(value: Any) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, str]]:
+    """Validate edited preset values (preset -> provider -> {param: value}) with the one parameter validator:
+    (normalised overrides, field errors keyed `preset_overrides.<preset>.<provider>[.<param>]`). Collects every
+    error. A preset never sets image_size or num_images (core.presets says why); empty entries are dropped."""
+    field = "preset_overrides"
+    if not isinstance(value, Mapping):
+        return {}, {field: f"{field} must be a mapping of preset -> provider -> parameters, not {_type_name(value)}"}
+    cleaned: dict[str, dict[str, dict[str, Any]]] = {}
+    errors: dict[str, str] = {}
+    for preset, by_provider in value.items():
+        try:
+            key = normalize_preset(preset)
+        except UnknownPreset as exc:
+            errors[f"{field}.{preset}"] = str(exc)
+            continue
+        if not isinstance(by_provider, Mapping):
+            errors[f"{field}.{key}"] = f"preset {key} must map providers to parameters, not {_type_name(by_provider)}"
+            continue
+        for provider_id, params in by_provider.items():
+            where = f"{field}.{key}.{provider_id}"
+            spec = PROVIDERS.get(provider_id)
+            if spec is None:
+                errors[where] = _unknown_provider(provider_id)
+                continue
+            if not isinstance(params, Mapping):
+                errors[where] = f"parameters must be a mapping of names to values, not {_type_name(params)}"
+                continue
+            forbidden = {n for n in params if n in PRESET_FORBIDDEN_PARAMS}
+            for name in sorted(forbidden):
+                errors[f"{where}.{name}"] = (
+                    f"a preset never sets {name}: size and count decide the bill, so pick them explicitly"
+                )
+            good, problems = clean_params(provider_id, {n: v for n, v in params.items() if n not in forbidden})
+            errors.update({f"{where}.{n}": msg for n, msg in problems.items()})
+            for name, normal in good.items():
+                problem = key_destination_error(spec, spec.params[name], normal)
+                if problem is not None:
+                    errors[f"{where}.{name}"] = problem
+            kept = {n: v for n, v in good.items() if f"{where}.{n}" not in errors}
+            if kept:
+                cleaned.setdefault(key, {}).setdefault(provider_id, {}).update(kept)
+    ordered = {p: dict(sorted(cleaned[p].items())) for p in PRESET_NAMES if p in cleaned}
+    return ordered, errors
+
+
 def _valid_preset(value: str | None) -> str | None:
     if value is None:
         return None
@@ -393,6 +440,25 @@ class GlobalSettings(BaseModel):
         USER_PREFERENCE_FIELDS, exclude_if=lambda value: tuple(value) == USER_PREFERENCE_FIELDS
     )
     """What users may set as their own defaults (a subset of image_size, preset, negative_prompt)."""
+
+    # Quality presets (core.presets).
+    preset_overrides: dict[str, dict[str, dict[str, Any]]] = Field(
+        default_factory=dict, exclude_if=lambda value: not value
+    )
+    """Edited preset values, preset -> provider -> {parameter: value}, applied over the built-in ones (never
+    image_size or num_images). Left out of the stored form when empty, so older versions compare equal."""
+
+    @field_validator("preset_overrides", mode="before")
+    @classmethod
+    def _preset_overrides(cls, value: Any) -> dict[str, dict[str, dict[str, Any]]]:
+        cleaned, errors = clean_preset_overrides(value)
+        if errors:
+            raise ValueError("; ".join(f"{path}: {msg}" for path, msg in errors.items()))
+        return cleaned
+
+    def preset_values(self, preset: str, provider_id: str) -> dict[str, Any]:
+        """The admins' edits of one preset for one provider (empty when it is built-in there)."""
+        return dict(self.preset_overrides.get(preset, {}).get(provider_id, {}))
 
     @field_validator("target_cost_per_image_usd", mode="before")
     @classmethod
@@ -480,11 +546,17 @@ def validate_global_settings(data: Mapping[str, Any]) -> GlobalSettings:
     secret_errors = keys_in(dict(data))
     if secret_errors:
         raise InvalidInput("global settings contain an API key", secret_errors)
+    raw = dict(data)
+    errors: dict[str, str] = {}
+    if "preset_overrides" in raw:  # checked here too, so each bad value gets its own field error
+        raw["preset_overrides"], errors = clean_preset_overrides(raw["preset_overrides"])
     try:
-        return GlobalSettings.model_validate(dict(data))
+        settings = GlobalSettings.model_validate(raw)
     except ValidationError as exc:
-        errors = field_errors_from_validation(exc, allowed=tuple(GlobalSettings.model_fields))
+        errors.update(field_errors_from_validation(exc, allowed=tuple(GlobalSettings.model_fields)))
+    if errors:
         raise InvalidInput(f"global settings are not valid ({len(errors)} problem(s))", errors) from None
+    return settings
 
 
 class ProviderSettings(BaseModel):
@@ -616,7 +688,10 @@ class TaggedValue:
 def describe_source(source: str) -> str:
     """A layer name in words, for messages and the UI ("the Fast preset")."""
     if source.startswith(PRESET_SOURCE_PREFIX):
-        return f"the {source.removeprefix(PRESET_SOURCE_PREFIX).title()} preset"
+        name = source.removeprefix(PRESET_SOURCE_PREFIX)
+        edited = name.endswith(PRESET_EDITED_SUFFIX)
+        name = name.removesuffix(PRESET_EDITED_SUFFIX)
+        return f"the {name.title()} preset" + (" (edited)" if edited else "")
     return _SOURCE_WORDS.get(source, source)
 
 
@@ -769,6 +844,9 @@ def resolve_effective(
         else:
             for name, value in preset_params(preset_key, provider_id).items():
                 merged[name] = TaggedValue(value, PRESET_SOURCE_PREFIX + preset_key)
+            if global_settings is not None:  # the admins' edits of this preset, over its built-in values
+                for name, value in global_settings.preset_values(preset_key, provider_id).items():
+                    merged[name] = TaggedValue(value, PRESET_SOURCE_PREFIX + preset_key + PRESET_EDITED_SUFFIX)
 
     if overrides:
         cleaned, override_errors = clean_params(provider_id, overrides)

@@ -23,7 +23,9 @@ from sqlalchemy.orm import Session
 from common.errors import InvalidInput, NotFound
 from core import price_store, settings_service
 from core.catalog import COMMON_PARAMS, PROVIDERS, ParamSpec
+from core.money import format_usd
 from core.overview import PREVIEW_PROMPT
+from core.presets import preset_params, presets_for
 from core.pricing import CostEstimate, estimate_cost, parse_price
 from core.settings import (
     EffectiveParams,
@@ -33,6 +35,7 @@ from core.settings import (
     resolve_effective,
     validate_global_settings,
 )
+from core.spend.optimizer import ChangeCost, change_cost
 
 FieldKind = Literal["int", "float", "bool", "optional_bool", "text", "choice", "many"]
 
@@ -165,6 +168,10 @@ def number_from_text(text: str, kind: Literal["int", "float"]) -> Any:
 # --- the global settings, described for a form ---------------------------------------------------------------
 
 
+EDITED_ELSEWHERE = frozenset({"preset_overrides"})
+"""Global settings with their own editor (the presets table), left out of the global settings form."""
+
+
 @dataclass(frozen=True)
 class GlobalField:
     name: str
@@ -217,6 +224,8 @@ def global_fields() -> list[GlobalField]:
 
     out: list[GlobalField] = []
     for name, info in GlobalSettings.model_fields.items():
+        if name in EDITED_ELSEWHERE:
+            continue
         default = info.default
         if name in COMMON_PARAMS:
             spec = _common_spec(name)
@@ -273,3 +282,76 @@ def check_price_draft(rule: Mapping[str, Any]) -> dict[str, str]:
     except InvalidInput as exc:
         return dict(exc.field_errors) or {"price": str(exc)}
     return {}
+
+
+# --- quality presets -------------------------------------------------------------------------------------------
+
+
+def preset_param_names(provider: str) -> list[str]:
+    """The parameters the presets editor shows for a provider: those any built-in preset sets there, in the
+    catalog's order (an edit changes a value a preset already trades; it adds no new kind of value)."""
+    named = {n for values in presets_for(provider).values() for n in values}
+    return [n for n in PROVIDERS[provider].params if n in named]
+
+
+def preset_overrides_draft(
+    current: Mapping[str, Mapping[str, Mapping[str, Any]]], provider: str, shown: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """The `preset_overrides` a save stores from the values a presets form shows for one provider (preset ->
+    {param: value}): the other providers' edits are kept; for this one, a value is an edit only when it differs
+    from the built-in value, so an untouched form (or one set back to the built-in values) stores nothing."""
+    out: dict[str, dict[str, dict[str, Any]]] = {
+        preset: {pid: dict(values) for pid, values in by_provider.items() if pid != provider}
+        for preset, by_provider in current.items()
+    }
+    for preset, values in shown.items():
+        builtin = preset_params(preset, provider)
+        edited = {n: v for n, v in values.items() if n not in builtin or v != builtin[n]}
+        if edited:
+            out.setdefault(preset, {})[provider] = edited
+    return {preset: by_provider for preset, by_provider in out.items() if by_provider}
+
+
+def global_draft_with(settings: GlobalSettings, **changes: Any) -> dict[str, Any]:
+    """The stored form of `settings` with some fields replaced: a draft for save_global_settings."""
+    return {**settings_service.settings_json(settings), **changes}
+
+
+@dataclass(frozen=True)
+class CostChange:
+    """What a provider-settings draft would do to monthly spend at the last 30 days' volume (the optimizer's
+    `change_cost`), as the Settings preview shows it."""
+
+    headline: str
+    """"+$1.20/month", "-$0.40/month", "no change", or why it cannot be judged."""
+    detail: str
+    judged: bool
+    """False when there is no history to judge from (or the draft cannot be priced)."""
+    change: ChangeCost | None = None
+
+
+def change_cost_preview(session: Session, provider: str, draft: Mapping[str, Any]) -> CostChange:
+    """The optimizer's "what this change costs per month" for a draft, before saving. Never raises for bad
+    input: an invalid or unpriceable draft says so instead."""
+    try:
+        change = change_cost(session, provider, draft)
+    except InvalidInput as exc:
+        return CostChange("—", f"cannot estimate: {exc}", judged=False)
+    if change.images_last_30_days == 0:
+        return CostChange(
+            "no history",
+            f"{provider} made no images in the last 30 days, so there is no volume to judge this change by. "
+            f"One image: {format_usd(change.per_image_before_micro_usd)} now, "
+            f"{format_usd(change.per_image_after_micro_usd)} with this change.",
+            judged=False,
+            change=change,
+        )
+    delta = change.monthly_change_micro_usd
+    headline = "no change" if delta == 0 else f"{'+' if delta > 0 else '-'}{format_usd(abs(delta))}/month"
+    detail = (
+        f"At last 30 days' volume ({change.images_last_30_days} image(s)): "
+        f"{format_usd(change.monthly_before_micro_usd)} now, {format_usd(change.monthly_after_micro_usd)} with "
+        f"this change ({format_usd(change.per_image_before_micro_usd)} -> "
+        f"{format_usd(change.per_image_after_micro_usd)} per image)."
+    )
+    return CostChange(headline, detail, judged=True, change=change)
