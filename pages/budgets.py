@@ -32,8 +32,7 @@ from ui.widgets import field_errors_at
 user = state.require_user(state.STAFF)
 actor = user.actor()
 
-SECRET = "budgets.new_secret"
-"""A new webhook's signing secret, shown on the next run only (then gone from the session)."""
+SECRET = "budgets.new_secret"  # a new webhook's signing secret, shown on the next run only
 DEGRADE_LABELS = {
     "cheaper_preset": "use a cheaper preset",
     "smaller_size": "make a smaller image",

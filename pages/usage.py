@@ -23,8 +23,7 @@ from ui import state, usage_charts
 user = state.require_user()
 actor = user.actor()
 
-PAGES = "usage.pages"
-"""The keyset cursors of the attempt pages seen so far (a stack: Newer pops, Older pushes)."""
+PAGES = "usage.pages"  # the keyset cursors of the attempt pages seen so far (Newer pops, Older pushes)
 DEFAULT_DAYS = 30
 
 

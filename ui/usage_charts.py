@@ -8,6 +8,7 @@ express took 250-450 ms a figure here (its DataFrame grouping and validation), g
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime, time, timedelta
 
 import plotly.graph_objects as go
 
@@ -43,7 +44,16 @@ def spend_per_day(view: UsageView) -> go.Figure:
         for provider, (days, amounts) in sorted(per_provider.items())
     )
     fig.update_layout(barmode="stack")
-    fig.update_xaxes(type="date", tickformat="%b %d")
+    # The whole range asked for, half a day either side: one day's bar is one day wide, not the whole chart.
+    first = datetime.combine(view.filters.date_from, time.min) - timedelta(hours=12)
+    last = datetime.combine(view.filters.date_to, time.min) + timedelta(hours=12)
+    days_shown = (view.filters.date_to - view.filters.date_from).days + 1
+    fig.update_xaxes(
+        type="date",
+        range=[first.isoformat(), last.isoformat()],
+        tickformat="%b %d",
+        dtick=86_400_000 if days_shown <= 14 else None,
+    )
     fig.update_yaxes(title_text="spend")
     return charts.finish(fig, f"Spend per day by provider: {_mode_label(view)}", unit="day (UTC)")
 
