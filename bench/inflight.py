@@ -12,7 +12,9 @@ the burst (the kernel's high-water mark VmHWM, reset just before the burst throu
 - raw fal queue calls: one httpx client per request (sharing one SSL context): submit, status polls every 0.5 s
   (the adapter's poll interval), result, image download;
 - LiteLLM `Router.aimage_generation` against fal's synchronous endpoint (one POST held for the latency);
-- imagegate `generate()` as a USER with one hard global budget, per database.
+- imagegate `generate()` as a USER with one hard global budget, per database;
+- the same with the offline sandbox standing in for fal with the same latency (no HTTP exchange at all): the
+  service's own cost per request, apart from the provider protocol's (fal's queue: 4-5 exchanges per request).
 
 Target (issue 7): imagegate's 1,000 requests finish within 3 s.
 """
@@ -104,6 +106,9 @@ async def _burst(variant: str, spec: dict[str, Any]) -> dict[str, Any]:
     else:
         from core.generation.models import GenerationRequest
         from core.generation.service import generate
+        from core.providers.base import AdapterConfig, ConnectionMode, ProviderAdapter
+        from core.providers.registry import build_adapter
+        from core.providers.sandbox import SandboxAdapter
         from core.runtime import open_runtime
         from core.security import Actor, Role
 
@@ -112,9 +117,19 @@ async def _burst(variant: str, spec: dict[str, Any]) -> dict[str, Any]:
         request = GenerationRequest(
             PROMPT, provider="fal-qwen", allow_fallback=False, params={"image_size": IMAGE_SIZE, "num_images": 1}
         )
+        adapters: Any = None
+        if variant == "generate_sandbox":
+            # The offline sandbox standing in for fal, with the same latency: no HTTP exchange at all, so what
+            # is left is the service's own work (and the sandbox rendering its placeholder image).
+            extra = {"stands_in_for": "fal-qwen", "latency_s": spec["latency"], "queue_length": 0}
+
+            def adapters(provider: str) -> ProviderAdapter:
+                if provider != "fal-qwen":
+                    return build_adapter(provider)
+                return SandboxAdapter(AdapterConfig(mode=ConnectionMode.SANDBOX, extra=extra))
 
         async def call() -> None:
-            result = await generate(request, actor, factory=runtime.sessions)
+            result = await generate(request, actor, factory=runtime.sessions, adapters=adapters)
             if not result.ok:
                 raise RuntimeError(f"generate() ended {result.status}")
 
@@ -235,6 +250,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
     parser.add_argument("--results", type=Path, default=harness.RESULTS)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--skip-litellm", action="store_true", help="leave LiteLLM's (slow) baseline out")
+    parser.add_argument(
+        "--skip-sandbox", action="store_true", help="leave out generate() against the sandbox provider (no HTTP)"
+    )
     args = parser.parse_args(argv)
     server_core, client_core = harness.core_plan()
     workdir = Path(tempfile.mkdtemp(prefix="bench-inflight-"))
@@ -248,11 +267,12 @@ def main(argv: list[str] | None = None) -> None:
             "emulator_url": emulator.url,
             "data_dir": str(workdir / "data"),
             "requests": args.requests,
+            "latency": args.latency,
         }
         variants = [("raw_queue", "raw fal queue calls (httpx)")]
         from bench.overhead import litellm_available
 
-        if litellm_available():
+        if litellm_available() and not args.skip_litellm:
             variants.append(("litellm", "LiteLLM Router.aimage_generation"))
         for variant, label in variants:
             results.append((label, run_variant(variant, spec, emulator)))
@@ -271,6 +291,10 @@ def main(argv: list[str] | None = None) -> None:
                 db_spec = {**spec, "db_url": db.url, "user_id": actor.user_id, "username": actor.username}
                 results.append((label, run_variant("generate", db_spec, emulator)))
                 print(label, results[-1], file=sys.stderr)
+                if not args.skip_sandbox:
+                    label = f"imagegate generate(), {name}, sandbox provider (no HTTP)"
+                    results.append((label, run_variant("generate_sandbox", db_spec, emulator)))
+                    print(label, results[-1], file=sys.stderr)
         facts = harness.machine_facts(versions, server_core, client_core)
     section = report(results, facts, args)
     print(section)

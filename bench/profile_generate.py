@@ -97,6 +97,8 @@ async def run(args: argparse.Namespace) -> None:
           f"commits per call: {counts['(commit)'] / n:.1f}")  # fmt: skip
     for head, number in counts.most_common():
         print(f"  {number / n:5.1f}  {head}")
+    if args.save:
+        profile.dump_stats(args.save)
     pstats.Stats(profile).sort_stats(args.sort).print_stats(args.top)
 
 
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--sort", default="tottime")
+    parser.add_argument("--save", help="also write the raw profile to this file (pstats)")
     parser.add_argument("--threads", dest="inline", action="store_false", help="keep the real executor")
     args = parser.parse_args(argv)
     os.environ.setdefault("IMAGEGATE_DB_THREADS", "16")

@@ -2,8 +2,9 @@
 
 SQLite gets WAL (readers never block the writer), a busy timeout (concurrent writers wait instead of failing at
 once) and foreign keys (off by default in SQLite) on every new DBAPI connection. PostgreSQL goes through
-psycopg 3. Every pool pings before handing out a connection, so a server restart costs one reconnect instead of
-an error, and a database that is really gone raises `DatabaseUnavailable` with a message a person can act on.
+psycopg 3. PostgreSQL pools ping before handing out a connection, so a server restart costs one reconnect
+instead of an error (SQLite has no server to lose and does not ping), and a database that is really gone raises
+`DatabaseUnavailable` with a message a person can act on.
 
 Concurrency note for writers: Python 3.11's sqlite3 opens a transaction at the first write, not the first read,
 so on SQLite a read-then-write sequence is not isolated. Code that must not race therefore relies on what holds
@@ -68,7 +69,10 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA foreign_keys = ON")
         # In-memory databases cannot use WAL; asking is harmless (SQLite answers "memory").
         _set_wal(cursor)
-        # NORMAL is durable across application crashes in WAL mode, and much faster than FULL.
+        # WAL + synchronous=NORMAL: a commit is appended to the WAL without an fsync (the WAL is synced at each
+        # checkpoint). It never corrupts the database; a crash of the process loses nothing (the commit is in
+        # the OS's file cache); a power loss or OS crash may lose the last commits before the next checkpoint,
+        # never half of one. FULL would fsync at every commit (one per attempt end) for that last case only.
         cursor.execute("PRAGMA synchronous = NORMAL")
     finally:
         cursor.close()
@@ -87,7 +91,10 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
             f"Imagegate runs on SQLite or PostgreSQL, not {backend} ({safe_url(resolved)}): set DATABASE_URL to a "
             "postgresql:// URL, or unset it for the embedded SQLite file"
         )
-    options: dict[str, Any] = {"pool_pre_ping": True}
+    # PostgreSQL pings a pooled connection before handing it out: a server restart then costs a reconnect,
+    # not a failed request (most transactions are not safe to re-run blindly). SQLite has no server to lose:
+    # its "ping" was a SELECT 1 per checkout for nothing.
+    options: dict[str, Any] = {"pool_pre_ping": backend == "postgresql"}
     if backend == "sqlite":
         options["connect_args"] = {
             # Sessions may be used from the thread pool of an async app or Streamlit's script threads;

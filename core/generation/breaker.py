@@ -74,13 +74,14 @@ Health probes (the worker's scheduled, non-billable checks):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, case, literal, or_, select, update
+from sqlalchemy import ColumnElement, Table, bindparam, case, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from common.errors import ERROR_TRAITS, ErrorClass, InvalidInput, NotFound, ProviderError
@@ -304,31 +305,42 @@ def _fresh_window(now: datetime, config: BreakerConfig) -> ColumnElement[bool]:
     return or_(C.window_start.is_(None), C.window_start <= now - config.window)
 
 
+@functools.cache
+def _count_statement(failed: bool) -> Any:
+    """`_count`'s UPDATE, built once per outcome kind: the moment, the window's cutoff and the error class are
+    bound at execution."""
+    t = cast(Table, C.__table__)
+    now = bindparam("now", type_=UTCDateTime())
+    fresh = or_(t.c.window_start.is_(None), t.c.window_start <= bindparam("cutoff", type_=UTCDateTime()))
+    values: dict[str, Any] = {
+        "window_start": case((fresh, now), else_=t.c.window_start),
+        "window_requests": case((fresh, 1), else_=t.c.window_requests + 1),
+        "updated_at": now,
+    }
+    if failed:
+        values["consecutive_failures"] = t.c.consecutive_failures + 1
+        values["window_failures"] = case((fresh, 1), else_=t.c.window_failures + 1)
+        values["last_error_class"] = bindparam("error", type_=t.c.last_error_class.type)
+    else:
+        values["consecutive_failures"] = 0
+        values["window_failures"] = case((fresh, 0), else_=t.c.window_failures)
+    return (
+        update(t)
+        .where(t.c.provider == bindparam("p"), t.c.state == CircuitState.CLOSED)
+        .values(**values)
+        .returning(t.c.consecutive_failures, t.c.window_requests, t.c.window_failures)
+    )
+
+
 def _count(
     session: Session, provider: str, now: datetime, config: BreakerConfig, failed: bool, error: str | None
 ) -> Any:
     """Count one outcome in a CLOSED breaker (one statement): (consecutive, window requests, window failures)
     after it, or None if the breaker is not closed (or has no row)."""
-    fresh = _fresh_window(now, config)
-    values: dict[str, Any] = {
-        "window_start": case((fresh, _at(now)), else_=C.window_start),
-        "window_requests": case((fresh, 1), else_=C.window_requests + 1),
-        "updated_at": now,
-    }
+    params: dict[str, Any] = {"p": provider, "now": now, "cutoff": now - config.window}
     if failed:
-        values["consecutive_failures"] = C.consecutive_failures + 1
-        values["window_failures"] = case((fresh, 1), else_=C.window_failures + 1)
-        values["last_error_class"] = error
-    else:
-        values["consecutive_failures"] = 0
-        values["window_failures"] = case((fresh, 0), else_=C.window_failures)
-    return session.execute(
-        update(C)
-        .where(C.provider == provider, C.state == CircuitState.CLOSED)
-        .values(**values)
-        .returning(C.consecutive_failures, C.window_requests, C.window_failures)
-        .execution_options(synchronize_session=False)
-    ).first()
+        params["error"] = error
+    return session.connection().execute(_count_statement(failed), params).first()
 
 
 def _open_reason(consecutive: int, requests: int, failures: int, config: BreakerConfig, detail: str) -> str | None:

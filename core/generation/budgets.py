@@ -31,12 +31,13 @@ its settled actual costs; `spent + reserved <= limit` holds whenever every actua
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import Table, bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from common.errors import Billing, BudgetExceeded, Conflict, InvalidInput, NotFound
@@ -58,6 +59,7 @@ from db.models import (
     Role,
     SpendMode,
     User,
+    new_uuid,
     utcnow,
 )
 
@@ -191,7 +193,8 @@ def _now(now: datetime | None) -> datetime:
     return as_utc(now) if now is not None else utcnow()
 
 
-def _view(row: Budget) -> BudgetView:
+def _view(row: Any) -> BudgetView:
+    """A budget as callers see it, from its ORM row or a Core row of the same columns."""
     return BudgetView(
         id=row.id,
         name=row.name,
@@ -266,11 +269,55 @@ def _open_period_query(budget_id: int, mode: SpendMode, start: datetime) -> Any:
     )
 
 
+_periods = cast(Table, BudgetPeriod.__table__)
+_reservations = cast(Table, BudgetReservation.__table__)
+
+
+class _Hot:
+    """Admission's and settlement's statements, built once (values bound at execution) and run as Core on the
+    session's connection, in its transaction."""
+
+    open_period = select(_periods.c.id).where(
+        _periods.c.budget_id == bindparam("b"),
+        _periods.c.mode == bindparam("m", type_=_periods.c.mode.type),
+        _periods.c.period_start == bindparam("s", type_=_periods.c.period_start.type),
+        _periods.c.reset_at.is_(None),
+    )
+    _hold = (
+        update(_periods)
+        .where(_periods.c.id == bindparam("pid"), _periods.c.reset_at.is_(None))
+        .values(reserved_micro_usd=_periods.c.reserved_micro_usd + bindparam("a"))
+        .returning(_periods.c.spent_micro_usd, _periods.c.reserved_micro_usd)
+    )
+    hold_soft = _hold
+    hold_hard = _hold.where(
+        _periods.c.spent_micro_usd + _periods.c.reserved_micro_usd + bindparam("a2") <= bindparam("limit")
+    )
+    move = (
+        update(_periods)
+        .where(_periods.c.id == bindparam("pid"))
+        .values(
+            spent_micro_usd=_periods.c.spent_micro_usd + bindparam("ds"),
+            reserved_micro_usd=_periods.c.reserved_micro_usd + bindparam("dr"),
+        )
+    )
+    transition = (
+        update(_reservations)
+        .where(
+            _reservations.c.id == bindparam("rid"),
+            _reservations.c.status == bindparam("from_", type_=_reservations.c.status.type),
+        )
+        .returning(_reservations.c.budget_period_id, _reservations.c.amount_micro_usd)
+    )
+    lock_period = select(_periods.c.id).where(_periods.c.id == bindparam("pid")).with_for_update(key_share=True)
+
+
 def _open_period_id(session: Session, budget: BudgetView, mode: SpendMode, now: datetime) -> int:
     """The id of the budget's open period row for `now`, created if this is the period's first request."""
     start, end = period_bounds(budget.period, now)
-    query = _open_period_query(budget.id, mode, start)
-    period_id = session.scalar(query)
+    connection = session.connection()
+    key = {"b": budget.id, "m": mode, "s": start}
+    period_id = connection.execute(_Hot.open_period, key).scalar()
     if period_id is None:
         _insert_ignoring_conflicts(
             session,
@@ -283,7 +330,7 @@ def _open_period_id(session: Session, budget: BudgetView, mode: SpendMode, now: 
                 "reserved_micro_usd": 0,
             },
         )
-        period_id = session.scalar(query)
+        period_id = connection.execute(_Hot.open_period, key).scalar()
     if period_id is None:  # inserted or found by now, unless the row was reset in between: reserve starts over
         raise Conflict(f"the current period of budget {budget.name!r} changed while it was being opened; try again")
     return int(period_id)
@@ -421,22 +468,44 @@ def applicable_budgets(
     if provider_settings is not None and provider_settings.provider != provider:
         raise ValueError(f"settings of {provider_settings.provider} handed in for a request to {provider}")
     settings = provider_settings if provider_settings is not None else _load_provider_settings(session, provider)
-    sync_provider_daily_budget(
-        session, provider, settings.daily_cost_limit_micros if settings is not None else None, now=now
-    )
+    limit = settings.daily_cost_limit_micros if settings is not None else None
+    # One read finds both the budgets that apply and the provider's settings-backed daily budget (active or
+    # not); it is written only when it is out of line with the setting (a changed setting, seen once).
+    rows = _applicable_rows(session, provider, user_id)
+    follower = next((r for r in rows if r.settings_provider == provider), None)
+    in_line = (
+        limit is None and (follower is None or not follower.active)
+    ) or (
+        follower is not None and follower.active and follower.limit_micro_usd == limit
+    )  # fmt: skip
+    if not in_line:
+        sync_provider_daily_budget(session, provider, limit, now=now)
+        rows = _applicable_rows(session, provider, user_id)
+    return [_view(r) for r in rows if r.active and r.deleted_at is None and _applies(r, provider, user_id)]
+
+
+def _applies(row: Any, provider: str, user_id: int | None) -> bool:
+    scope = BudgetScope(row.scope)
+    if scope is BudgetScope.GLOBAL:
+        return True
+    if scope is BudgetScope.PROVIDER:
+        return bool(row.scope_id == provider)
+    return user_id is not None and row.scope_id == str(user_id)
+
+
+def _applicable_rows(session: Session, provider: str, user_id: int | None) -> list[Any]:
+    """Budget rows (Core) that may apply to a request to `provider` by `user_id`, plus the provider's
+    settings-backed one whatever its state, in id order."""
+    table = cast(Table, Budget.__table__)
     scopes = [
-        Budget.scope == BudgetScope.GLOBAL,
-        (Budget.scope == BudgetScope.PROVIDER) & (Budget.scope_id == provider),
+        table.c.scope == BudgetScope.GLOBAL,
+        (table.c.scope == BudgetScope.PROVIDER) & (table.c.scope_id == provider),
+        table.c.settings_provider == provider,
     ]
     if user_id is not None:
-        scopes.append((Budget.scope == BudgetScope.USER) & (Budget.scope_id == str(user_id)))
-    query = (
-        select(Budget)
-        .where(Budget.active.is_(True), Budget.deleted_at.is_(None), or_(*scopes))
-        .order_by(Budget.id)
-        .execution_options(populate_existing=True)
-    )
-    return [_view(row) for row in session.scalars(query)]
+        scopes.append((table.c.scope == BudgetScope.USER) & (table.c.scope_id == str(user_id)))
+    query = select(table).where(or_(*scopes)).order_by(table.c.id)
+    return list(session.connection().execute(query))
 
 
 # --- admission ----------------------------------------------------------------------------------------------------
@@ -449,17 +518,12 @@ class _PeriodWasReset(Exception):
 def _hold(session: Session, budget: BudgetView, period_id: int, amount: int) -> tuple[bool, int, int]:
     """Add `amount` to the period's reserved total: (held, spent, reserved after). A hard budget holds only when
     the amount fits under its limit, decided by the one UPDATE; a soft budget always holds."""
-    fits = BudgetPeriod.spent_micro_usd + BudgetPeriod.reserved_micro_usd + amount <= budget.limit_micro_usd
-    conditions = [BudgetPeriod.id == period_id, BudgetPeriod.reset_at.is_(None)]
-    if budget.hard:
-        conditions.append(fits)
-    row = session.execute(
-        update(BudgetPeriod)
-        .where(*conditions)
-        .values(reserved_micro_usd=BudgetPeriod.reserved_micro_usd + amount)
-        .returning(BudgetPeriod.spent_micro_usd, BudgetPeriod.reserved_micro_usd)
-        .execution_options(synchronize_session=False)
-    ).first()
+    connection = session.connection()
+    if budget.hard:  # spent + reserved + amount <= limit, decided by the UPDATE itself
+        params = {"pid": period_id, "a": amount, "a2": amount, "limit": budget.limit_micro_usd}
+        row = connection.execute(_Hot.hold_hard, params).first()
+    else:
+        row = connection.execute(_Hot.hold_soft, {"pid": period_id, "a": amount}).first()
     if row is not None:
         return True, int(row[0]), int(row[1])
     current = session.execute(
@@ -480,6 +544,12 @@ def _give_back(session: Session, held: Iterable[int], amount: int) -> None:
             .values(reserved_micro_usd=BudgetPeriod.reserved_micro_usd - amount)
             .execution_options(synchronize_session=False)
         )
+
+
+@functools.cache
+def _insert_reservation() -> Any:
+    """The reservation insert, built once (its values are bound at execution)."""
+    return insert(cast(Table, BudgetReservation.__table__))
 
 
 def reserve(
@@ -531,23 +601,27 @@ def reserve(
             _give_back(session, held, amount)
             continue
         expires_at = moment + expires_in
-        rows = [
-            BudgetReservation(
-                budget_period_id=period_id,
-                generation_id=generation_id,
-                mode=spend_mode,
-                amount_micro_usd=amount,
-                status=ReservationStatus.RESERVED,
-                created_at=moment,
-                expires_at=expires_at,
-            )
-            for period_id, _budget in plan
-        ]
-        session.add_all(rows)
-        session.flush()
         holds = tuple(
-            Hold(reservation_id=row.id, budget_id=budget.id, period_id=period_id)
-            for row, (period_id, budget) in zip(rows, plan, strict=True)
+            Hold(reservation_id=new_uuid(), budget_id=budget.id, period_id=period_id) for period_id, budget in plan
+        )
+        # Core on the session's connection (same transaction): no unit of work for rows nobody reads back.
+        session.connection().execute(
+            _insert_reservation(),
+            [
+                {
+                    "id": hold.reservation_id,
+                    "budget_period_id": hold.period_id,
+                    "generation_id": generation_id,
+                    "mode": spend_mode,
+                    "amount_micro_usd": amount,
+                    "actual_micro_usd": None,
+                    "status": ReservationStatus.RESERVED,
+                    "created_at": moment,
+                    "expires_at": expires_at,
+                    "closed_at": None,
+                }
+                for hold in holds
+            ],
         )
         reservation = Reservation(spend_mode, amount, generation_id, expires_at, holds)
         return Admission(reservation=reservation, soft_exceeded=tuple(soft_exceeded))
@@ -567,18 +641,12 @@ def _transition(
 ) -> tuple[int, int] | None:
     """Move one reservation from `from_status` to `to_status`: (period id, amount) if this call did it, None if
     the reservation was not in `from_status` (someone else got there first). The guard is the whole point."""
-    values: dict[str, Any] = {"status": to_status}
+    values: dict[str, Any] = {"rid": reservation_id, "from_": from_status, "status": to_status}
     if to_status is not ReservationStatus.HELD:
         values["closed_at"] = now
     if actual_micro_usd is not None:
         values["actual_micro_usd"] = actual_micro_usd
-    row = session.execute(
-        update(BudgetReservation)
-        .where(BudgetReservation.id == reservation_id, BudgetReservation.status == from_status)
-        .values(**values)
-        .returning(BudgetReservation.budget_period_id, BudgetReservation.amount_micro_usd)
-        .execution_options(synchronize_session=False)
-    ).first()
+    row = session.connection().execute(_Hot.transition, values).first()
     return None if row is None else (int(row[0]), int(row[1]))
 
 
@@ -589,24 +657,15 @@ def _lock_period(session: Session, period_id: int) -> None:
     can each hold what the other waits for (a sweep closing several reservations of one period would otherwise
     deadlock with a settle of one of them). FOR NO KEY UPDATE leaves new reservations' foreign-key checks free.
     SQLite needs nothing: its one writer lock is taken at a transaction's first write."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(select(BudgetPeriod.id).where(BudgetPeriod.id == period_id).with_for_update(key_share=True))
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        connection.execute(_Hot.lock_period, {"pid": period_id})
 
 
 def _move(session: Session, period_id: int, *, spent: int = 0, reserved: int = 0) -> None:
     """One statement: add `spent` to the period's spent total and `reserved` (negative: give back) to reserved."""
-    values: dict[str, Any] = {}
-    if spent:
-        values["spent_micro_usd"] = BudgetPeriod.spent_micro_usd + spent
-    if reserved:
-        values["reserved_micro_usd"] = BudgetPeriod.reserved_micro_usd + reserved
-    if values:
-        session.execute(
-            update(BudgetPeriod)
-            .where(BudgetPeriod.id == period_id)
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        )
+    if spent or reserved:
+        session.connection().execute(_Hot.move, {"pid": period_id, "ds": spent, "dr": reserved})
 
 
 def _close_hold(

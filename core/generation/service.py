@@ -312,6 +312,16 @@ class _Begun:
 
 
 @dataclass(frozen=True)
+class _Admitted:
+    """The first attempt's admission, made in the generation's own transaction: begun, or refused by a hard
+    budget (then `begun` is None)."""
+
+    begun: _Begun | None
+    request: AdapterRequest
+    refusal: BudgetExceeded | None
+
+
+@dataclass(frozen=True)
 class _Where:
     """One attempt: what it ran at and how far into the request it is."""
 
@@ -437,13 +447,22 @@ class _Run:
         self.skipped.extend(plan.skipped)
         for note in plan.notes:
             self.adjustments.append(Adjustment(AdjustmentKind.ROUTING, note))
-        start = await in_transaction(self.factory, lambda session: self._start(session, plan))
+        admitted: _Admitted | None = None
+        if self._admits_at_start(plan.candidates[0], state):
+            try:
+                start, admitted = await in_transaction(
+                    self.factory, lambda session: self._start_and_begin(session, plan, state)
+                )
+            except _Degrade:  # rolled back whole; the route's loop degrades as for any other first attempt
+                start = await in_transaction(self.factory, lambda session: self._start(session, plan))
+        else:
+            start = await in_transaction(self.factory, lambda session: self._start(session, plan))
         if not start.created:
             return await self.replay(start.generation_id)
         self.generation_id = start.generation_id
         lease = asyncio.create_task(self._keep_lease(), name=f"lease {self.generation_id}")
         try:
-            return await self._run_route(route, plan, state)
+            return await self._run_route(route, plan, state, admitted)
         finally:
             lease.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):  # renewal failures were logged
@@ -469,6 +488,41 @@ class _Run:
             now=now,
         )
 
+    def _admits_at_start(self, candidate: Candidate, state: _State) -> bool:
+        """The first attempt's admission can go in the generation's own transaction (one commit less): its
+        breaker was closed in this request's snapshot (no probe to take) and its provider has no concurrency
+        limit (no slot to wait for before reserving)."""
+        if BreakerState(str(candidate.breaker.state)) is not BreakerState.CLOSED:
+            return False
+        settings = state.snapshot.routing_settings().get(candidate.provider)
+        return limits.effective_limit(settings, candidate.provider) is None
+
+    def _start_and_begin(
+        self, session: Session, plan: RoutePlan, state: _State
+    ) -> tuple[usage.GenerationStart, _Admitted | None]:
+        """One transaction: the generation (`_start`) and its first attempt's admission (`_begin`: reserve and
+        the attempt row). A hard budget's refusal leaves the generation alone to commit (reserve gave back what
+        it held) and is handed to the route's loop; `_Degrade` rolls the whole transaction back."""
+        start = self._start(session, plan)
+        if not start.created:
+            return start, None
+        self.generation_id = start.generation_id
+        first = plan.candidates[0]
+        request, _timeout = self._attempt_request(first)
+        settings = state.snapshot.routing_settings().get(first.provider)
+        adapter = self.adapters.get(first.provider)
+        try:
+            begun = self._begin(session, first, adapter, 1, 0, request, True, settings)
+        except BudgetExceeded as refusal:
+            return start, _Admitted(None, request, refusal)
+        return start, _Admitted(begun, request, None)
+
+    def _attempt_request(self, candidate: Candidate) -> tuple[AdapterRequest, float]:
+        """The candidate's request with its timeout cut to what is left of the request's deadline."""
+        remaining = self.remaining()
+        timeout = candidate.request.timeout_s if remaining is None else min(candidate.request.timeout_s, remaining)
+        return replace(candidate.request, timeout_s=max(0.001, timeout)), timeout
+
     async def _keep_lease(self) -> None:
         interval = self.lease_ttl.total_seconds() / 3
         while True:
@@ -488,7 +542,9 @@ class _Run:
                 log.warning("generation %s: its lease was taken over (this process stalled?)", self.generation_id)
                 return
 
-    async def _run_route(self, route: RouteRequest, plan: RoutePlan, state: _State) -> GenerationResult:
+    async def _run_route(
+        self, route: RouteRequest, plan: RoutePlan, state: _State, admitted: _Admitted | None = None
+    ) -> GenerationResult:
         settings = state.snapshot.global_settings.settings
         if self.request.max_attempts is not None:
             settings = settings.model_copy(update={"max_attempts": self.request.max_attempts})
@@ -502,8 +558,11 @@ class _Run:
             if remaining is not None and remaining <= 0:
                 self._skip(candidate, SkipReason.FALLBACK_OFF, "the request's deadline passed before it was tried")
                 break
+            first_admission, admitted = admitted, None  # the first attempt's, admitted with the generation
             try:
-                end = await self._attempt(candidate, attempt_no + 1, index, config, state, may_degrade=may_degrade)
+                end = await self._attempt(
+                    candidate, attempt_no + 1, index, config, state, may_degrade=may_degrade, admitted=first_admission
+                )
             except _Degrade as soft:
                 may_degrade = False
                 plan = self._degraded_plan(route, candidates[0], soft.over, state) or plan
@@ -618,16 +677,22 @@ class _Run:
         state: _State,
         *,
         may_degrade: bool,
+        admitted: _Admitted | None = None,
     ) -> _AttemptEnd:
         provider = candidate.provider
         owner = f"{self.generation_id}:{attempt_no}"
         adapter = self.adapters.get(provider)
+        if admitted is not None:  # admitted with the generation: closed breaker, no slot to hold
+            if admitted.refusal is not None:
+                raise admitted.refusal
+            assert admitted.begun is not None
+            return await self._run_attempt(
+                candidate, adapter, admitted.request, admitted.begun, attempt_no, position, owner, config
+            )
         probe = await self._admit(candidate, owner, config)
         settings = state.snapshot.routing_settings().get(provider)
         limit = limits.effective_limit(settings, provider)
-        remaining = self.remaining()
-        timeout = candidate.request.timeout_s if remaining is None else min(candidate.request.timeout_s, remaining)
-        request = replace(candidate.request, timeout_s=max(0.001, timeout))
+        request, timeout = self._attempt_request(candidate)
         try:
             async with limits.provider_slot(
                 self.factory, provider, owner, self.user_id, limit, time.monotonic() + timeout

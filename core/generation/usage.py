@@ -47,9 +47,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import case, func, insert, literal, or_, select, update
+from sqlalchemy import Table, bindparam, case, func, insert, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -138,6 +138,46 @@ class AttemptMode(StrEnum):
 def spend_mode_of(attempt_mode: str) -> str:
     """`live` for live attempts, `simulated` for emulator and sandbox ones (their would-be cost)."""
     return "live" if AttemptMode(attempt_mode) is AttemptMode.LIVE else "simulated"
+
+
+_generations = cast(Table, Generation.__table__)
+_attempts = cast(Table, UsageAttempt.__table__)
+
+
+class _Hot:
+    """The hot path's statements, built once (values bound at execution) and run as Core on the session's
+    connection, in its transaction: no ORM unit of work and no statement rebuilt per request."""
+
+    insert_generation = insert(_generations)
+    mark_running = (
+        update(_generations)
+        .where(_generations.c.id == bindparam("gid"), _generations.c.finished_at.is_(None))
+        .values(status="running")
+        .returning(_generations.c.id)
+    )
+    insert_attempt = insert(_attempts).returning(_attempts.c.id)
+    request_id = (
+        update(_attempts)
+        .where(_attempts.c.id == bindparam("aid"), _attempts.c.finished_at.is_(None))
+        .values(provider_request_id=bindparam("rid"), status="running")
+        .returning(_attempts.c.id)
+    )
+    finish_attempt = (
+        update(_attempts)
+        .where(_attempts.c.id == bindparam("aid"), _attempts.c.finished_at.is_(None))
+        .returning(
+            _attempts.c.provider,
+            _attempts.c.user_id,
+            _attempts.c.mode,
+            _attempts.c.started_at,
+            _attempts.c.estimated_micro_usd,
+        )
+    )
+    finish_generation = (
+        update(_generations)
+        .where(_generations.c.id == bindparam("gid"), _generations.c.finished_at.is_(None))
+        .returning(_generations.c.id)
+    )
 
 
 # --- what callers pass and get --------------------------------------------------------------------------------
@@ -303,8 +343,6 @@ def _now(now: datetime | None) -> datetime:
     return utcnow() if now is None else now.astimezone(UTC)
 
 
-
-
 def _canonical_json(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _canonical_json(v) for k, v in value.items()}
@@ -458,9 +496,18 @@ def start_generation(
         "lease_expires_at": lease_expires_at,
         "created_at": _now(now),
     }
+    created = GenerationStart(
+        created=True,
+        generation_id=values["id"],
+        status="pending",
+        mode=mode,
+        estimated_micro_usd=estimated_micro_usd,
+        lease_owner=lease_owner,
+        lease_expires_at=lease_expires_at,
+    )
     if key is None:
-        session.execute(insert(Generation).values(**values))
-        return _generation_start(_load_generation(session, values["id"]), created=True)
+        session.connection().execute(_Hot.insert_generation, values)
+        return created
 
     # The insert is the race guard: of any number of concurrent requests with this key exactly one inserts;
     # the others insert nothing (PostgreSQL makes them wait for the winner's commit) and read the winner's row.
@@ -472,7 +519,7 @@ def start_generation(
             .returning(Generation.id)
         )
         if session.execute(statement).first() is not None:
-            return _generation_start(_load_generation(session, values["id"]), created=True)
+            return created
         existing = session.execute(
             select(Generation).where(Generation.idempotency_key == key).execution_options(populate_existing=True)
         ).scalar_one_or_none()
@@ -556,22 +603,17 @@ def finish_generation(
         raise ValueError(f"a generation ends as one of {sorted(GENERATION_FINAL_STATUSES)}, not {status!r}")
     if final_cost_micro_usd is not None and final_cost_micro_usd < 0:
         raise ValueError("a generation's cost cannot be negative")
-    statement = (
-        update(Generation)
-        .where(Generation.id == generation_id, Generation.finished_at.is_(None))
-        .values(
-            status=status,
-            final_provider=final_provider,
-            final_cost_micro_usd=final_cost_micro_usd,
-            error_class=error_class,
-            error_message=_clip(error_message),
-            degraded=None if degraded is None else _jsonable(degraded),
-            finished_at=_now(now),
-        )
-        .returning(Generation.id)
-        .execution_options(synchronize_session=False)
-    )
-    if session.execute(statement).first() is not None:
+    values = {
+        "gid": generation_id,
+        "status": status,
+        "final_provider": final_provider,
+        "final_cost_micro_usd": final_cost_micro_usd,
+        "error_class": error_class,
+        "error_message": _clip(error_message),
+        "degraded": None if degraded is None else _jsonable(degraded),
+        "finished_at": _now(now),
+    }
+    if session.connection().execute(_Hot.finish_generation, values).first() is not None:
         return True
     _require_generation(session, generation_id)
     return False
@@ -631,50 +673,34 @@ def start_attempt(
         raise ValueError("attempt_no starts at 1 and fallback_position at 0")
     if estimated_micro_usd < 0:
         raise ValueError("an estimate cannot be negative")
-    running = (
-        update(Generation)
-        .where(Generation.id == generation_id, Generation.finished_at.is_(None))
-        .values(status="running")
-        .returning(Generation.id)
-        .execution_options(synchronize_session=False)
-    )
-    if session.execute(running).first() is None:
+    connection = session.connection()
+    if connection.execute(_Hot.mark_running, {"gid": generation_id}).first() is None:
         _require_generation(session, generation_id)
         raise Conflict(f"generation {generation_id} is already finished; it takes no new attempt")
-    statement = (
-        insert(UsageAttempt)
-        .values(
-            generation_id=generation_id,
-            attempt_no=attempt_no,
-            fallback_position=fallback_position,
-            user_id=user_id,
-            provider=provider,
-            mode=attempt_mode.value,
-            endpoint=endpoint,
-            effective_params=_jsonable(effective_params),
-            translation_notes=list(translation_notes),
-            estimated_micro_usd=estimated_micro_usd,
-            price_version_id=price_version_id,
-            status="submitted",
-            started_at=_now(now),
-        )
-        .returning(UsageAttempt.id)
-    )
-    return int(session.execute(statement).scalar_one())
+    values = {
+        "generation_id": generation_id,
+        "attempt_no": attempt_no,
+        "fallback_position": fallback_position,
+        "user_id": user_id,
+        "provider": provider,
+        "mode": attempt_mode.value,
+        "endpoint": endpoint,
+        "effective_params": _jsonable(effective_params),
+        "translation_notes": list(translation_notes),
+        "estimated_micro_usd": estimated_micro_usd,
+        "price_version_id": price_version_id,
+        "status": "submitted",
+        "started_at": _now(now),
+    }
+    return int(connection.execute(_Hot.insert_attempt, values).scalar_one())
 
 
 def record_request_id(session: Session, attempt_id: int, provider_request_id: str) -> bool:
     """Store the provider's request id before polling (status `running`); False if the attempt is finished."""
     if not provider_request_id or len(provider_request_id) > MAX_REQUEST_ID_CHARS:
         raise ValueError(f"a provider request id has 1 to {MAX_REQUEST_ID_CHARS} characters")
-    statement = (
-        update(UsageAttempt)
-        .where(UsageAttempt.id == attempt_id, UsageAttempt.finished_at.is_(None))
-        .values(provider_request_id=provider_request_id, status="running")
-        .returning(UsageAttempt.id)
-        .execution_options(synchronize_session=False)
-    )
-    return session.execute(statement).first() is not None
+    params = {"aid": attempt_id, "rid": provider_request_id}
+    return session.connection().execute(_Hot.request_id, params).first() is not None
 
 
 _ROLLUP_KEYS = ("day", "provider", "user_id", "mode", "status", "error_class")
@@ -712,33 +738,25 @@ def finish_attempt(session: Session, attempt_id: int, outcome: AttemptOutcome) -
     Finish one attempt per transaction, or several in attempt id order, for the same reason."""
     billing = Billing(outcome.billing)
     units_micro = _units_micro(outcome.billed_units)
-    statement = (
-        update(UsageAttempt)
-        .where(UsageAttempt.id == attempt_id, UsageAttempt.finished_at.is_(None))
-        .values(
-            status=outcome.status,
-            billing=billing.value,
-            actual_micro_usd=outcome.actual_micro_usd,
-            billed_units_micro=units_micro,
-            error_class=outcome.error_class,
-            error_message=_clip(outcome.error_message),
-            images_count=outcome.images_count,
-            megapixels_micro=outcome.megapixels_micro,
-            submit_ms=outcome.submit_ms,
-            queue_ms=outcome.queue_ms,
-            run_ms=outcome.run_ms,
-            download_ms=outcome.download_ms,
-            total_ms=outcome.total_ms,
-            image_refs=[dict(ref) for ref in outcome.image_refs],
-            finished_at=_now(outcome.finished_at),
-        )
-        .returning(
-            UsageAttempt.provider, UsageAttempt.user_id, UsageAttempt.mode, UsageAttempt.started_at,
-            UsageAttempt.estimated_micro_usd,
-        )
-        .execution_options(synchronize_session=False)
-    )  # fmt: skip
-    row = session.execute(statement).first()
+    values = {
+        "aid": attempt_id,
+        "status": outcome.status,
+        "billing": billing.value,
+        "actual_micro_usd": outcome.actual_micro_usd,
+        "billed_units_micro": units_micro,
+        "error_class": outcome.error_class,
+        "error_message": _clip(outcome.error_message),
+        "images_count": outcome.images_count,
+        "megapixels_micro": outcome.megapixels_micro,
+        "submit_ms": outcome.submit_ms,
+        "queue_ms": outcome.queue_ms,
+        "run_ms": outcome.run_ms,
+        "download_ms": outcome.download_ms,
+        "total_ms": outcome.total_ms,
+        "image_refs": [dict(ref) for ref in outcome.image_refs],
+        "finished_at": _now(outcome.finished_at),
+    }
+    row = session.connection().execute(_Hot.finish_attempt, values).first()
     if row is None:
         if session.execute(select(UsageAttempt.id).where(UsageAttempt.id == attempt_id)).first() is None:
             raise NotFound(f"no usage attempt {attempt_id}")

@@ -259,7 +259,13 @@ class QwenSpaceAdapter(ProviderAdapter):
         self._idle: list[Any] = []
         self._pool_lock = asyncio.Lock()
         self._flights: dict[str, _Flight] = {}
-        self._download_dir = Path(tempfile.mkdtemp(prefix="imagegate-qwen-"))
+        self._download_dir_made: Path | None = None  # made on first use: routing builds adapters it never runs
+
+    @property
+    def _download_dir(self) -> Path:
+        if self._download_dir_made is None:
+            self._download_dir_made = Path(tempfile.mkdtemp(prefix="imagegate-qwen-"))
+        return self._download_dir_made
 
     @property
     def source(self) -> str:
@@ -392,7 +398,8 @@ class QwenSpaceAdapter(ProviderAdapter):
             idle, self._idle = self._idle, []
         for client in idle:
             await asyncio.to_thread(client.close)
-        shutil.rmtree(self._download_dir, ignore_errors=True)
+        if self._download_dir_made is not None:
+            shutil.rmtree(self._download_dir_made, ignore_errors=True)
 
     # -- running ------------------------------------------------------------------------------------------
 
