@@ -180,7 +180,7 @@ def _forecast_and_advice(view: UsageView) -> None:
             st.caption(rec.detail)
 
 
-def _attempts(filters: UsageFilters) -> None:
+def _attempts(filters: UsageFilters, names: dict[int, str]) -> None:
     st.subheader("Recent attempts")
     status = st.selectbox("Status", ["", *STATUSES], format_func=lambda s: s or "any status", key="usage.status")
     signature = (filters, status)
@@ -209,7 +209,7 @@ def _attempts(filters: UsageFilters) -> None:
                         "actual": "held" if a.actual_micro_usd is None else format_usd(a.actual_micro_usd),
                         "images": a.images_count,
                         "time": "—" if a.total_ms is None else f"{a.total_ms / 1000:,.2f} s",
-                        "user": a.user_id if a.user_id is not None else "system/CLI",
+                        "user": "system/CLI" if a.user_id is None else names.get(a.user_id, user.username),
                     }
                     for a in page.attempts
                 ]
@@ -252,6 +252,6 @@ try:
         )
         _top_users(view)
         _forecast_and_advice(view)
-        _attempts(view.filters)
+        _attempts(view.filters, names)
 except ImagegateError as exc:
     st.error(str(exc))
