@@ -5,6 +5,8 @@ with the secret shown once, "send test" and the delivery log."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -47,6 +49,8 @@ def test_a_user_cannot_reach_budgets_by_link_or_url(console: Console) -> None:
     url_at = console.app(Role.USER, "budgets")  # the page is not registered for a USER: nothing of it shows
     assert [t.value for t in url_at.title] != ["Budgets"]
     assert not [b for b in url_at.button if b.label == "Create budget"]
+    with pytest.raises(ValueError, match="Could not find a navigation page"):  # no link to it either
+        url_at.switch_page(str(Path(__file__).resolve().parents[2] / "pages" / "budgets.py"))
     with console.runtime.sessions() as session, pytest.raises(PermissionDenied):
         load_budgets(session, console.users[Role.USER].actor())
 
