@@ -330,17 +330,21 @@ class CostChange:
     change: ChangeCost | None = None
 
 
-def change_cost_preview(session: Session, provider: str, draft: Mapping[str, Any]) -> CostChange:
-    """The optimizer's "what this change costs per month" for a draft, before saving. Never raises for bad
-    input: an invalid or unpriceable draft says so instead."""
+def change_cost_preview(
+    session: Session, provider: str, draft: Mapping[str, Any], *, spend_mode: str = "live"
+) -> CostChange:
+    """The optimizer's "what this change costs per month" for a draft, before saving, at the last 30 days'
+    `spend_mode` volume ("live", or "simulated" for a provider in sandbox or emulator mode, whose images were
+    never billed). Never raises for bad input: an invalid or unpriceable draft says so instead."""
+    volume = "" if spend_mode == "live" else " simulated"
     try:
-        change = change_cost(session, provider, draft)
+        change = change_cost(session, provider, draft, spend_mode=spend_mode)
     except InvalidInput as exc:
         return CostChange("—", f"cannot estimate: {exc}", judged=False)
     if change.images_last_30_days == 0:
         return CostChange(
             "no history",
-            f"{provider} made no images in the last 30 days, so there is no volume to judge this change by. "
+            f"{provider} made no{volume} images in the last 30 days, so there is no volume to judge this change by. "
             f"One image: {format_usd(change.per_image_before_micro_usd)} now, "
             f"{format_usd(change.per_image_after_micro_usd)} with this change.",
             judged=False,
@@ -349,7 +353,7 @@ def change_cost_preview(session: Session, provider: str, draft: Mapping[str, Any
     delta = change.monthly_change_micro_usd
     headline = "no change" if delta == 0 else f"{'+' if delta > 0 else '-'}{format_usd(abs(delta))}/month"
     detail = (
-        f"At last 30 days' volume ({change.images_last_30_days} image(s)): "
+        f"At the last 30 days'{volume} volume ({change.images_last_30_days} image(s)): "
         f"{format_usd(change.monthly_before_micro_usd)} now, {format_usd(change.monthly_after_micro_usd)} with "
         f"this change ({format_usd(change.per_image_before_micro_usd)} -> "
         f"{format_usd(change.per_image_after_micro_usd)} per image)."

@@ -16,16 +16,20 @@ from core import price_store, settings_service, transfer
 from core.catalog import COMMON_PARAMS, PROVIDERS
 from core.generation.health import health_report
 from core.overview import provider_overviews
-from core.presets import PRESET_LABELS, PRESET_NAMES, presets_for
+from core.presets import PRESET_LABELS, PRESET_NAMES, preset_params, presets_for
 from core.settings import ProviderSettings
 from core.settings_editor import (
+    change_cost_preview,
     check_draft,
     check_global_draft,
     check_price_draft,
     draft_params,
+    global_draft_with,
     global_fields,
     inherited_values,
     number_from_text,
+    preset_overrides_draft,
+    preset_param_names,
     price_draft,
 )
 from db.engine import transaction
@@ -241,6 +245,19 @@ def _provider_editor() -> None:
             )
             if check.request_cost is not None:
                 st.caption(" · ".join(check.request_cost.breakdown))
+            if check.valid:
+                cost_change = change_cost_preview(
+                    session,
+                    provider,
+                    draft,
+                    spend_mode="live" if overview.connection.mode.value == "live" else "simulated",
+                )
+                st.metric(
+                    "What this change costs per month",
+                    cost_change.headline,
+                    help="The optimizer's estimate at the last 30 days' volume of this provider, before saving.",
+                )
+                st.caption(cost_change.detail)
             for message in (*unplaced, *check.problems):
                 st.error(message)
             if check.effective is not None:
@@ -265,6 +282,29 @@ def _provider_editor() -> None:
                     st.session_state[f"ps.{provider}.loaded"] = saved.version
                     state.flash(f"Saved {spec.label} settings as version {saved.version}.")
                     st.rerun()
+
+        if overview.settings is not None:
+            with st.expander(f"Delete {spec.label}'s settings"):
+                st.caption(
+                    "Removes this provider's configuration (it is no longer routed to); the history is kept and a "
+                    "rollback restores it."
+                )
+                if current.is_default:
+                    st.info(
+                        f"{spec.label} is the default provider: make another provider the default before deleting "
+                        "its settings."
+                    )
+                sure = st.checkbox(
+                    f"Yes, delete {spec.label}'s settings", key=key + "delete.confirm", disabled=current.is_default
+                )
+                if st.button(
+                    "Delete settings", key=key + "delete", disabled=current.is_default or not sure, type="secondary"
+                ):
+                    removed = _write(settings_service.delete_provider_settings, provider)
+                    if removed is not None:
+                        st.session_state[f"ps.{provider}.loaded"] = removed.version
+                        state.flash(f"Deleted {spec.label}'s settings (version {removed.version}).")
+                        st.rerun()
 
         target = _history("provider", settings_service.provider_history(session, provider, limit=50), f"ph.{provider}")
         if target is not None:
@@ -344,6 +384,8 @@ def _global_editor() -> None:
                         gdraft[fld.name] = text.strip() or None
                     gslots[fld.name] = st.empty()
         gdraft = {k: v for k, v in gdraft.items() if v is not None}
+        if gview.settings.preset_overrides:  # edited in the presets table below; kept by this form
+            gdraft["preset_overrides"] = gview.settings.preset_overrides
         gsettings, gerrors = check_global_draft(gdraft)
         for message in field_errors_at(gslots, gerrors):
             st.error(message)
@@ -379,28 +421,98 @@ def _global_editor() -> None:
                 state.flash(f"Rolled the global settings back to version {gtarget}: now version {grolled.version}.")
                 st.rerun()
 
-        st.subheader("Quality presets")
-        st.caption(
-            "What each preset sets per provider, applied after the provider's settings and before a request's own "
-            "values. Presets never change size or count (those decide the bill). The preset a request gets when "
-            "it names none is the global *default preset* above; the presets themselves are part of the product."
-        )
-        preset_rows = []
-        for provider_id in PROVIDERS:
-            for name, values in presets_for(provider_id).items():
-                preset_rows.append(
-                    {
-                        "provider": provider_id,
-                        "preset": PRESET_LABELS[name],
-                        "sets": ", ".join(f"{k}={v}" for k, v in values.items()) or "nothing",
-                    }
+        _presets_editor(gview, gloaded)
+
+
+def _presets_editor(gview: settings_service.GlobalSettingsView, gloaded: int) -> None:
+    """The quality presets: every value per provider (edits marked), and one provider's values edited per
+    preset, saved as a new version of the global settings (`preset_overrides`)."""
+    st.subheader("Quality presets")
+    st.caption(
+        "What each preset sets per provider, applied after the provider's settings and before a request's own "
+        "values. Presets never change size or count (those decide the bill). The preset a request gets when "
+        "it names none is the global *default preset* above. Edits are part of the global settings: versioned, "
+        "audited and rolled back with them."
+    )
+    overrides = gview.settings.preset_overrides
+    preset_rows = []
+    for provider_id in PROVIDERS:
+        for name, values in presets_for(provider_id, overrides).items():
+            edited = gview.settings.preset_values(name, provider_id)
+            preset_rows.append(
+                {
+                    "provider": provider_id,
+                    "preset": PRESET_LABELS[name],
+                    "sets": ", ".join(f"{k}={v}{' (edited)' if k in edited else ''}" for k, v in values.items())
+                    or "nothing",
+                }
+            )
+    st.dataframe(
+        pd.DataFrame(preset_rows).pivot(index="provider", columns="preset", values="sets")[
+            [PRESET_LABELS[p] for p in PRESET_NAMES]
+        ],
+        width="stretch",
+    )
+    st.markdown("**Edit the presets**")
+    provider = st.selectbox(
+        "Presets for provider", list(PROVIDERS), format_func=lambda p: PROVIDERS[p].label, key="presets.provider"
+    )
+    spec = PROVIDERS[provider]
+    pkey = f"presets.{gloaded}.{provider}."  # a new global version starts the form again from it
+    names = preset_param_names(provider)
+    values_now = presets_for(provider, overrides)
+    shown: dict[str, dict[str, Any]] = {}
+    slots: dict[str, Any] = {}
+    for column, preset in zip(st.columns(len(PRESET_NAMES)), PRESET_NAMES, strict=True):
+        with column:
+            st.markdown(f"*{PRESET_LABELS[preset]}*")
+            edited = gview.settings.preset_values(preset, provider)
+            shown[preset] = {}
+            for name in names:
+                builtin = preset_params(preset, provider).get(name, spec.params[name].default)
+                where = "Edited." if name in edited else "Built-in."
+                shown[preset][name] = param_input(
+                    spec.params[name],
+                    values_now[preset].get(name, builtin),
+                    f"{pkey}{preset}.{name}",
+                    help_suffix=f"{where} Built-in value: {builtin!r}.",
                 )
-        st.dataframe(
-            pd.DataFrame(preset_rows).pivot(index="provider", columns="preset", values="sets")[
-                [PRESET_LABELS[p] for p in PRESET_NAMES]
-            ],
-            width="stretch",
+                slots[f"preset_overrides.{preset}.{provider}.{name}"] = st.empty()
+    new_overrides = preset_overrides_draft(overrides, provider, shown)
+    psettings, perrors = check_global_draft(global_draft_with(gview.settings, preset_overrides=new_overrides))
+    for message in field_errors_at(slots, perrors):
+        st.error(message)
+    pchanges = (
+        settings_service.diff_settings(
+            settings_service.settings_json(gview.settings), settings_service.settings_json(psettings)
         )
+        if psettings is not None
+        else []
+    )
+    if pchanges:
+        st.markdown("**Not saved yet**")
+        st.dataframe(changes_table(pchanges, "saved", "this form"), hide_index=True, width="stretch")
+    pcomment = st.text_input("Comment for this version", key=pkey + "comment", max_chars=2000)
+    save, reset_one, reset_all = st.columns(3)
+    plan: tuple[dict[str, Any], str] | None = None
+    if save.button("Save presets", type="primary", disabled=psettings is None or not pchanges, key=pkey + "save"):
+        plan = (new_overrides, f"Saved {spec.label}'s presets")
+    has_own = any(provider in by_provider for by_provider in overrides.values())
+    if reset_one.button(f"Reset {spec.label} to built-in", disabled=not has_own, key=pkey + "reset"):
+        plan = (preset_overrides_draft(overrides, provider, {}), f"Reset {spec.label}'s presets to built-in")
+    if reset_all.button("Reset every preset to built-in", disabled=not overrides, key=pkey + "reset.all"):
+        plan = ({}, "Reset every preset to built-in")
+    if plan is not None:
+        saved = _write(
+            settings_service.save_global_settings,
+            global_draft_with(gview.settings, preset_overrides=plan[0]),
+            comment=pcomment or None,
+            expected_version=gloaded,
+        )
+        if saved is not None:
+            st.session_state["gs.loaded"] = saved.version
+            state.flash(f"{plan[1]}: global settings version {saved.version}.")
+            st.rerun()
 
 
 @st.fragment

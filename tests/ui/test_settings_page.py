@@ -1,15 +1,18 @@
 """The Settings page through AppTest: who reaches it, editing one provider with errors at the field and a live
-preview, saving versions, the side-by-side diff and rollback, global settings, prices, import and export."""
+preview (with what the change costs per month), saving versions, the side-by-side diff and rollback, deleting a
+provider's settings, global settings, editable presets, prices, import and export."""
 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import price_store, settings_service, transfer
 from core.security import Actor, Role
+from tests.core.spend.rollup_seed import add_rollup
 from tests.ui.apptest_helpers import ROOT, Console, by_key, console, console_any_db, pg_admin_dsn, pg_session_database
 
 __all__ = ["console", "console_any_db", "pg_admin_dsn", "pg_session_database"]
@@ -215,3 +218,106 @@ def test_import_shows_the_dry_run_diff_before_applying(console_any_db: Console) 
 
     by_key(at.text_area, "import.text").input('{"format": "nope"').run()  # type: ignore[attr-defined]
     assert any("Nothing can be imported" in e.value for e in at.error)
+
+
+def _global_version(console: Console) -> int:
+    with console.runtime.sessions() as session:
+        return settings_service.get_global_settings(session).version
+
+
+def test_presets_are_edited_saved_as_a_global_version_and_reset_to_built_in(console: Console) -> None:
+    at = console.app(Role.ADMIN, "settings")
+    g = _global_version(console)
+    by_key(at.selectbox, "presets.provider").set_value("fal-qwen").run()  # type: ignore[attr-defined]
+    key = f"presets.{g}.fal-qwen."
+    steps = by_key(at.slider, key + "fast.num_inference_steps")
+    assert steps.value == 12 and (steps.min, steps.max) == (1, 50)  # type: ignore[attr-defined]
+    assert by_key(at.button, key + "save").disabled  # type: ignore[attr-defined]  # nothing changed yet
+    assert by_key(at.button, key + "reset").disabled  # type: ignore[attr-defined]  # nothing to reset
+    steps.set_value(14).run()  # type: ignore[attr-defined]
+    unsaved = next(df.value for df in at.dataframe if "this form" in df.value.columns).set_index("field")
+    assert unsaved.loc["preset_overrides.fast.fal-qwen.num_inference_steps", "this form"] == "14"
+    assert _global_version(console) == g  # not saved before the button
+    by_key(at.text_input, key + "comment").input("quicker drafts").run()  # type: ignore[attr-defined]
+    by_key(at.button, key + "save").click().run()  # type: ignore[attr-defined]
+    assert not at.exception, at.exception
+    with console.runtime.sessions() as session:
+        now = settings_service.get_global_settings(session)
+    assert now.version == g + 1 and now.comment == "quicker drafts"
+    assert now.settings.preset_overrides == {"fast": {"fal-qwen": {"num_inference_steps": 14}}}
+    table = next(df.value for df in at.dataframe if "Ultra" in df.value.columns)
+    assert "num_inference_steps=14 (edited)" in table.loc["fal-qwen", "Fast"]
+    assert "(edited)" not in table.loc["huggingface", "Fast"]
+    # The global settings form keeps the edits when it saves something else.
+    by_key(at.text_input, f"gs.{g + 1}.max_attempts").input("2").run()  # type: ignore[attr-defined]
+    by_key(at.button, f"gs.{g + 1}.save").click().run()  # type: ignore[attr-defined]
+    assert not at.exception, at.exception
+    with console.runtime.sessions() as session:
+        now = settings_service.get_global_settings(session)
+    assert now.version == g + 2 and now.settings.max_attempts == 2
+    assert now.settings.preset_overrides == {"fast": {"fal-qwen": {"num_inference_steps": 14}}}
+    # Reset to built-in is a new version too (so it can be rolled back).
+    by_key(at.button, f"presets.{g + 2}.fal-qwen.reset").click().run()  # type: ignore[attr-defined]
+    assert not at.exception, at.exception
+    with console.runtime.sessions() as session:
+        now = settings_service.get_global_settings(session)
+    assert now.version == g + 3 and now.settings.preset_overrides == {} and now.settings.max_attempts == 2
+    assert by_key(at.slider, f"presets.{g + 3}.fal-qwen.fast.num_inference_steps").value == 12  # type: ignore[attr-defined]
+
+
+def test_a_refused_preset_save_shows_the_reason(console: Console) -> None:
+    at = console.app(Role.ADMIN, "settings")
+    g = _global_version(console)
+    by_key(at.selectbox, "presets.provider").set_value("ideogram").run()  # type: ignore[attr-defined]
+    by_key(at.selectbox, f"presets.{g}.ideogram.fast.rendering_speed").set_value("QUALITY").run()  # type: ignore[attr-defined]
+    with console.runtime.sessions.begin() as session:  # someone else saves the global settings first
+        settings_service.save_global_settings(
+            session, Actor(user_id=console.users[Role.HERO].id, username="hero", role=Role.HERO), {"max_attempts": 4}
+        )
+    by_key(at.button, f"presets.{g}.ideogram.save").click().run()  # type: ignore[attr-defined]
+    assert any("changed since you loaded" in e.value for e in at.error), [e.value for e in at.error]
+    with console.runtime.sessions() as session:
+        assert settings_service.get_global_settings(session).settings.preset_overrides == {}
+
+
+def test_the_preview_says_what_the_change_costs_per_month(console: Console) -> None:
+    yesterday = datetime.now(UTC).date() - timedelta(days=1)
+    with console.runtime.sessions.begin() as session:  # the sandbox providers' volume is simulated
+        add_rollup(session, yesterday, "ideogram", mode="sandbox", attempts=100, images=100)
+    at = console.app(Role.ADMIN, "settings")
+    _pick(at, "ideogram")
+    v = _version(console, "ideogram")
+    assert _metric(at, "What this change costs per month") == "no change"  # an untouched form
+    by_key(at.selectbox, f"ps.ideogram.{v}.rendering_speed").set_value("QUALITY").run()  # type: ignore[attr-defined]
+    # Ideogram DEFAULT $0.06 -> QUALITY $0.09 per image, x 100 images last month = +$3.00 a month.
+    assert _metric(at, "What this change costs per month") == "+$3.000000/month"
+    assert any("100 image(s)" in c.value and "simulated" in c.value for c in at.caption)
+    by_key(at.selectbox, f"ps.ideogram.{v}.rendering_speed").set_value("TURBO").run()  # type: ignore[attr-defined]
+    assert _metric(at, "What this change costs per month") == "-$3.000000/month"
+    assert _version(console, "ideogram") == v  # nothing saved
+    # No history: the page says so instead of a figure.
+    _pick(at, "huggingface")
+    assert _metric(at, "What this change costs per month") == "no history"
+    assert any("no simulated images in the last 30 days" in c.value for c in at.caption)
+
+
+def test_delete_a_providers_settings_after_confirming_never_the_default(console: Console) -> None:
+    hero = Actor(user_id=console.users[Role.HERO].id, username="hero", role=Role.HERO)
+    with console.runtime.sessions.begin() as session:
+        settings_service.update_provider_settings(session, hero, "sandbox", {"is_default": True})
+    at = console.app(Role.ADMIN, "settings")
+    _pick(at, "sandbox")
+    v = _version(console, "sandbox")
+    assert by_key(at.button, f"ps.sandbox.{v}.delete").disabled  # type: ignore[attr-defined]
+    assert any("is the default provider" in i.value for i in at.info)
+    _pick(at, "huggingface")
+    v = _version(console, "huggingface")
+    delete = by_key(at.button, f"ps.huggingface.{v}.delete")
+    assert delete.disabled  # type: ignore[attr-defined]  # not before confirming
+    by_key(at.checkbox, f"ps.huggingface.{v}.delete.confirm").check().run()  # type: ignore[attr-defined]
+    by_key(at.button, f"ps.huggingface.{v}.delete").click().run()  # type: ignore[attr-defined]
+    assert not at.exception, at.exception
+    with console.runtime.sessions() as session:
+        history = settings_service.provider_history(session, "huggingface", limit=5)
+    assert history[0].version == v + 1 and history[0].deleted
+    assert any("Deleted" in s.value for s in at.success)
