@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Literal
 
@@ -29,15 +28,16 @@ from common.errors import InvalidInput, PermissionDenied
 from core.authz import AuthorizedActor, authorize
 from core.catalog import PROVIDERS
 from core.generation.budgets import list_budgets
-from core.generation.usage import percentile_from_histogram
 from core.security import Actor, Role
 from core.spend.forecast import BudgetForecast, forecast_budget
 from core.spend.optimizer import OptimizerReport, recommend
-from core.spend.reports import (
+from core.spend.reports import (  # _Acc and _row: reports' one accumulator and SpendRow builder, reused
     MAX_REPORT_DAYS,
     NO_USER_LABEL,
     ErrorClassRow,
     SpendRow,
+    _Acc,
+    _row,
     cost_per_image_micros,
     target_cost_per_image_micros,
     usd,
@@ -148,43 +148,11 @@ def _conditions(filters: UsageFilters) -> list[Any]:
     return conditions
 
 
-@dataclass
-class _Acc:
-    attempts: int = 0
-    succeeded: int = 0
-    images: int = 0
-    actual: int = 0
-    estimated: int = 0
-    unknown: int = 0
-    buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKET_COLUMNS))
-
-    def add(self, numbers: list[int]) -> None:
-        self.succeeded += numbers[0]
-        self.attempts += numbers[1]
-        self.images += numbers[2]
-        self.actual += numbers[3]
-        self.estimated += numbers[4]
-        self.unknown += numbers[5]
-        self.buckets = [a + b for a, b in zip(self.buckets, numbers[6:], strict=True)]
-
-    def row(self, spend_mode: str, key: str, label: str, target: int) -> SpendRow:
-        per_image = cost_per_image_micros(self.actual, self.images)
-        return SpendRow(
-            spend_mode=spend_mode,
-            key=key,
-            label=label,
-            attempts=self.attempts,
-            succeeded=self.succeeded,
-            images=self.images,
-            actual_micro_usd=self.actual,
-            estimated_micro_usd=self.estimated,
-            unknown_billing=self.unknown,
-            cost_per_image_micro_usd=per_image,
-            over_target=None if per_image is None else per_image > target,
-            success_rate=self.succeeded / self.attempts if self.attempts else None,
-            p50_ms=percentile_from_histogram(self.buckets, 0.5),
-            p95_ms=percentile_from_histogram(self.buckets, 0.95),
-        )
+def _acc(numbers: list[int]) -> _Acc:
+    """One rollup group's sums (succeeded, attempts, images, actual, estimated, unknown, *buckets) as reports'
+    accumulator: the rows are then built by reports' one SpendRow builder."""
+    succeeded, attempts, images, actual, estimated, unknown = numbers[:6]
+    return _Acc(attempts, succeeded, images, actual, estimated, unknown, numbers[6:])
 
 
 def _sums() -> list[Any]:
@@ -217,11 +185,9 @@ def _top_users(session: Session, filters: UsageFilters, target: int, names: dict
     )
     rows = []
     for user_id, *values in session.execute(statement).all():
-        acc = _Acc()
-        acc.add(_numbers(values))
         uid = int(user_id or 0)
         label = NO_USER_LABEL if uid == 0 else names.get(uid, f"user {uid}")
-        rows.append(acc.row(filters.spend_mode, str(uid), label, target))
+        rows.append(_row(filters.spend_mode, str(uid), label, _acc(_numbers(values)), target))
     return rows
 
 
@@ -263,19 +229,19 @@ def load_usage(
     per_provider: dict[str, _Acc] = {}
     per_error: dict[tuple[str, str], int] = {}
     for day, provider, error_class, *values in session.execute(statement).all():
-        numbers = _numbers(values)
-        total.add(numbers)
-        per_day.setdefault((day, str(provider)), _Acc()).add(numbers)
-        per_provider.setdefault(str(provider), _Acc()).add(numbers)
+        group = _acc(_numbers(values))
+        total.add(group)
+        per_day.setdefault((day, str(provider)), _Acc()).add(group)
+        per_provider.setdefault(str(provider), _Acc()).add(group)
         if error_class:
             key = (str(provider), str(error_class))
-            per_error[key] = per_error.get(key, 0) + numbers[1] - numbers[0]
+            per_error[key] = per_error.get(key, 0) + group.attempts - group.succeeded
     mode = applied.spend_mode
     days = [
         DaySpend(day=day, provider=provider, attempts=acc.attempts, images=acc.images, actual_micro_usd=acc.actual)
         for (day, provider), acc in sorted(per_day.items())
     ]
-    providers = [acc.row(mode, p, p, target) for p, acc in sorted(per_provider.items())]
+    providers = [_row(mode, p, p, acc, target) for p, acc in sorted(per_provider.items())]
     failures = {p: acc.attempts - acc.succeeded for p, acc in per_provider.items()}
     errors = [
         ErrorClassRow(
@@ -297,7 +263,7 @@ def load_usage(
         filters=applied,
         staff=staff,
         target_cost_per_image_micro_usd=target,
-        total=total.row(mode, "total", "total", target),
+        total=_row(mode, "total", "total", total, target),
         days=days,
         providers=providers,
         error_classes=errors,
