@@ -14,7 +14,7 @@ from core.generation.budgets import create_budget
 from core.generation.models import GenerationRequest
 from core.generation.service import generate_sync
 from core.security import Actor, Role
-from core.usage_view import UsageFilters, load_usage, recent_attempts
+from core.usage_view import UsageFilters, load_usage, recent_attempts, usage_csv
 from db.engine import transaction
 from tests.ui.apptest_helpers import Console, by_key, console, console_any_db, pg_admin_dsn, pg_session_database
 from ui.charts import PROVIDER_COLOURS
@@ -152,3 +152,15 @@ def test_usage_on_both_databases(console_any_db: Console) -> None:
     assert not at.exception
     total = next(m for m in at.metric if m.label == "Spend")
     assert total.value.startswith("$") and total.value != "$0.000000"
+
+
+def test_the_csv_has_exact_dollars_in_one_spend_mode(console: Console) -> None:
+    _generate(console, Role.USER, "fal-qwen")
+    with console.runtime.sessions() as session:
+        view = load_usage(session, console.users[Role.USER].actor(), _today())
+    lines = usage_csv(view).splitlines()
+    assert lines[0] == "spend_mode,day,provider,attempts,images,actual_usd,cost_per_image_usd"
+    today = datetime.now(UTC).date().isoformat()
+    assert lines[1] == f"simulated,{today},fal-qwen,1,1,0.015729,0.015729"
+    assert lines[-1] == "simulated,all days,total,1,1,0.015729,0.015729"
+    assert all(line.startswith("simulated,") for line in lines[1:])
