@@ -2,8 +2,9 @@
 effective parameters that draft would run with (each value's source) and the cost of one image, before anything
 is saved. Reads only; saving goes through core.settings_service and core.price_store.
 
-The rules stay where they are: validation is core.settings (`validate_settings`), resolution is
-`resolve_effective`, the price is core.price_store's version in force and the cost is core.pricing's estimate.
+The rules stay where they are: validation is core.settings (`validate_settings`); resolution and the cost go
+through the one preparation step (core.generation.prepare) on a snapshot with the draft in place of the stored
+settings, as the optimizer prices a proposed edit.
 """
 
 from __future__ import annotations
@@ -13,29 +14,32 @@ import inspect
 import itertools
 import textwrap
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from functools import cache
+from types import MappingProxyType
 from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
 from common.errors import InvalidInput, NotFound
-from core import price_store, settings_service
+from core import settings_service
 from core.catalog import COMMON_PARAMS, PROVIDERS, ParamSpec
+from core.generation.prepare import prepare
+from core.generation.snapshot import SettingsSnapshot, load_snapshot
 from core.money import format_usd
 from core.overview import PREVIEW_PROMPT
 from core.presets import preset_params, presets_for
-from core.pricing import CostEstimate, estimate_cost, parse_price
+from core.pricing import CostEstimate, parse_price
 from core.settings import (
     EffectiveParams,
     GlobalSettings,
     ProviderSettings,
     describe_source,
-    resolve_effective,
     validate_global_settings,
 )
 from core.spend.optimizer import ChangeCost, change_cost
+from db.models import utcnow
 
 FieldKind = Literal["int", "float", "bool", "optional_bool", "text", "choice", "many"]
 
@@ -74,17 +78,36 @@ class DraftCheck:
         ]
 
 
+def _snapshot_with(session: Session, provider: str, settings: ProviderSettings | None) -> SettingsSnapshot:
+    """What the database holds now, with `settings` in place of the provider's stored ones (None: without any),
+    for core.generation.prepare to resolve and price a draft exactly as a request would be. Nothing is stored."""
+    snapshot = load_snapshot(session)
+    stored = dict(snapshot.stored)
+    if settings is None:
+        stored.pop(provider, None)
+    else:
+        current = stored.get(provider)
+        stored[provider] = settings_service.ProviderSettingsView(
+            provider=provider,
+            version=current.version if current is not None else 0,
+            settings=settings,
+            updated_at=utcnow(),
+            updated_by="this form",
+            comment=None,
+        )
+    return replace(snapshot, stored=MappingProxyType(stored))
+
+
 def inherited_values(session: Session, provider: str) -> dict[str, Any]:
     """Each parameter's value without the provider's own settings: the catalog default, or the global settings'."""
-    effective = resolve_effective(
-        provider,
-        global_settings=settings_service.get_global_settings(session).settings,
-        provider_settings=None,
-        preset="none",
-        overrides=None,
-        prompt=PREVIEW_PROMPT,
+    prepared = prepare(
+        None, provider, prompt=PREVIEW_PROMPT, preset="none", snapshot=_snapshot_with(session, provider, None)
     )
-    return effective.values()
+    if prepared.effective is None:
+        raise InvalidInput(
+            prepared.error or f"{provider}: the global settings do not resolve", dict(prepared.field_errors or {})
+        )
+    return prepared.effective.values()
 
 
 def draft_params(stored: Mapping[str, Any], inherited: Mapping[str, Any], shown: Mapping[str, Any]) -> dict[str, Any]:
@@ -106,29 +129,17 @@ def check_draft(session: Session, provider: str, draft: Mapping[str, Any]) -> Dr
     except InvalidInput as exc:
         errors = dict(exc.field_errors) or {"settings": str(exc)}
         return DraftCheck(provider, errors, None, None, None)
-    problems: list[str] = []
-    try:
-        effective: EffectiveParams | None = resolve_effective(
-            provider,
-            global_settings=settings_service.get_global_settings(session).settings,
-            provider_settings=settings,
-            preset="none",
-            overrides=None,
-            prompt=PREVIEW_PROMPT,
-        )
-    except InvalidInput as exc:
-        return DraftCheck(provider, {f"params.{k}": v for k, v in exc.field_errors.items()}, None, None, None)
-    one_image: CostEstimate | None = None
-    request_cost: CostEstimate | None = None
-    price = price_store.active_price(session, provider)
-    if price is None:
-        problems.append("no price in force: estimates are impossible (an unpriced provider is never free)")
-    elif effective is not None:
-        try:
-            one_image = estimate_cost(price.price, provider_id=provider, params={**effective.values(), "num_images": 1})
-            request_cost = estimate_cost(price.price, provider_id=provider, params=effective.values())
-        except ValueError as exc:
-            problems.append(f"cannot price these settings: {exc}")
+    snapshot = _snapshot_with(session, provider, settings)
+    prepared = prepare(None, provider, prompt=PREVIEW_PROMPT, preset="none", priced_images=1, snapshot=snapshot)
+    effective = prepared.effective
+    if effective is None:
+        errors = {f"params.{k}": v for k, v in (prepared.field_errors or {}).items()}
+        return DraftCheck(provider, errors or {"settings": prepared.error or "invalid"}, None, None, None)
+    problems = list(prepared.problems)
+    one_image = prepared.estimate
+    request_cost = None
+    if one_image is not None:  # the whole request (its number of images), priced by the same step
+        request_cost = prepare(None, provider, prompt=PREVIEW_PROMPT, preset="none", snapshot=snapshot).estimate
     try:
         stored: dict[str, Any] | None = settings_service.settings_json(
             settings_service.get_provider_settings(session, provider).settings
