@@ -16,6 +16,7 @@ from core.usage_view import UsageView
 from ui import charts
 
 MICRO = 1_000_000
+DAY_MS = 86_400_000
 
 
 def _mode_label(view: UsageView) -> str:
@@ -39,6 +40,7 @@ def spend_per_day(view: UsageView) -> go.Figure:
             y=amounts,
             name=provider,
             marker={"color": charts.provider_colour(provider)},
+            width=[DAY_MS * 0.8] * len(days),  # on a date axis a bar is 1 ms wide unless told
             hovertemplate="%{x}<br>$%{y:,.6f}<extra>" + provider + "</extra>",
         )
         for provider, (days, amounts) in sorted(per_provider.items())
@@ -52,7 +54,7 @@ def spend_per_day(view: UsageView) -> go.Figure:
         type="date",
         range=[first.isoformat(), last.isoformat()],
         tickformat="%b %d",
-        dtick=86_400_000 if days_shown <= 14 else None,
+        dtick=DAY_MS if days_shown <= 14 else None,
     )
     fig.update_yaxes(title_text="spend")
     return charts.finish(fig, f"Spend per day by provider: {_mode_label(view)}", unit="day (UTC)")
