@@ -27,8 +27,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import functools
+import itertools
 import os
+import pstats
 import secrets
 import statistics
 import subprocess
@@ -264,25 +267,29 @@ def overhead(series: dict[str, Series], key: str, raw: str, figure: str = "p50_m
 # --- where one API request's time goes -----------------------------------------------------------------------------
 
 
+STEPS = {
+    "auth": "bearer token checked and the request counted (one transaction)",
+    "insert": "job row inserted, claimed by this process (one transaction)",
+    "job": "the job: generate() (the fal adapter's HTTP requests included) and the job's finish",
+    "response": "the response: the job, generation and images read back, JSON",
+    "raw": "for comparison: the raw fal queue calls (httpx, 4 requests)",
+}
+
+
 @dataclass
 class Phases:
-    auth: list[float] = field(default_factory=list)
-    insert: list[float] = field(default_factory=list)
-    job: list[float] = field(default_factory=list)
-    response: list[float] = field(default_factory=list)
-    raw: list[float] = field(default_factory=list)
+    wall: dict[str, list[float]] = field(default_factory=lambda: {key: [] for key in STEPS})
+    cpu: dict[str, list[float]] = field(default_factory=lambda: {key: [] for key in STEPS})
+
+    def add(self, key: str, wall: float, cpu: float) -> None:
+        self.wall[key].append(wall)
+        self.cpu[key].append(cpu)
 
     def rows(self) -> list[list[str]]:
         def med(values: list[float]) -> str:
             return f"{statistics.median(values) * 1000:.2f}" if values else "n/a"
 
-        return [
-            ["bearer token checked and the request counted (one transaction)", med(self.auth)],
-            ["job row inserted, claimed by this process (one transaction)", med(self.insert)],
-            ["the job: generate() (the fal adapter's 4 HTTP requests included) and the job's finish", med(self.job)],
-            ["the response: the job, generation and images read back, JSON", med(self.response)],
-            ["for comparison: the raw fal queue calls (httpx, 4 requests)", med(self.raw)],
-        ]
+        return [[label, med(self.wall[key]), med(self.cpu[key])] for key, label in STEPS.items()]
 
 
 async def profile_phases(factory: Any, secret: str, calls: int, raw: Call) -> Phases:
@@ -299,11 +306,11 @@ async def profile_phases(factory: Any, secret: str, calls: int, raw: Call) -> Ph
     owner = process_owner()
     phases = Phases()
     for _ in range(calls):
-        began = time.perf_counter()
+        marks = [(time.perf_counter(), time.process_time())]
         grant, _decision = await in_transaction(
             factory, functools.partial(_authenticate_and_count, raw=secret, default=default_rate_limit())
         )
-        authenticated = time.perf_counter()
+        marks.append((time.perf_counter(), time.process_time()))
         body = GenerateBody.model_validate(generate_body())
         request = GenerationRequest(
             body.prompt, provider=body.provider, params=body.params, allow_fallback=body.allow_fallback
@@ -311,22 +318,33 @@ async def profile_phases(factory: Any, secret: str, calls: int, raw: Call) -> Ph
         job, _created = await in_transaction(
             factory, functools.partial(jobs.enqueue, actor=grant.actor, request=request, claimed_by=owner)
         )
-        inserted = time.perf_counter()
+        marks.append((time.perf_counter(), time.process_time()))
         finished = await jobs.run_job(factory, job, owner)
-        ran = time.perf_counter()
+        marks.append((time.perf_counter(), time.process_time()))
         out = await run_db(_job_out, factory, grant.actor, finished)
         out.model_dump_json()
-        answered = time.perf_counter()
+        marks.append((time.perf_counter(), time.process_time()))
+        await raw()
+        marks.append((time.perf_counter(), time.process_time()))
         if out.status != "succeeded":
             raise RuntimeError(f"the profiled job did not succeed: {out.status} {out.error}")
-        phases.auth.append(authenticated - began)
-        phases.insert.append(inserted - authenticated)
-        phases.job.append(ran - inserted)
-        phases.response.append(answered - ran)
-        began = time.perf_counter()
-        await raw()
-        phases.raw.append(time.perf_counter() - began)
+        for key, (before, after) in zip(STEPS, itertools.pairwise(marks), strict=True):
+            phases.add(key, after[0] - before[0], after[1] - before[1])
     return phases
+
+
+async def cprofile_phases(factory: Any, secret: str, calls: int, raw: Call, path: Path) -> None:
+    """The same steps under cProfile, the database executor's work run inline so the profile sees it (as
+    bench.profile_generate does); the raw stats to `path`, the top functions to stderr."""
+    from bench.profile_generate import _inline_executor
+
+    _inline_executor()
+    profile = cProfile.Profile()
+    profile.enable()
+    await profile_phases(factory, secret, calls, raw)
+    profile.disable()
+    profile.dump_stats(path)
+    pstats.Stats(profile, stream=sys.stderr).sort_stats("cumulative").print_stats(60)
 
 
 # --- the report ------------------------------------------------------------------------------------------------------
@@ -417,10 +435,10 @@ def report(
     if phases is not None:
         lines += [
             f"Where one API request's time goes: the route's steps run one request at a time in the benchmark process "
-            f"on the same database and emulator ({len(phases.job)} requests, medians, ms of wall time; the "
-            "HTTP server, routing and validation are not in it):",
+            f"on the same database and emulator ({len(phases.wall['job'])} requests, medians; the "
+            "HTTP server, routing and validation are not in it; CPU: this process's, every thread's):",
             "",
-            harness.table(["step", "p50 ms"], phases.rows()),
+            harness.table(["step", "p50 wall ms", "p50 CPU ms"], phases.rows()),
             "",
         ]
     return "\n".join(lines) + "\n"
@@ -506,9 +524,10 @@ async def run_all(args: argparse.Namespace) -> str:
             if args.profile_calls > 0:
                 servers.close()
                 async with httpx.AsyncClient(timeout=60) as client:
-                    phases = await profile_phases(
-                        runtime.sessions, secret, args.profile_calls, raw_queue_call(client, emulator.url, params)
-                    )
+                    raw = raw_queue_call(client, emulator.url, params)
+                    phases = await profile_phases(runtime.sessions, secret, args.profile_calls, raw)
+                    if args.cprofile is not None:
+                        await cprofile_phases(runtime.sessions, secret, args.profile_calls, raw, args.cprofile)
             runtime.engine.dispose()
     return report(variants, series, facts, phases, notes, args)
 
@@ -520,6 +539,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=50, help="untimed requests before each batch")
     parser.add_argument("--profile-calls", type=int, default=30, help="requests of the step-by-step profile (0: none)")
+    parser.add_argument("--cprofile", type=Path, help="also profile the steps (cProfile) into this pstats file")
     parser.add_argument("--no-litellm", action="store_true", help="leave LiteLLM's proxy out")
     parser.add_argument("--results", type=Path, default=harness.RESULTS, help="the markdown file to update")
     parser.add_argument("--no-write", action="store_true", help="print the section, do not update the file")
