@@ -59,12 +59,16 @@ def test_overhead_runs_and_writes_its_section(tmp_path: Path) -> None:
 @pytest.mark.timeout(SCRIPT_TIMEOUT_S + 10)
 def test_inflight_runs_and_writes_its_section(tmp_path: Path) -> None:
     results = tmp_path / "benchmarks.md"
-    done = run_script("bench.inflight", results, "--requests", "8", "--latency", "0.2", "--db", "sqlite")
+    # LiteLLM's baseline (when the bench extra is installed) runs 6 requests at a time: left out here for time.
+    done = run_script(
+        "bench.inflight", results, "--requests", "8", "--latency", "0.2", "--db", "sqlite", "--skip-litellm"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     text = section(results, "inflight")
     assert "| raw fal queue calls (httpx) |" in text
     assert "| imagegate generate(), SQLite |" in text
-    assert text.count("| 8/8 |") >= 2, text  # every request of every variant succeeded
+    assert "| imagegate generate(), SQLite, sandbox provider (no HTTP) |" in text
+    assert text.count("| 8/8 |") >= 3, text  # every request of every variant succeeded
 
 
 @pytest.mark.timeout(SCRIPT_TIMEOUT_S + 10)
