@@ -17,7 +17,7 @@ from core.catalog import COMMON_PARAMS, PROVIDERS
 from core.generation.health import health_report
 from core.overview import provider_overviews
 from core.presets import PRESET_LABELS, PRESET_NAMES, preset_params, presets_for
-from core.settings import ProviderSettings
+from core.settings import GlobalSettings, ProviderSettings
 from core.settings_editor import (
     change_cost_preview,
     check_draft,
@@ -315,6 +315,19 @@ def _provider_editor() -> None:
                 st.rerun()
 
 
+def _unsaved_global(saved: GlobalSettings, draft: GlobalSettings | None) -> list[settings_service.FieldChange]:
+    """What saving a valid global-settings draft would change, shown as "Not saved yet" (nothing when invalid)."""
+    if draft is None:
+        return []
+    changes = settings_service.diff_settings(
+        settings_service.settings_json(saved), settings_service.settings_json(draft)
+    )
+    if changes:
+        st.markdown("**Not saved yet**")
+        st.dataframe(changes_table(changes, "saved", "this form"), hide_index=True, width="stretch")
+    return changes
+
+
 @st.fragment
 def _global_editor() -> None:
     """The global settings (every field, grouped), their history, and the quality presets."""
@@ -389,16 +402,7 @@ def _global_editor() -> None:
         gsettings, gerrors = check_global_draft(gdraft)
         for message in field_errors_at(gslots, gerrors):
             st.error(message)
-        gchanges = (
-            settings_service.diff_settings(
-                settings_service.settings_json(gview.settings), settings_service.settings_json(gsettings)
-            )
-            if gsettings is not None
-            else []
-        )
-        if gchanges:
-            st.markdown("**Not saved yet**")
-            st.dataframe(changes_table(gchanges, "saved", "this form"), hide_index=True, width="stretch")
+        gchanges = _unsaved_global(gview.settings, gsettings)
         gcomment = st.text_input("Comment for this version", key=gkey + "comment", max_chars=2000)
         if st.button(
             "Save global settings", type="primary", disabled=gsettings is None or not gchanges, key=gkey + "save"
@@ -482,16 +486,7 @@ def _presets_editor(gview: settings_service.GlobalSettingsView, gloaded: int) ->
     psettings, perrors = check_global_draft(global_draft_with(gview.settings, preset_overrides=new_overrides))
     for message in field_errors_at(slots, perrors):
         st.error(message)
-    pchanges = (
-        settings_service.diff_settings(
-            settings_service.settings_json(gview.settings), settings_service.settings_json(psettings)
-        )
-        if psettings is not None
-        else []
-    )
-    if pchanges:
-        st.markdown("**Not saved yet**")
-        st.dataframe(changes_table(pchanges, "saved", "this form"), hide_index=True, width="stretch")
+    pchanges = _unsaved_global(gview.settings, psettings)
     pcomment = st.text_input("Comment for this version", key=pkey + "comment", max_chars=2000)
     save, reset_one, reset_all = st.columns(3)
     plan: tuple[dict[str, Any], str] | None = None
