@@ -812,7 +812,8 @@ def worker(
     rounds = ", ".join(f"{job} x{n}" for job, n in report.rounds.items())
     say(
         f"stopped: {rounds}; collected {report.recovered}, closed {report.closed}, expired {report.expired}, "
-        f"probes {report.probes}, errors {len(report.errors)}"
+        f"probes {report.probes}, alerts {report.alerts}, webhook posts {report.deliveries}, "
+        f"errors {len(report.errors)}"
     )
     if once and report.errors:
         raise typer.Exit(1)

@@ -7,7 +7,13 @@ the database: running them in sequence keeps the worker to one connection's wort
 - reservation expiry (`budgets.expire_stale`): every `expiry_interval_s`, until no expired one is left;
 - health probes (core.generation.health.run_probes): every `GlobalSettings.health_probe_interval_s` (read
   again each round, so a change applies without a restart), feeding the circuit breakers;
-- slot waiters left by dead processes (`limits.sweep_waiters`): every `sweep_interval_s`.
+- slot waiters left by dead processes (`limits.sweep_waiters`): every `sweep_interval_s`;
+- alerts (core.spend.alerts.detect_alerts: budget thresholds, breakers that opened, unusual spend): every
+  `alerts_interval_s`;
+- webhook deliveries (core.spend.delivery.deliver_due: leased, signed, retried with backoff): every
+  `delivery_interval_s`, with one HTTP client for the worker's life, so a slow receiver delays only other
+  deliveries, never a generation;
+- housekeeping: API rate-limit windows older than an hour are deleted, every `housekeeping_interval_s`.
 
 Any number of workers may run on one database (each rule they apply is one guarded statement). A failing job
 is logged and retried at its next turn; it never stops the others. The worker stops at SIGTERM or SIGINT
@@ -24,12 +30,16 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import httpx
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.api_rate import forget_old_windows
 from core.generation import health, limits, recovery
 from core.generation.dbexec import in_transaction, run_db
 from core.generation.service import AdapterFactory, default_factory, settings_cache
 from core.providers.registry import build_adapter
+from core.spend.alerts import detect_alerts
+from core.spend.delivery import deliver_due
 
 __all__ = ["WorkerConfig", "WorkerReport", "run_worker", "run_worker_until_signalled"]
 
@@ -44,6 +54,9 @@ class WorkerConfig:
     probe_interval_s: float | None = None
     """None: the global settings' health_probe_interval_s."""
     probes: bool = True
+    alerts_interval_s: float = 30.0
+    delivery_interval_s: float = 5.0
+    housekeeping_interval_s: float = 3600.0
 
 
 @dataclass
@@ -56,6 +69,10 @@ class WorkerReport:
     """Attempts and generations closed without a result (abandoned, failed)."""
     expired: int = 0
     probes: int = 0
+    alerts: int = 0
+    """Alerts this worker fired (0 when other processes fired them first)."""
+    deliveries: int = 0
+    """Webhook deliveries this worker posted (delivered or not)."""
     errors: list[str] = field(default_factory=list)
 
 
@@ -71,6 +88,7 @@ class _Worker:
         self.adapters = adapters
         self.say = say
         self.report = WorkerReport()
+        self.http: httpx.AsyncClient | None = None
 
     async def recovery(self) -> None:
         done = await recovery.recover(self.factory, adapters=self.adapters, expire=False)
@@ -95,6 +113,28 @@ class _Worker:
 
     async def sweep(self) -> None:
         await in_transaction(self.factory, limits.sweep_waiters)
+
+    async def alerts(self) -> None:
+        fired = await run_db(detect_alerts, self.factory)
+        self.report.alerts += fired
+        if fired:
+            self.say(f"alerts: {fired} fired")
+
+    async def deliveries(self) -> None:
+        if self.http is None:
+            self.http = httpx.AsyncClient(trust_env=False, follow_redirects=False)
+        posted = await deliver_due(self.factory, self.http)
+        self.report.deliveries += posted
+        if posted:
+            self.say(f"webhooks: {posted} delivery attempt(s)")
+
+    async def housekeeping(self) -> None:
+        await in_transaction(self.factory, forget_old_windows)
+
+    async def close(self) -> None:
+        if self.http is not None:
+            await self.http.aclose()
+            self.http = None
 
     async def probe_interval(self) -> float:
         if self.config.probe_interval_s is not None:
@@ -126,14 +166,28 @@ async def run_worker(
     settings = config or WorkerConfig()
     worker = _Worker(sessions, settings, adapters or build_adapter, say or (lambda line: log.info("%s", line)))
     stop = stop or asyncio.Event()
-    jobs: dict[str, tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[float]]]] = {
+    jobs: Jobs = {
         "recovery": (worker.recovery, _fixed(settings.recovery_interval_s)),
         "expiry": (worker.expiry, _fixed(settings.expiry_interval_s)),
         "sweep": (worker.sweep, _fixed(settings.sweep_interval_s)),
+        "alerts": (worker.alerts, _fixed(settings.alerts_interval_s)),
+        "deliveries": (worker.deliveries, _fixed(settings.delivery_interval_s)),
+        "housekeeping": (worker.housekeeping, _fixed(settings.housekeeping_interval_s)),
     }
     if settings.probes:
         jobs["probes"] = (worker.probes, worker.probe_interval)
     due = dict.fromkeys(jobs, time.monotonic())  # every job runs at start, recovery first
+    try:
+        await _run_jobs(worker, jobs, due, stop, once)
+    finally:
+        await worker.close()
+    return worker.report
+
+
+Jobs = dict[str, tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[float]]]]
+
+
+async def _run_jobs(worker: _Worker, jobs: Jobs, due: dict[str, float], stop: asyncio.Event, once: bool) -> None:
     while not stop.is_set():
         for name, (job, interval) in jobs.items():
             if stop.is_set() or time.monotonic() < due[name]:
@@ -150,7 +204,6 @@ async def run_worker(
         wait = max(0.0, min(due.values()) - time.monotonic())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=wait)
-    return worker.report
 
 
 def _fixed(seconds: float) -> Callable[[], Awaitable[float]]:
