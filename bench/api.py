@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import cProfile
 import functools
@@ -48,6 +49,7 @@ import httpx
 from bench import harness
 from bench.harness import FAL_SYNC_PATH, Series
 from bench.overhead import IMAGE_SIZE, PROMPT, raw_queue_call, raw_sync_call, wire_params
+from bench.profile_generate import _count_statements
 
 TARGET_P50_OVERHEAD_MS = 3.0
 TARGET_RATIO_VS_LITELLM = 4.0
@@ -280,20 +282,31 @@ STEPS = {
 class Phases:
     wall: dict[str, list[float]] = field(default_factory=lambda: {key: [] for key in STEPS})
     cpu: dict[str, list[float]] = field(default_factory=lambda: {key: [] for key in STEPS})
+    statements: dict[str, list[int]] = field(default_factory=lambda: {key: [] for key in STEPS})
+    commits: dict[str, list[int]] = field(default_factory=lambda: {key: [] for key in STEPS})
 
-    def add(self, key: str, wall: float, cpu: float) -> None:
+    def add(self, key: str, wall: float, cpu: float, statements: int, commits: int) -> None:
         self.wall[key].append(wall)
         self.cpu[key].append(cpu)
+        self.statements[key].append(statements)
+        self.commits[key].append(commits)
 
     def rows(self) -> list[list[str]]:
         def med(values: list[float]) -> str:
             return f"{statistics.median(values) * 1000:.2f}" if values else "n/a"
 
-        return [[label, med(self.wall[key]), med(self.cpu[key])] for key, label in STEPS.items()]
+        def count(values: list[int]) -> str:
+            return f"{statistics.median(values):g}" if values else "n/a"
+
+        return [
+            [label, med(self.wall[key]), med(self.cpu[key]), count(self.statements[key]), count(self.commits[key])]
+            for key, label in STEPS.items()
+        ]
 
 
-async def profile_phases(factory: Any, secret: str, calls: int, raw: Call) -> Phases:
-    """The route's steps one request at a time in this process (the API server is idle meanwhile)."""
+async def profile_phases(factory: Any, secret: str, calls: int, raw: Call, counts: collections.Counter[str]) -> Phases:
+    """The route's steps one request at a time in this process (the API server is idle meanwhile); `counts` is
+    bench.profile_generate's live statement counter on the engine."""
     from api.deps import _authenticate_and_count
     from api.routes_generate import _job_out
     from api.schemas import GenerateBody
@@ -305,12 +318,17 @@ async def profile_phases(factory: Any, secret: str, calls: int, raw: Call) -> Ph
 
     owner = process_owner()
     phases = Phases()
+
+    def mark() -> tuple[float, float, int, int]:
+        statements = sum(n for head, n in counts.items() if head != "(commit)")
+        return time.perf_counter(), time.process_time(), statements, counts["(commit)"]
+
     for _ in range(calls):
-        marks = [(time.perf_counter(), time.process_time())]
+        marks = [mark()]
         grant, _decision = await in_transaction(
             factory, functools.partial(_authenticate_and_count, raw=secret, default=default_rate_limit())
         )
-        marks.append((time.perf_counter(), time.process_time()))
+        marks.append(mark())
         body = GenerateBody.model_validate(generate_body())
         request = GenerationRequest(
             body.prompt, provider=body.provider, params=body.params, allow_fallback=body.allow_fallback
@@ -318,22 +336,24 @@ async def profile_phases(factory: Any, secret: str, calls: int, raw: Call) -> Ph
         job, _created = await in_transaction(
             factory, functools.partial(jobs.enqueue, actor=grant.actor, request=request, claimed_by=owner)
         )
-        marks.append((time.perf_counter(), time.process_time()))
+        marks.append(mark())
         finished = await jobs.run_job(factory, job, owner)
-        marks.append((time.perf_counter(), time.process_time()))
+        marks.append(mark())
         out = await run_db(_job_out, factory, grant.actor, finished)
         out.model_dump_json()
-        marks.append((time.perf_counter(), time.process_time()))
+        marks.append(mark())
         await raw()
-        marks.append((time.perf_counter(), time.process_time()))
+        marks.append(mark())
         if out.status != "succeeded":
             raise RuntimeError(f"the profiled job did not succeed: {out.status} {out.error}")
         for key, (before, after) in zip(STEPS, itertools.pairwise(marks), strict=True):
-            phases.add(key, after[0] - before[0], after[1] - before[1])
+            phases.add(key, after[0] - before[0], after[1] - before[1], after[2] - before[2], after[3] - before[3])
     return phases
 
 
-async def cprofile_phases(factory: Any, secret: str, calls: int, raw: Call, path: Path) -> None:
+async def cprofile_phases(
+    factory: Any, secret: str, calls: int, raw: Call, counts: collections.Counter[str], path: Path
+) -> None:
     """The same steps under cProfile, the database executor's work run inline so the profile sees it (as
     bench.profile_generate does); the raw stats to `path`, the top functions to stderr."""
     from bench.profile_generate import _inline_executor
@@ -341,7 +361,7 @@ async def cprofile_phases(factory: Any, secret: str, calls: int, raw: Call, path
     _inline_executor()
     profile = cProfile.Profile()
     profile.enable()
-    await profile_phases(factory, secret, calls, raw)
+    await profile_phases(factory, secret, calls, raw, counts)
     profile.disable()
     profile.dump_stats(path)
     pstats.Stats(profile, stream=sys.stderr).sort_stats("cumulative").print_stats(60)
@@ -365,6 +385,7 @@ def report(
         "requests/s",
         "requests/s per core",
         "server CPU ms per request",
+        "requests per server CPU-second",
         "added p50 ms",
         "added p99 ms",
         "emulator requests per request",
@@ -388,6 +409,7 @@ def report(
                 f"{rps:.1f}",
                 f"{rps:.1f}" if v.server is not None else "-",
                 f"{statistics.median(v.cpu_ms_per_request):.1f}" if v.cpu_ms_per_request else "-",
+                f"{1000 / statistics.median(v.cpu_ms_per_request):.1f}" if v.cpu_ms_per_request else "-",
                 f"{overhead(series, v.key, v.raw):.2f}" if v.raw else "-",
                 f"{overhead(series, v.key, v.raw, 'p99_ms'):.2f}" if v.raw else "-",
                 f"{v.requests_per_call:g}",
@@ -428,6 +450,12 @@ def report(
                 f"- requests per second per core: imagegate {per_core['api']:.1f}, LiteLLM's proxy "
                 f"{per_core['litellm']:.1f}: {ratio:.2f}x (target at least {TARGET_RATIO_VS_LITELLM:g}x: {met})."
             )
+            cpu = {v.key: statistics.median(v.cpu_ms_per_request) for v in variants if v.cpu_ms_per_request}
+            verdicts.append(
+                f"- by the servers' own CPU (what a fully busy core would serve): imagegate "
+                f"{1000 / cpu['api']:.1f}, LiteLLM's proxy {1000 / cpu['litellm']:.1f} requests per CPU-second: "
+                f"{cpu['litellm'] / cpu['api']:.2f}x."
+            )
         else:
             verdicts.append("- LiteLLM's proxy did not run (see above): no ratio.")
     if verdicts:
@@ -438,7 +466,7 @@ def report(
             f"on the same database and emulator ({len(phases.wall['job'])} requests, medians; the "
             "HTTP server, routing and validation are not in it; CPU: this process's, every thread's):",
             "",
-            harness.table(["step", "p50 wall ms", "p50 CPU ms"], phases.rows()),
+            harness.table(["step", "p50 wall ms", "p50 CPU ms", "SQL statements", "commits"], phases.rows()),
             "",
         ]
     return "\n".join(lines) + "\n"
@@ -525,9 +553,10 @@ async def run_all(args: argparse.Namespace) -> str:
                 servers.close()
                 async with httpx.AsyncClient(timeout=60) as client:
                     raw = raw_queue_call(client, emulator.url, params)
-                    phases = await profile_phases(runtime.sessions, secret, args.profile_calls, raw)
+                    counts = _count_statements(runtime.engine)
+                    phases = await profile_phases(runtime.sessions, secret, args.profile_calls, raw, counts)
                     if args.cprofile is not None:
-                        await cprofile_phases(runtime.sessions, secret, args.profile_calls, raw, args.cprofile)
+                        await cprofile_phases(runtime.sessions, secret, args.profile_calls, raw, counts, args.cprofile)
             runtime.engine.dispose()
     return report(variants, series, facts, phases, notes, args)
 
