@@ -1,6 +1,7 @@
 """End to end in Debian's Chromium: an admin edits a quality preset on the Settings page (a slider, the unsaved
 diff, save as a new global version, the table marking the edit) and sees what a provider change costs per month
-before saving. Screenshot in test-artifacts/screenshots/settings-presets.png."""
+before saving. Screenshots in test-artifacts/screenshots/
+(settings-presets.png, settings-change-cost.png)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ def test_edit_a_preset_and_see_the_monthly_cost_of_a_change(
     # The provider tab's preview: the monthly cost of the (untouched) form, no history in a new install.
     page.get_by_text("What this change costs per month").first.wait_for(timeout=10_000)  # type: ignore[attr-defined]
     assert _metric(page, "What this change costs per month") == "no history"
+    page.get_by_text("What this change costs per month").first.scroll_into_view_if_needed()  # type: ignore[attr-defined]
+    screenshot(page, "settings-change-cost", in_readme=False)
 
     page.get_by_role("tab", name="Global settings and presets").click()  # type: ignore[attr-defined]
     wait_for_app(page)
