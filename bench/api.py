@@ -49,6 +49,7 @@ import httpx
 from bench import harness
 from bench.harness import FAL_SYNC_PATH, Series
 from bench.overhead import IMAGE_SIZE, PROMPT, raw_queue_call, raw_sync_call, wire_params
+from bench.overhead import overhead_per_run as overhead
 from bench.profile_generate import _count_statements
 
 TARGET_P50_OVERHEAD_MS = 3.0
@@ -259,11 +260,6 @@ async def measure(
                 f"{batch.calls_per_s:.1f} requests/s, {failed} failed, load {variant.loads[-1]:.2f}",
                 file=sys.stderr,
             )
-
-
-def overhead(series: dict[str, Series], key: str, raw: str, figure: str = "p50_ms") -> float:
-    pairs = zip(series[key].batches, series[raw].batches, strict=True)
-    return float(statistics.median(float(getattr(a, figure)) - float(getattr(b, figure)) for a, b in pairs))
 
 
 # --- where one API request's time goes -----------------------------------------------------------------------------
