@@ -19,19 +19,15 @@ adapters add only what the provider's wire format needs (fal's minimum of 2 step
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import time
-import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
-
-import httpx
 
 from common.errors import Billing, ErrorClass, InvalidInput, ProviderError
 from core.catalog import ProviderSpec
@@ -40,46 +36,6 @@ from core.prompts import validate_prompt
 from core.settings import check_param
 
 log = logging.getLogger(__name__)
-
-SHARED_KEEPALIVE = 100
-"""Idle connections the per-loop pool keeps (it opens as many as requests need at once)."""
-
-_loop_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncHTTPTransport] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _loop_pool() -> httpx.AsyncHTTPTransport:
-    from core.providers.http_download import shared_ssl_context
-
-    loop = asyncio.get_running_loop()
-    pool = _loop_pools.get(loop)
-    if pool is None:
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=SHARED_KEEPALIVE)
-        pool = httpx.AsyncHTTPTransport(verify=shared_ssl_context(), limits=limits)
-        _loop_pools[loop] = pool
-    return pool
-
-
-class _Borrowed(httpx.AsyncBaseTransport):
-    """A client's view of the running loop's shared pool (found at each request): closing the client leaves
-    the pool, and its keep-alive connections, to the loop's other requests."""
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return await _loop_pool().handle_async_request(request)
-
-    async def aclose(self) -> None:
-        return None
-
-
-def shared_transport() -> httpx.AsyncBaseTransport:
-    """The running event loop's one HTTP connection pool (plain HTTP and TLS with the process's one SSL
-    context), for the adapters' per-operation clients: a connection opened by one attempt is reused by the
-    next one instead of a new TCP (and TLS) handshake per attempt and per image. httpx pools are tied to the
-    loop they were used on, so each loop gets its own (Streamlit and the CLI may run each call in a new loop);
-    a closed loop's pool goes with it. No limit on connections at once (as a client per attempt had none);
-    closing a client that uses it never closes the pool."""
-    return _Borrowed()
 
 
 class ConnectionMode(StrEnum):

@@ -67,9 +67,8 @@ from core.providers.base import (
     checked_values,
     emit,
     emit_event,
-    shared_transport,
 )
-from core.providers.http_download import Billed, download_images
+from core.providers.http_download import Billed, download_images, shared_ssl_context
 from core.providers.http_headers import retry_after_seconds
 from core.sizes import resolve_size
 
@@ -216,7 +215,9 @@ def _lost_submit(cause: BaseException) -> _SubmitNotResent:
 def _is_cancellation(status: int | None, error_type: str | None, message: str) -> bool:
     """fal reports a cancelled job three ways: an error type, HTTP 499, or a 400 saying so."""
     return (
-        error_type == "request_cancelled" or status == 499 or (status in (None, 400) and "cancelled" in message.lower())
+        error_type == "request_cancelled"
+        or status == 499
+        or (status in (None, 400) and "cancelled" in message.lower())
     )
 
 
@@ -270,9 +271,9 @@ class _FalTransport(httpx.AsyncBaseTransport):
 
     def __init__(self, base_url: str | None) -> None:
         self.base_url = base_url.rstrip("/") + "/" if base_url else None
-        # Live: fal's own transport, which falls back to its backup domains. Emulator: plain HTTP. Both over
-        # the event loop's shared pool (keep-alive connections reused across attempts; one SSL context).
-        plain = shared_transport()
+        # Live: fal's own transport, which falls back to its backup domains. Emulator: plain HTTP.
+        # One SSL context per process (building one per transport cost tens of ms per call).
+        plain = httpx.AsyncHTTPTransport(verify=shared_ssl_context())
         self.inner: httpx.AsyncBaseTransport = (
             plain if self.base_url else fal_wire.AsyncBackupDomainTransport(transport=plain)
         )
@@ -351,7 +352,7 @@ class _FalTransport(httpx.AsyncBaseTransport):
         return response
 
     async def aclose(self) -> None:
-        await self.inner.aclose()  # the shared pool underneath stays open for the loop's other requests
+        await self.inner.aclose()
 
 
 class _FalClient(fal_client.AsyncClient):
@@ -817,10 +818,8 @@ class FalQwenAdapter(ProviderAdapter):
             error = str(completed.error or "")
             if _is_cancellation(None, completed.error_type, error):
                 raise self._error(
-                    ErrorClass.CANCELLED,
-                    f"the fal request was cancelled: {error or completed.error_type}",
-                    attempt,
-                    NOT_BILLED,
+                    ErrorClass.CANCELLED, f"the fal request was cancelled: {error or completed.error_type}",
+                    attempt, NOT_BILLED,
                 )
             # The result answers with the HTTP status that says what failed (a 5xx, a 422, a timeout).
             log.info("fal request %s completed with error %s: %s", request_id, completed.error_type, error)
@@ -854,7 +853,6 @@ class FalQwenAdapter(ProviderAdapter):
             timeout_s=self.config.download_timeout_s,
             billed=self._job_billing(attempt, transport),
             provider_request_id=request_id,
-            transport=shared_transport(),
         )
         download_s = watch.lap()
         await emit_event(

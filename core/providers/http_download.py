@@ -127,7 +127,7 @@ async def _fetch(
                     f"image at {_short(url)} is over the {max_bytes} byte limit",
                     provider,
                     provider_request_id=request_id,
-                    billed=billed,
+                billed=billed,
                 )
             chunks.append(chunk)
         return b"".join(chunks)
@@ -242,14 +242,11 @@ async def download_images(
     max_bytes: int = MAX_IMAGE_BYTES,
     provider_request_id: str | None = None,
     root: Path | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
 ) -> tuple[StoredImage, ...]:
     """Fetch several images concurrently over one connection pool, all within one deadline (`timeout_s`).
-    The first failure cancels the rest and is raised, with `billed`. `transport`: a pool to use (the event
-    loop's shared one, core.providers.base.shared_transport) instead of a new one."""
+    The first failure cancels the rest and is raised, with `billed`."""
     deadline = time.monotonic() + timeout_s
     async with httpx.AsyncClient(
-        transport=transport,
         verify=shared_ssl_context(),
         follow_redirects=True,
         max_redirects=MAX_REDIRECTS,
