@@ -22,7 +22,7 @@ from core import price_store, settings_service
 from core.price_store import PriceVersionView
 from core.pricing import CostEstimate, estimate_cost
 from core.providers.base import AdapterRequest, ProviderAdapter, Translation
-from core.settings import EffectiveParams, resolve_effective
+from core.settings import EffectiveParams, UserPreferenceValues, resolve_effective
 from core.settings_service import ProviderSettingsView
 
 if TYPE_CHECKING:
@@ -100,6 +100,7 @@ def prepare(
     priced_images: int | None = None,
     units_used_this_month: Decimal | int = 0,
     snapshot: SettingsSnapshot | None = None,
+    user_preferences: UserPreferenceValues | None = None,
 ) -> PreparedRequest:
     """Prepare one request for `provider` from what the database holds now.
 
@@ -108,7 +109,9 @@ def prepare(
     has `adapter` (the one that would run it, sandbox or emulator included) translate it when one is given, and
     estimates the cost. `timeout_s` replaces the settings' attempt deadline; `priced_images` prices that many
     images instead of the request's `num_images` (the overview shows the cost of one image);
-    `units_used_this_month` places the request on the price's volume tiers. With a `snapshot`
+    `units_used_this_month` places the request on the price's volume tiers (core.spend.tiers: live units
+    this UTC month); `user_preferences` are the requesting user's own defaults (core.preferences), placed between
+    the provider's settings and the preset. With a `snapshot`
     (core.generation.snapshot) the settings and the price come from it and `session` may be None."""
     if snapshot is not None:
         global_view = snapshot.global_settings
@@ -139,6 +142,7 @@ def prepare(
             preset=preset,
             overrides=requested,
             prompt=prompt,
+            user_preferences=user_preferences,
         )
     except InvalidInput as exc:
         problems.append(f"the settings or the request do not validate: {exc}")

@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -43,7 +44,7 @@ from core.generation.prepare import PreparedRequest, prepare
 from core.generation.snapshot import SettingsSnapshot
 from core.money import format_usd
 from core.providers.base import AdapterRequest, ConnectionMode, ProviderAdapter, Translation
-from core.settings import ProviderSettings
+from core.settings import ProviderSettings, UserPreferenceValues
 
 
 class RoutingPolicy(StrEnum):
@@ -129,10 +130,17 @@ class Preparer(Protocol):
 
 
 def snapshot_preparer(
-    snapshot: SettingsSnapshot, adapter_for: Callable[[str], ProviderAdapter | None] | None = None
+    snapshot: SettingsSnapshot,
+    adapter_for: Callable[[str], ProviderAdapter | None] | None = None,
+    *,
+    units_this_month: Mapping[str, Decimal] | None = None,
+    user_preferences: UserPreferenceValues | None = None,
 ) -> Preparer:
     """A Preparer on core.generation.prepare with the settings and prices of `snapshot` (no database), translating
-    with `adapter_for(provider)`: the adapter that would run it (live, emulator or sandbox)."""
+    with `adapter_for(provider)`: the adapter that would run it (live, emulator or sandbox). `units_this_month`
+    (provider -> live units so far this month) places each estimate on its price's volume tiers;
+    `user_preferences` are the requesting user's own defaults."""
+    units = units_this_month or {}
 
     def _prepare(provider: str, request: RouteRequest, /) -> PreparedRequest:
         return prepare(
@@ -145,6 +153,8 @@ def snapshot_preparer(
             adapter=None if adapter_for is None else adapter_for(provider),
             timeout_s=request.timeout_s,
             snapshot=snapshot,
+            units_used_this_month=units.get(provider, Decimal(0)),
+            user_preferences=user_preferences,
         )
 
     return _prepare

@@ -97,10 +97,12 @@ from core.generation.routing import (
 from core.generation.settlement import Settlement, actual_cost
 from core.generation.snapshot import SettingsCache, SettingsSnapshot
 from core.money import format_usd
+from core.preferences import preferences_for_request
 from core.providers.base import AdapterRequest, ConnectionMode, ProgressEvent, ProviderAdapter, ProviderResult
 from core.providers.registry import build_adapter
 from core.security import Actor, Role
-from core.settings import ProviderSettings
+from core.settings import ProviderSettings, UserPreferenceValues
+from core.spend.tiers import month_to_date_units
 from db.models import SpendMode, utcnow
 
 __all__ = [
@@ -301,6 +303,10 @@ class _State:
     p50_s: dict[str, float | None]
     existing: str | None
     """The generation an earlier request with the same key made."""
+    units_this_month: Mapping[str, Decimal] = field(default_factory=dict)
+    """Live units so far this UTC month, for providers whose price has volume tiers (core.spend.tiers)."""
+    preferences: UserPreferenceValues | None = None
+    """The requesting user's own defaults (core.preferences)."""
 
 
 @dataclass(frozen=True)
@@ -371,6 +377,7 @@ class _Run:
         self.owner = process_owner()
         self.generation_id = ""
         self.user_id: int | None = None
+        self.units_this_month: Mapping[str, Decimal] = {}
         self.attempts: list[AttemptRecord] = []
         self.failures: list[FailedAttempt] = []
         self.skipped: list[Skipped] = []
@@ -418,15 +425,30 @@ class _Run:
                     p: (None if ms is None else ms / 1000)
                     for p, ms in usage.provider_latency_p50(session, since).items()
                 }
-        return _State(who.user_id, snapshot, breakers, p50, existing)
+            units: dict[str, Decimal] = {}
+            preferences = None
+            if existing is None:
+                now = utcnow()
+                for provider, price in snapshot.prices.items():
+                    if price is not None and price.price.tiers:  # only tiered prices need the month so far
+                        units[provider] = month_to_date_units(session, provider, now, price=price.price)
+                if snapshot.global_settings.settings.user_preference_fields:
+                    preferences = preferences_for_request(session, who.user_id)
+        return _State(who.user_id, snapshot, breakers, p50, existing, units, preferences)
 
     def plan(self, route: RouteRequest, state: _State) -> RoutePlan:
         snapshot = state.snapshot
         modes = {p: self.adapters.get(p).mode for p in snapshot.routing_settings()}
+        self.units_this_month = state.units_this_month
         return plan_route(
             route,
             snapshot,
-            prepare=snapshot_preparer(snapshot, self.adapters.get),
+            prepare=snapshot_preparer(
+                snapshot,
+                self.adapters.get,
+                units_this_month=state.units_this_month,
+                user_preferences=state.preferences,
+            ),
             breakers=state.breakers,
             latency_p50_s=state.p50_s,
             modes=modes,
@@ -857,6 +879,7 @@ class _Run:
             estimated_micro_usd=candidate.estimate_micro_usd,
             params=candidate.request.params,
             mode=where.adapter.mode.value,
+            units_used_this_month=self.units_this_month.get(candidate.provider, Decimal(0)),
         )
 
     def _end_transaction(

@@ -1,0 +1,94 @@
+"""What spend intelligence feeds into generate(): the month's live volume places each estimate (and its
+settlement) on the price's volume tiers, and a user's own preferences sit between provider settings and preset."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from core import price_store
+from core.generation.models import GenerationRequest
+from core.generation.service import generate_sync
+from core.preferences import save_preferences
+from core.security import Actor
+from db.engine import transaction
+from db.models import Role, UsageDailyRollup, User
+from tests.core.generation.service_support import attempts, seed
+
+SYSTEM = Actor.system("tests")
+FAL_DEFAULT = 15_729  # 1024x768 = 0.786432 MP at $0.02/MP
+
+
+@pytest.fixture(autouse=True)
+def _sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("IMAGEGATE_EMULATOR_URL", raising=False)
+
+
+@pytest.fixture
+def factory(db_session_factory: sessionmaker[Session]) -> sessionmaker[Session]:
+    seed(db_session_factory)
+    return db_session_factory
+
+
+def _user(factory: sessionmaker[Session], name: str) -> Actor:
+    with transaction(factory) as session:
+        user = User(username=name, password_hash="not-a-real-hash", role=Role.USER)
+        session.add(user)
+        session.flush()
+        return Actor(user_id=user.id, username=name)
+
+
+def test_a_users_preferences_reach_the_request(factory: sessionmaker[Session]) -> None:
+    erin = _user(factory, "erin")
+    assert erin.user_id is not None
+    with transaction(factory) as session:
+        save_preferences(
+            session, erin, erin.user_id, {"image_size": "square", "negative_prompt": "blurry"}, expected_version=0
+        )
+    request = GenerationRequest("a fox", provider="fal-qwen", allow_fallback=False)
+    result = generate_sync(request, erin, factory=factory)
+    [row] = attempts(factory, result.generation_id)
+    assert row.effective_params["image_size"] == "square" and row.effective_params["negative_prompt"] == "blurry"
+    # 512x512 = 0.262144 MP at $0.02/MP = $0.00524288, rounded half up once.
+    assert result.cost.estimated_micro_usd == 5_243
+    # Someone without preferences gets the provider's settings; a request's own value beats the preference.
+    other = generate_sync(request, SYSTEM, factory=factory)
+    assert attempts(factory, other.generation_id)[0].effective_params["image_size"] == "landscape_4_3"
+    own = generate_sync(
+        GenerationRequest("a fox", provider="fal-qwen", params={"image_size": "landscape_4_3"}, allow_fallback=False),
+        erin,
+        factory=factory,
+    )
+    assert own.cost.estimated_micro_usd == FAL_DEFAULT
+
+
+def test_the_months_live_volume_puts_estimate_and_settlement_on_the_tier(factory: sessionmaker[Session]) -> None:
+    today = datetime.now(UTC).date()
+    with transaction(factory) as session:
+        price_store.add_price_version(
+            session,
+            SYSTEM,
+            {
+                "provider": "fal-qwen",
+                "unit": "megapixel",
+                "usd_per_unit": "0.02",
+                "tiers": [{"from_units": "1", "usd_per_unit": "0.01"}],
+                "source": "test: a volume discount from the second megapixel of the month",
+                "effective_date": today.isoformat(),
+            },
+        )
+    request = GenerationRequest("a fox", provider="fal-qwen", allow_fallback=False)
+    before = generate_sync(request, SYSTEM, factory=factory)
+    assert before.cost.estimated_micro_usd == FAL_DEFAULT  # sandbox runs are simulated: no live units yet
+    with transaction(factory) as session:
+        session.add(
+            UsageDailyRollup(
+                day=today, provider="fal-qwen", user_id=0, mode="live", status="succeeded", error_class="",
+                attempts=3, images=3, megapixels_micro=2_000_000,
+            )
+        )  # fmt: skip
+    after = generate_sync(request, SYSTEM, factory=factory)
+    # 2 live MP used this month: the whole request is in the $0.01/MP band: 0.786432 x 0.01 = $0.00786432.
+    assert after.cost.estimated_micro_usd == 7_864 and after.cost.actual_micro_usd == 7_864
