@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from common.errors import InvalidInput
 from core.generation import breaker
 from core.generation.budgets import current_figures, list_budgets
+from core.generation.context import read_request_context
 from core.generation.models import GenerationRequest
 from core.generation.routing import RoutePlan, RouteRequest, plan_route, snapshot_preparer
 from core.generation.snapshot import load_snapshot
@@ -157,9 +158,11 @@ def estimate(session: Session, request: GenerationRequest, *, user_id: int | Non
         allow_fallback=request.allow_fallback,
     )
     try:
-        plan: RoutePlan = plan_route(
-            route, snapshot, prepare=snapshot_preparer(snapshot), breakers=breaker.snapshot(session)
+        context = read_request_context(session, snapshot, user_id)  # tiers and preferences, as generate() reads them
+        preparer = snapshot_preparer(
+            snapshot, units_this_month=context.units_this_month, user_preferences=context.preferences
         )
+        plan: RoutePlan = plan_route(route, snapshot, prepare=preparer, breakers=breaker.snapshot(session))
     except InvalidInput as exc:
         return Estimate(None, None, None, (), (), {**errors, **exc.field_errors}, str(exc), ())
     refusal = plan.refusal()

@@ -67,6 +67,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from common.errors import Billing, BudgetExceeded, DatabaseUnavailable, ErrorClass, InvalidInput, ProviderError
 from core.authz import authorize
 from core.generation import breaker, budgets, limits, records, usage
+from core.generation.context import RequestContext, read_request_context
 from core.generation.dbexec import in_transaction, run_db, submit, write_once_sync
 from core.generation.degrade import Degradation, SoftBudgetOver, degrade
 from core.generation.models import (
@@ -97,12 +98,10 @@ from core.generation.routing import (
 from core.generation.settlement import Settlement, actual_cost
 from core.generation.snapshot import SettingsCache, SettingsSnapshot
 from core.money import format_usd
-from core.preferences import preferences_for_request
 from core.providers.base import AdapterRequest, ConnectionMode, ProgressEvent, ProviderAdapter, ProviderResult
 from core.providers.registry import build_adapter
 from core.security import Actor, Role
-from core.settings import ProviderSettings, UserPreferenceValues
-from core.spend.tiers import month_to_date_units
+from core.settings import ProviderSettings
 from db.models import SpendMode, utcnow
 
 __all__ = [
@@ -303,10 +302,8 @@ class _State:
     p50_s: dict[str, float | None]
     existing: str | None
     """The generation an earlier request with the same key made."""
-    units_this_month: Mapping[str, Decimal] = field(default_factory=dict)
-    """Live units so far this UTC month, for providers whose price has volume tiers (core.spend.tiers)."""
-    preferences: UserPreferenceValues | None = None
-    """The requesting user's own defaults (core.preferences)."""
+    context: RequestContext = field(default_factory=RequestContext)
+    """Volume-tier units this month and the user's preferences (core.generation.context)."""
 
 
 @dataclass(frozen=True)
@@ -425,29 +422,21 @@ class _Run:
                     p: (None if ms is None else ms / 1000)
                     for p, ms in usage.provider_latency_p50(session, since).items()
                 }
-            units: dict[str, Decimal] = {}
-            preferences = None
-            if existing is None:
-                now = utcnow()
-                for provider, price in snapshot.prices.items():
-                    if price is not None and price.price.tiers:  # only tiered prices need the month so far
-                        units[provider] = month_to_date_units(session, provider, now, price=price.price)
-                if snapshot.global_settings.settings.user_preference_fields:
-                    preferences = preferences_for_request(session, who.user_id)
-        return _State(who.user_id, snapshot, breakers, p50, existing, units, preferences)
+            context = RequestContext() if existing is not None else read_request_context(session, snapshot, who.user_id)
+        return _State(who.user_id, snapshot, breakers, p50, existing, context)
 
     def plan(self, route: RouteRequest, state: _State) -> RoutePlan:
         snapshot = state.snapshot
         modes = {p: self.adapters.get(p).mode for p in snapshot.routing_settings()}
-        self.units_this_month = state.units_this_month
+        self.units_this_month = state.context.units_this_month
         return plan_route(
             route,
             snapshot,
             prepare=snapshot_preparer(
                 snapshot,
                 self.adapters.get,
-                units_this_month=state.units_this_month,
-                user_preferences=state.preferences,
+                units_this_month=state.context.units_this_month,
+                user_preferences=state.context.preferences,
             ),
             breakers=state.breakers,
             latency_p50_s=state.p50_s,

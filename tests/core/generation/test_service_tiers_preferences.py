@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import price_store
+from core import playground, price_store
 from core.generation.models import GenerationRequest
 from core.generation.service import generate_sync
 from core.preferences import save_preferences
@@ -92,3 +92,15 @@ def test_the_months_live_volume_puts_estimate_and_settlement_on_the_tier(factory
     after = generate_sync(request, SYSTEM, factory=factory)
     # 2 live MP used this month: the whole request is in the $0.01/MP band: 0.786432 x 0.01 = $0.00786432.
     assert after.cost.estimated_micro_usd == 7_864 and after.cost.actual_micro_usd == 7_864
+
+
+def test_the_playground_estimate_prices_like_generate(factory: sessionmaker[Session]) -> None:
+    erin = _user(factory, "erin")
+    assert erin.user_id is not None
+    with transaction(factory) as session:
+        save_preferences(session, erin, erin.user_id, {"image_size": "square"}, expected_version=0)
+    request = GenerationRequest("a fox", provider="fal-qwen", allow_fallback=False)
+    with factory() as session:
+        shown = playground.estimate(session, request, user_id=erin.user_id)
+    ran = generate_sync(request, erin, factory=factory)
+    assert shown.estimate_micro_usd == ran.cost.estimated_micro_usd == 5_243
