@@ -37,12 +37,12 @@ def report(
         str | None, typer.Option("--from", help="First UTC day (default: the 1st of this month).")
     ] = None,
     date_to: Annotated[str | None, typer.Option("--to", help="Last UTC day, inclusive (default: today).")] = None,
-    by: Annotated[str, typer.Option("--by", help="provider, user, day, month or mode.")] = "provider",
+    by: Annotated[str, typer.Option("--by", help="provider, user, day, month, mode or preset.")] = "provider",
     mode: Annotated[str | None, typer.Option("--mode", help="live or simulated only (default: both, apart).")] = None,
     as_csv: Annotated[bool, typer.Option("--csv", help="The rows and totals as CSV.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="The whole report as JSON.")] = False,
 ) -> None:
-    """Spend by provider, user, day, month or mode from the daily rollups: cost per image against the target,
+    """Spend by provider, user, day, month, mode or preset from the daily rollups: cost per image against the target,
     latency p50/p95 and success rate per provider, error classes. Live and simulated spend never add up."""
     from cli.main import _day, _runtime
     from core.spend.reports import build_report, report_csv_rows

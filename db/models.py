@@ -482,6 +482,8 @@ class UsageAttempt(Base):
     endpoint: Mapped[str | None] = mapped_column(Text, default=None)
     """Where the request was sent (base URL or model URL; never a key)."""
     effective_params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    preset: Mapped[str] = mapped_column(String(32), default="", server_default=text("''"))
+    """The quality preset the attempt ran with ("" = none), so spend can be reported by preset."""
     translation_notes: Mapped[list[Any]] = mapped_column(JSON, default=list)
     """What the adapter changed to fit this provider (a fallback's parameters), said to the caller."""
     estimated_micro_usd: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -511,8 +513,8 @@ class UsageAttempt(Base):
 
 
 class UsageDailyRollup(Base):
-    """Per UTC day x provider x user x mode x status x error class totals of finished attempts, written in the
-    transaction that finishes each attempt; the histogram counts attempts per latency bucket.
+    """Per UTC day x provider x user x mode x status x error class x preset totals of finished attempts, written
+    in the transaction that finishes each attempt; the histogram counts attempts per latency bucket.
 
     `user_id` is 0 for work done without a signed-in user (CLI, system) and `error_class` is "" for successes:
     NOT NULL keys keep the unique constraint meaningful (NULLs never collide) and let upserts target it.
@@ -520,7 +522,7 @@ class UsageDailyRollup(Base):
 
     __tablename__ = "usage_daily_rollups"
     __table_args__ = (
-        UniqueConstraint("day", "provider", "user_id", "mode", "status", "error_class"),
+        UniqueConstraint("day", "provider", "user_id", "mode", "status", "error_class", "preset"),
         Index("ix_usage_daily_rollups_provider_day", "provider", "day"),
         Index("ix_usage_daily_rollups_user_day", "user_id", "day"),
         Index("ix_usage_daily_rollups_day", "day"),
@@ -533,6 +535,8 @@ class UsageDailyRollup(Base):
     mode: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16))
     error_class: Mapped[str] = mapped_column(String(32), default="")
+    preset: Mapped[str] = mapped_column(String(32), default="", server_default=text("''"))
+    """The attempt's quality preset ("" = none)."""
     attempts: Mapped[int] = mapped_column(BigInteger, default=0)
     images: Mapped[int] = mapped_column(BigInteger, default=0)
     megapixels_micro: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -770,6 +770,7 @@ class _Run:
             translation_notes=list(candidate.notes),
             estimated_micro_usd=candidate.estimate_micro_usd,
             price_version_id=candidate.price_version_id,
+            preset=candidate.prepared.effective.preset if candidate.prepared.effective is not None else None,
             now=moment,
         )
         return _Begun(attempt_id, reservation, tuple(over), moment)

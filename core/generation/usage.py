@@ -12,7 +12,7 @@ SQLite or PostgreSQL agree:
   `running`), so a restarted process can collect a paid result.
 - `finish_attempt` writes the attempt's final state exactly once (`UPDATE ... WHERE finished_at IS NULL
   RETURNING ...`) and, in the same transaction, adds it to its rollup row with one upsert
-  (`INSERT ... ON CONFLICT (day, provider, user_id, mode, status, error_class) DO UPDATE SET c = c + excluded.c`)
+  (`INSERT ... ON CONFLICT (day, provider, user_id, mode, status, error_class, preset) DO UPDATE SET c = c + ...`)
   including one count in its latency bucket (`db.models.LATENCY_BUCKET_BOUNDS_MS`). The rollup day is the UTC
   day the attempt STARTED (as budgets settle into the period they reserved in), and its mode is the attempt's
   connection mode (live | emulator | sandbox). `reconcile_attempt` later turns an attempt's unknown billing into
@@ -122,7 +122,7 @@ _COUNTER_COLUMNS: tuple[str, ...] = (
     "latency_sum_ms",
     *LATENCY_BUCKET_COLUMNS,
 )
-SUMMARY_DIMENSIONS = ("provider", "user", "day", "mode", "status", "error_class")
+SUMMARY_DIMENSIONS = ("provider", "user", "day", "mode", "status", "error_class", "preset")
 """What `usage_summary` can group by. `mode` is the connection mode (live | emulator | sandbox); the spend mode
 (live | simulated) is always a group."""
 
@@ -171,6 +171,7 @@ class _Hot:
             _attempts.c.mode,
             _attempts.c.started_at,
             _attempts.c.estimated_micro_usd,
+            _attempts.c.preset,
         )
     )
     finish_generation = (
@@ -657,6 +658,7 @@ def start_attempt(
     translation_notes: Sequence[str],
     estimated_micro_usd: int,
     price_version_id: int | None,
+    preset: str | None = None,
     now: datetime | None = None,
 ) -> int:
     """Insert the attempt row (status `submitted`) as the attempt starts and mark the generation `running`;
@@ -689,6 +691,7 @@ def start_attempt(
         "translation_notes": list(translation_notes),
         "estimated_micro_usd": estimated_micro_usd,
         "price_version_id": price_version_id,
+        "preset": preset or "",
         "status": "submitted",
         "started_at": _now(now),
     }
@@ -703,7 +706,7 @@ def record_request_id(session: Session, attempt_id: int, provider_request_id: st
     return session.connection().execute(_Hot.request_id, params).first() is not None
 
 
-_ROLLUP_KEYS = ("day", "provider", "user_id", "mode", "status", "error_class")
+_ROLLUP_KEYS = ("day", "provider", "user_id", "mode", "status", "error_class", "preset")
 
 
 @functools.lru_cache(maxsize=256)
@@ -761,7 +764,7 @@ def finish_attempt(session: Session, attempt_id: int, outcome: AttemptOutcome) -
         if session.execute(select(UsageAttempt.id).where(UsageAttempt.id == attempt_id)).first() is None:
             raise NotFound(f"no usage attempt {attempt_id}")
         return False
-    provider, user_id, mode, started_at, estimated = row
+    provider, user_id, mode, started_at, estimated, preset = row
     deltas = {
         "attempts": 1,
         "images": outcome.images_count,
@@ -781,6 +784,7 @@ def finish_attempt(session: Session, attempt_id: int, outcome: AttemptOutcome) -
         "mode": mode,
         "status": outcome.status,
         "error_class": outcome.error_class or "",
+        "preset": preset or "",
     }
     _add_to_rollup(session, keys, deltas)
     return True
@@ -822,7 +826,7 @@ def reconcile_attempt(
         .values(**values)
         .returning(
             UsageAttempt.provider, UsageAttempt.user_id, UsageAttempt.mode, UsageAttempt.started_at,
-            UsageAttempt.status, UsageAttempt.error_class,
+            UsageAttempt.status, UsageAttempt.error_class, UsageAttempt.preset,
         )
         .execution_options(synchronize_session=False)
     )  # fmt: skip
@@ -831,7 +835,7 @@ def reconcile_attempt(
         if session.execute(select(UsageAttempt.id).where(UsageAttempt.id == attempt_id)).first() is None:
             raise NotFound(f"no usage attempt {attempt_id}")
         return False
-    provider, user_id, mode, started_at, status, error_class = row
+    provider, user_id, mode, started_at, status, error_class, preset = row
     keys = {
         "day": started_at.astimezone(UTC).date(),
         "provider": provider,
@@ -839,6 +843,7 @@ def reconcile_attempt(
         "mode": mode,
         "status": status,
         "error_class": error_class or "",
+        "preset": preset or "",
     }
     deltas = {"unknown_billing": -1, "actual_micro_usd": actual_micro_usd}
     if units_micro is not None:
@@ -1013,6 +1018,7 @@ _DIMENSION_COLUMNS: dict[str, Any] = {
     "mode": UsageDailyRollup.mode,
     "status": UsageDailyRollup.status,
     "error_class": UsageDailyRollup.error_class,
+    "preset": UsageDailyRollup.preset,
 }
 _SUMMED = (
     "attempts",

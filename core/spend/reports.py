@@ -1,5 +1,5 @@
-"""Spend reports from the daily rollups: per day or month, by provider, user, mode (and preset, once the rollups
-carry it), cost per image against the target, latency p50/p95 and success rate per provider, error classes.
+"""Spend reports from the daily rollups: per day or month, by provider, user, mode or preset, cost per image
+against the target, latency p50/p95 and success rate per provider, error classes.
 
 Everything reads `usage_daily_rollups` (never usage_attempts), for any range of UTC days. Live and simulated
 spend are never added together: every row carries its `spend_mode` and the totals are one per spend mode.
@@ -9,8 +9,7 @@ The result models are pydantic, so the console and the REST API render them as t
 
 Grouping: `by` is one of REPORT_DIMENSIONS. `month` groups the days of each UTC calendar month (the SQL groups
 by day, the months are folded here, histograms included, so one statement serves both databases). `preset`
-is accepted by the API already: it works as soon as `usage_daily_rollups` has a `preset` column, and until
-then is refused with a message saying so.
+groups by the quality preset each attempt ran with ("" = none; recorded since schema 0009).
 """
 
 from __future__ import annotations
@@ -160,13 +159,7 @@ def _column(dimension: str) -> Any:
     if dimension == "error_class":
         return rollup.error_class
     if dimension == "preset":
-        column = getattr(rollup, "preset", None)
-        if column is None:
-            raise InvalidInput(
-                "spend by preset needs the preset in the daily rollups, which they do not record yet",
-                {"by": "preset is not recorded in usage_daily_rollups yet; use provider, user, day, month or mode"},
-            )
-        return column
+        return rollup.preset
     raise InvalidInput(
         f"cannot report by {dimension!r}; choose from {', '.join(REPORT_DIMENSIONS)}",
         {"by": f"one of {', '.join(REPORT_DIMENSIONS)}"},

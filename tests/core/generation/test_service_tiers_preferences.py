@@ -13,6 +13,7 @@ from core.generation.models import GenerationRequest
 from core.generation.service import generate_sync
 from core.preferences import save_preferences
 from core.security import Actor
+from core.spend import reports
 from db.engine import transaction
 from db.models import Role, UsageDailyRollup, User
 from tests.core.generation.service_support import attempts, seed
@@ -104,3 +105,15 @@ def test_the_playground_estimate_prices_like_generate(factory: sessionmaker[Sess
         shown = playground.estimate(session, request, user_id=erin.user_id)
     ran = generate_sync(request, erin, factory=factory)
     assert shown.estimate_micro_usd == ran.cost.estimated_micro_usd == 5_243
+
+
+def test_spend_is_reported_by_the_preset_each_attempt_ran_with(factory: sessionmaker[Session]) -> None:
+    fast = generate_sync(GenerationRequest("a fox", provider="fal-qwen", preset="fast"), SYSTEM, factory=factory)
+    plain = generate_sync(GenerationRequest("a fox", provider="fal-qwen", preset="none"), SYSTEM, factory=factory)
+    assert attempts(factory, fast.generation_id)[0].preset == "fast"
+    assert attempts(factory, plain.generation_id)[0].preset == ""
+    today = datetime.now(UTC).date()
+    with factory() as session:
+        report = reports.build_report(session, date_from=today, date_to=today, by="preset")
+    spent = {row.key: row.actual_micro_usd for row in report.rows}
+    assert spent == {"fast": fast.cost.actual_micro_usd, "": plain.cost.actual_micro_usd}
