@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from typer.core import TyperGroup
 
 from cli.api import api as api_command
+from cli.preferences import preferences_app
 from cli.spend import alerts_app, webhooks_app
 from cli.tokens import tokens_app
 from common.config import disable_telemetry
@@ -109,6 +110,7 @@ app.add_typer(usage_app, name="usage")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(webhooks_app, name="webhooks")
 app.add_typer(tokens_app, name="tokens")
+app.add_typer(preferences_app, name="preferences")
 app.command("api")(api_command)
 
 

@@ -202,6 +202,11 @@ def _cases(root: Path, busy_port: int) -> dict[tuple[str, ...], list[Bad]]:
             Bad(("report", "--from", "2026-02-30"), 2, "--from takes a date"),
             Bad(("report", "--by", "nonsense"), 2, "cannot report by 'nonsense'"),
         ],
+        ("preferences", "show"): [Bad(("preferences", "show", "nobody"), 4, "no user named 'nobody'")],
+        ("preferences", "set"): [
+            Bad(("preferences", "set", "nobody", "--size", "square"), 4, "no user named 'nobody'"),
+            Bad(("preferences", "set", "erin", "--preset", "bogus"), 2, "preset"),
+        ],
         ("recommend",): [Bad(("recommend", "--mode", "bogus"), 2, "live or simulated")],
         ("forecast",): [Bad(("forecast", "--mode", "bogus"), 2, "live or simulated")],
         ("settings", "import"): [
@@ -310,13 +315,15 @@ DATABASE_COMMANDS: list[tuple[str, ...]] = [
     ("report",),
     ("recommend",),
     ("forecast",),
+    ("preferences", "show", "erin"),
+    ("preferences", "set", "erin", "--size", "square"),
 ]
 
 
 def test_every_command_that_needs_the_database_says_when_it_cannot_reach_it(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    grouped = ("db", "users", "settings", "budgets", "usage", "tokens", "alerts", "webhooks")
+    grouped = ("db", "users", "settings", "budgets", "usage", "tokens", "alerts", "webhooks", "preferences")
     database_paths = {args[: 2 if args[0] in grouped else 1] for args in DATABASE_COMMANDS}
     assert database_paths | {("emulator",), ("health",), ("settings", "import")} == set(_command_paths())
     importable = data_dir / "ok.json"
