@@ -21,7 +21,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import case, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from common.errors import InvalidInput, PermissionDenied
@@ -31,19 +31,20 @@ from core.generation.budgets import list_budgets
 from core.security import Actor, Role
 from core.spend.forecast import BudgetForecast, forecast_budget
 from core.spend.optimizer import OptimizerReport, recommend
-from core.spend.reports import (  # _Acc and _row: reports' one accumulator and SpendRow builder, reused
+from core.spend.reports import (  # reports' one accumulator and SpendRow builder, so the figures agree
     MAX_REPORT_DAYS,
     NO_USER_LABEL,
     ErrorClassRow,
+    SpendAccumulator,
     SpendRow,
-    _Acc,
-    _row,
     cost_per_image_micros,
+    rollup_sums,
+    spend_row,
     target_cost_per_image_micros,
     usd,
 )
 from core.usage_log import MAX_PAGE, STATUSES, AttemptRow, AttemptsPage
-from db.models import LATENCY_BUCKET_COLUMNS, BudgetScope, UsageAttempt, UsageDailyRollup, User
+from db.models import BudgetScope, UsageAttempt, UsageDailyRollup, User
 
 __all__ = [
     "DaySpend",
@@ -148,36 +149,11 @@ def _conditions(filters: UsageFilters) -> list[Any]:
     return conditions
 
 
-def _acc(numbers: list[int]) -> _Acc:
-    """One rollup group's sums (succeeded, attempts, images, actual, estimated, unknown, *buckets) as reports'
-    accumulator: the rows are then built by reports' one SpendRow builder."""
-    succeeded, attempts, images, actual, estimated, unknown = numbers[:6]
-    return _Acc(attempts, succeeded, images, actual, estimated, unknown, numbers[6:])
-
-
-def _sums() -> list[Any]:
-    rollup = UsageDailyRollup
-    table: Any = rollup.__table__
-    return [
-        func.sum(case((rollup.status == "succeeded", rollup.attempts), else_=0)),
-        func.sum(rollup.attempts),
-        func.sum(rollup.images),
-        func.sum(rollup.actual_micro_usd),
-        func.sum(rollup.estimated_micro_usd),
-        func.sum(rollup.unknown_billing),
-        *(func.sum(table.c[name]) for name in LATENCY_BUCKET_COLUMNS),
-    ]
-
-
-def _numbers(values: Any) -> list[int]:
-    return [int(v or 0) for v in values]
-
-
 def _top_users(session: Session, filters: UsageFilters, target: int, names: dict[int, str]) -> list[SpendRow]:
     rollup = UsageDailyRollup
     spent = func.sum(rollup.actual_micro_usd)
     statement = (
-        select(rollup.user_id, *_sums())
+        select(rollup.user_id, *rollup_sums())
         .where(*_conditions(filters))
         .group_by(rollup.user_id)
         .order_by(spent.desc(), rollup.user_id)
@@ -187,7 +163,7 @@ def _top_users(session: Session, filters: UsageFilters, target: int, names: dict
     for user_id, *values in session.execute(statement).all():
         uid = int(user_id or 0)
         label = NO_USER_LABEL if uid == 0 else names.get(uid, f"user {uid}")
-        rows.append(_row(filters.spend_mode, str(uid), label, _acc(_numbers(values)), target))
+        rows.append(spend_row(filters.spend_mode, str(uid), label, SpendAccumulator.from_sums(values), target))
     return rows
 
 
@@ -220,19 +196,19 @@ def load_usage(
     target = target_cost_per_image_micros(session)
     rollup = UsageDailyRollup
     statement = (
-        select(rollup.day, rollup.provider, rollup.error_class, *_sums())
+        select(rollup.day, rollup.provider, rollup.error_class, *rollup_sums())
         .where(*_conditions(applied))
         .group_by(rollup.day, rollup.provider, rollup.error_class)
     )
-    total = _Acc()
-    per_day: dict[tuple[date, str], _Acc] = {}
-    per_provider: dict[str, _Acc] = {}
+    total = SpendAccumulator()
+    per_day: dict[tuple[date, str], SpendAccumulator] = {}
+    per_provider: dict[str, SpendAccumulator] = {}
     per_error: dict[tuple[str, str], int] = {}
     for day, provider, error_class, *values in session.execute(statement).all():
-        group = _acc(_numbers(values))
+        group = SpendAccumulator.from_sums(values)
         total.add(group)
-        per_day.setdefault((day, str(provider)), _Acc()).add(group)
-        per_provider.setdefault(str(provider), _Acc()).add(group)
+        per_day.setdefault((day, str(provider)), SpendAccumulator()).add(group)
+        per_provider.setdefault(str(provider), SpendAccumulator()).add(group)
         if error_class:
             key = (str(provider), str(error_class))
             per_error[key] = per_error.get(key, 0) + group.attempts - group.succeeded
@@ -241,7 +217,7 @@ def load_usage(
         DaySpend(day=day, provider=provider, attempts=acc.attempts, images=acc.images, actual_micro_usd=acc.actual)
         for (day, provider), acc in sorted(per_day.items())
     ]
-    providers = [_row(mode, p, p, acc, target) for p, acc in sorted(per_provider.items())]
+    providers = [spend_row(mode, p, p, acc, target) for p, acc in sorted(per_provider.items())]
     failures = {p: acc.attempts - acc.succeeded for p, acc in per_provider.items()}
     errors = [
         ErrorClassRow(
@@ -263,7 +239,7 @@ def load_usage(
         filters=applied,
         staff=staff,
         target_cost_per_image_micro_usd=target,
-        total=_row(mode, "total", "total", total, target),
+        total=spend_row(mode, "total", "total", total, target),
         days=days,
         providers=providers,
         error_classes=errors,

@@ -35,10 +35,13 @@ __all__ = [
     "REPORT_DIMENSIONS",
     "ErrorClassRow",
     "ProviderPerformance",
+    "SpendAccumulator",
     "SpendReport",
     "SpendRow",
     "build_report",
     "cost_per_image_micros",
+    "rollup_sums",
+    "spend_row",
     "target_cost_per_image_micros",
 ]
 
@@ -127,7 +130,10 @@ class SpendReport(BaseModel):
 
 
 @dataclass
-class _Acc:
+class SpendAccumulator:
+    """One group's sums from the rollups, added up group by group; `spend_row` turns it into a SpendRow.
+    Public because core.usage_view folds its own statement's groups with it (one builder for both)."""
+
     attempts: int = 0
     succeeded: int = 0
     images: int = 0
@@ -136,7 +142,15 @@ class _Acc:
     unknown: int = 0
     buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKET_COLUMNS))
 
-    def add(self, other: _Acc) -> None:
+    @classmethod
+    def from_sums(cls, values: Iterable[Any]) -> SpendAccumulator:
+        """From one group's values of `rollup_sums()`, in its order (succeeded, attempts, images, actual,
+        estimated, unknown, *latency buckets); a NULL sum (no rows) counts as 0."""
+        numbers = [int(v or 0) for v in values]
+        succeeded, attempts, images, actual, estimated, unknown = numbers[:6]
+        return cls(attempts, succeeded, images, actual, estimated, unknown, numbers[6:])
+
+    def add(self, other: SpendAccumulator) -> None:
         self.attempts += other.attempts
         self.succeeded += other.succeeded
         self.images += other.images
@@ -144,6 +158,22 @@ class _Acc:
         self.estimated += other.estimated
         self.unknown += other.unknown
         self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
+
+
+def rollup_sums() -> list[Any]:
+    """The rollup columns a SpendAccumulator is made of, summed, in `SpendAccumulator.from_sums` order: add them
+    to a SELECT after its GROUP BY columns."""
+    rollup = UsageDailyRollup
+    table: Any = rollup.__table__
+    return [
+        func.sum(case((rollup.status == "succeeded", rollup.attempts), else_=0)),
+        func.sum(rollup.attempts),
+        func.sum(rollup.images),
+        func.sum(rollup.actual_micro_usd),
+        func.sum(rollup.estimated_micro_usd),
+        func.sum(rollup.unknown_billing),
+        *(func.sum(table.c[name]) for name in LATENCY_BUCKET_COLUMNS),
+    ]
 
 
 def _column(dimension: str) -> Any:
@@ -168,11 +198,10 @@ def _column(dimension: str) -> Any:
 
 def _aggregate(
     session: Session, date_from: date, date_to: date, mode: str | None, dimensions: Iterable[str]
-) -> dict[tuple[Any, ...], _Acc]:
+) -> dict[tuple[Any, ...], SpendAccumulator]:
     """{(spend mode, *dimension values): totals}; `month` folds days into YYYY-MM."""
     dims = tuple(dimensions)
     rollup = UsageDailyRollup
-    table: Any = rollup.__table__
     spend = case((rollup.mode == "live", literal("live")), else_=literal("simulated"))
     groups = [spend, *(_column(d) for d in dims)]
     conditions = [rollup.day >= date_from, rollup.day <= date_to]
@@ -180,21 +209,8 @@ def _aggregate(
         conditions.append(rollup.mode == "live")
     elif mode == "simulated":
         conditions.append(rollup.mode != "live")
-    statement = (
-        select(
-            *groups,
-            func.sum(case((rollup.status == "succeeded", rollup.attempts), else_=0)),
-            func.sum(rollup.attempts),
-            func.sum(rollup.images),
-            func.sum(rollup.actual_micro_usd),
-            func.sum(rollup.estimated_micro_usd),
-            func.sum(rollup.unknown_billing),
-            *(func.sum(table.c[name]) for name in LATENCY_BUCKET_COLUMNS),
-        )
-        .where(*conditions)
-        .group_by(*groups)
-    )
-    out: dict[tuple[Any, ...], _Acc] = {}
+    statement = select(*groups, *rollup_sums()).where(*conditions).group_by(*groups)
+    out: dict[tuple[Any, ...], SpendAccumulator] = {}
     width = len(groups)
     for row in session.execute(statement).all():
         keys: list[Any] = [str(row[0])]
@@ -207,21 +223,19 @@ def _aggregate(
                 keys.append(int(value or 0))
             else:
                 keys.append(str(value))
-        numbers = [int(v or 0) for v in row[width:]]
-        succeeded, attempts, images, actual, estimated, unknown = numbers[:6]
-        acc = _Acc(attempts, succeeded, images, actual, estimated, unknown, numbers[6:])
-        out.setdefault(tuple(keys), _Acc()).add(acc)
+        acc = SpendAccumulator.from_sums(row[width:])
+        out.setdefault(tuple(keys), SpendAccumulator()).add(acc)
     return out
 
 
 def _fold(
-    fine: dict[tuple[Any, ...], _Acc], dims: tuple[str, ...], keep: tuple[str, ...]
-) -> dict[tuple[Any, ...], _Acc]:
+    fine: dict[tuple[Any, ...], SpendAccumulator], dims: tuple[str, ...], keep: tuple[str, ...]
+) -> dict[tuple[Any, ...], SpendAccumulator]:
     """`fine` (keyed by spend mode and `dims`) summed into groups keyed by spend mode and `keep`."""
     positions = [1 + dims.index(d) for d in keep]
-    out: dict[tuple[Any, ...], _Acc] = {}
+    out: dict[tuple[Any, ...], SpendAccumulator] = {}
     for key, acc in fine.items():
-        out.setdefault((key[0], *(key[i] for i in positions)), _Acc()).add(acc)
+        out.setdefault((key[0], *(key[i] for i in positions)), SpendAccumulator()).add(acc)
     return out
 
 
@@ -240,7 +254,8 @@ def cost_per_image_micros(actual_micro_usd: int, images: int) -> int | None:
     return round_half_up_micros(Fraction(actual_micro_usd, images * MICRO))
 
 
-def _row(spend_mode: str, key: str, label: str, acc: _Acc, target: int) -> SpendRow:
+def spend_row(spend_mode: str, key: str, label: str, acc: SpendAccumulator, target: int) -> SpendRow:
+    """One group's SpendRow: cost per image against `target` (micro-USD), success rate, p50/p95 latency."""
     per_image = cost_per_image_micros(acc.actual, acc.images)
     return SpendRow(
         spend_mode=spend_mode,
@@ -301,12 +316,12 @@ def build_report(
         label = str(key)
         if dimension == "user":
             label = NO_USER_LABEL if key == 0 else names.get(int(key), f"user {key}")
-        rows.append(_row(spend_mode, str(key), label, acc, target))
+        rows.append(spend_row(spend_mode, str(key), label, acc, target))
 
-    totals: dict[str, _Acc] = {}
+    totals: dict[str, SpendAccumulator] = {}
     for (spend_mode, _key), acc in grouped.items():
-        totals.setdefault(spend_mode, _Acc()).add(acc)
-    total_rows = [_row(m, "total", "total", acc, target) for m, acc in sorted(totals.items())]
+        totals.setdefault(spend_mode, SpendAccumulator()).add(acc)
+    total_rows = [spend_row(m, "total", "total", acc, target) for m, acc in sorted(totals.items())]
 
     per_provider = _fold(fine, dims, ("provider",))
     providers = [
