@@ -14,10 +14,9 @@ import inspect
 import itertools
 import textwrap
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import date
 from functools import cache
-from types import MappingProxyType
 from typing import Any, Literal
 
 from sqlalchemy.orm import Session
@@ -39,7 +38,6 @@ from core.settings import (
     validate_global_settings,
 )
 from core.spend.optimizer import ChangeCost, change_cost
-from db.models import utcnow
 
 FieldKind = Literal["int", "float", "bool", "optional_bool", "text", "choice", "many"]
 
@@ -81,21 +79,7 @@ class DraftCheck:
 def _snapshot_with(session: Session, provider: str, settings: ProviderSettings | None) -> SettingsSnapshot:
     """What the database holds now, with `settings` in place of the provider's stored ones (None: without any),
     for core.generation.prepare to resolve and price a draft exactly as a request would be. Nothing is stored."""
-    snapshot = load_snapshot(session)
-    stored = dict(snapshot.stored)
-    if settings is None:
-        stored.pop(provider, None)
-    else:
-        current = stored.get(provider)
-        stored[provider] = settings_service.ProviderSettingsView(
-            provider=provider,
-            version=current.version if current is not None else 0,
-            settings=settings,
-            updated_at=utcnow(),
-            updated_by="this form",
-            comment=None,
-        )
-    return replace(snapshot, stored=MappingProxyType(stored))
+    return load_snapshot(session).with_provider_settings(provider, settings, updated_by="this form")
 
 
 def inherited_values(session: Session, provider: str) -> dict[str, Any]:

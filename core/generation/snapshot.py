@@ -133,6 +133,37 @@ class SettingsSnapshot:
     def price(self, provider: str) -> PriceVersionView | None:
         return self.prices.get(provider)
 
+    def with_provider_settings(
+        self, provider: str, settings: ProviderSettings | None, *, updated_by: str
+    ) -> SettingsSnapshot:
+        """A copy with `settings` in place of the provider's stored ones (None: as if none were stored), so that
+        core.generation.prepare resolves and prices a draft or a proposed edit exactly as a request would.
+        Nothing is stored. The draft keeps the stored version number (0 when none) and `updated_by` names who
+        proposes it. The copy keeps this snapshot's vector, so it must never go into a SettingsCache."""
+        stored = dict(self.stored)
+        if settings is None:
+            stored.pop(provider, None)
+        else:
+            current = stored.get(provider)
+            stored[provider] = ProviderSettingsView(
+                provider=provider,
+                version=current.version if current is not None else 0,
+                settings=settings,
+                updated_at=datetime.now(UTC),
+                updated_by=updated_by,
+                comment=None,
+            )
+        # Every field is copied: a field added to the class must be added here too.
+        return SettingsSnapshot(
+            vector=self.vector,
+            global_settings=self.global_settings,
+            stored=MappingProxyType(stored),
+            deleted=self.deleted,
+            invalid=self.invalid,
+            prices=self.prices,
+            loaded_at=self.loaded_at,
+        )
+
     def routing_settings(self) -> dict[str, ProviderSettings]:
         """Every usable provider's settings: stored, or the catalog defaults for one nobody configured.
         Deleted providers and providers with invalid stored settings are left out (see `problems`).

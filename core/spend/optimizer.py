@@ -30,7 +30,7 @@ stored, priced per image before and after, times that provider's images over the
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
@@ -49,7 +49,6 @@ from core.money import format_usd, round_half_up_micros
 from core.presets import PRESET_NAMES
 from core.pricing import PriceUnit, ProviderPrice
 from core.settings import EffectiveParams, ProviderSettings, validate_provider_settings
-from core.settings_service import ProviderSettingsView
 from core.sizes import SizeError, resolve_size
 from core.spend.reports import cost_per_image_micros, target_cost_per_image_micros
 from core.spend.tiers import month_to_date_units, tier_position
@@ -165,20 +164,6 @@ def _context(session: Session, on: date) -> _Context:
     return _Context(snapshot, snapshot.routing_settings(), prices)
 
 
-def _with_settings(ctx: _Context, provider: str, settings: ProviderSettings) -> SettingsSnapshot:
-    """The snapshot with `settings` in place of the provider's stored ones (a proposed edit; nothing stored)."""
-    current = ctx.snapshot.stored_settings(provider)
-    view = ProviderSettingsView(
-        provider=provider,
-        version=current.version if current is not None else 0,
-        settings=settings,
-        updated_at=utcnow(),
-        updated_by="proposed",
-        comment=None,
-    )
-    return replace(ctx.snapshot, stored={**ctx.snapshot.stored, provider: view})
-
-
 def _prepared(
     ctx: _Context,
     provider: str,
@@ -188,7 +173,9 @@ def _prepared(
     overrides: Mapping[str, Any] | None = None,
 ) -> PreparedRequest:
     """One image at the provider's effective parameters, through the one preparation step (resolve + price)."""
-    snapshot = ctx.snapshot if settings is None else _with_settings(ctx, provider, settings)
+    snapshot = ctx.snapshot
+    if settings is not None:  # a proposed edit: in place of the stored settings, in a copy (nothing is stored)
+        snapshot = snapshot.with_provider_settings(provider, settings, updated_by="proposed")
     return prepare(
         None, provider, prompt=_PROMPT, preset=preset, overrides=overrides, priced_images=1, snapshot=snapshot
     )

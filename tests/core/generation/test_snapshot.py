@@ -147,6 +147,27 @@ def test_prepare_from_a_snapshot_equals_prepare_from_the_database(seeded: Factor
         prepare(None, "fal-qwen", prompt="x")
 
 
+def test_with_provider_settings_is_a_copy_that_prepare_resolves_from(seeded: Factory) -> None:
+    snap = SettingsCache(seeded).get()
+    stored = snap.stored_settings("fal-qwen")
+    assert stored is not None and stored.settings.params.get("num_inference_steps") != 7
+    draft = stored.settings.model_copy(update={"params": {**stored.settings.params, "num_inference_steps": 7}})
+
+    drafted = snap.with_provider_settings("fal-qwen", draft, updated_by="this form")
+    view = drafted.stored_settings("fal-qwen")
+    assert view is not None and view.settings == draft
+    assert (view.version, view.updated_by) == (stored.version, "this form")
+    effective = prepare(None, "fal-qwen", prompt="x", snapshot=drafted).effective
+    assert effective is not None and effective.values()["num_inference_steps"] == 7
+    assert snap.stored_settings("fal-qwen") == stored  # the original is untouched (snapshots are shared)
+    assert drafted.stored_settings("ideogram") == snap.stored_settings("ideogram")
+    assert (drafted.vector, drafted.prices, drafted.global_settings) == (snap.vector, snap.prices, snap.global_settings)
+
+    without = snap.with_provider_settings("fal-qwen", None, updated_by="this form")
+    assert without.stored_settings("fal-qwen") is None
+    assert prepare(None, "fal-qwen", prompt="x", snapshot=without).settings is None  # catalog defaults
+
+
 # --- invalidation -------------------------------------------------------------------------------------------------
 
 
