@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from common.errors import Conflict, InvalidInput, PermissionDenied
@@ -182,12 +182,15 @@ def save_preferences(
     return _view(session, user_id)
 
 
+_PREFERENCES_OF = select(UserPreferences.preferences).where(UserPreferences.user_id == bindparam("user_id"))
+
+
 def preferences_for_request(session: Session, user_id: int | None) -> UserPreferenceValues | None:
     """The requesting user's preferences for `resolve_effective(user_preferences=...)`; None without a user or
     without saved preferences. No authorization: the generation path reads the requester's own row."""
     if user_id is None:
         return None
-    row = session.scalar(select(UserPreferences.preferences).where(UserPreferences.user_id == user_id))
+    row = session.connection().execute(_PREFERENCES_OF, {"user_id": user_id}).scalar()
     if not row:
         return None
     return _load(row)

@@ -608,7 +608,7 @@ def note_health_probe(
 # --- reading and admin ----------------------------------------------------------------------------------------
 
 
-def _snapshot(provider: str, row: CircuitStateRow | None, now: datetime, config: BreakerConfig) -> BreakerSnapshot:
+def _snapshot(provider: str, row: Any, now: datetime, config: BreakerConfig) -> BreakerSnapshot:
     if row is None:
         return BreakerSnapshot(
             provider, CircuitState.CLOSED, "", None, None, 0, None, 0, 0, False, 0, None, None, None, None, None, None
@@ -640,10 +640,14 @@ def snapshot(
 ) -> dict[str, BreakerSnapshot]:
     """Every catalog provider's breaker, in catalog order (one query; no write)."""
     moment, cfg = _now(now), _config(config)
-    rows: Mapping[str, CircuitStateRow] = {
-        r.provider: r for r in session.scalars(select(C).execution_options(populate_existing=True))
-    }
+    # Core rows (the same attribute names), not entities: this runs on every request.
+    rows: Mapping[str, Any] = {r.provider: r for r in session.connection().execute(_all_states())}
     return {p: _snapshot(p, rows.get(p), moment, cfg) for p in PROVIDERS}
+
+
+@functools.cache
+def _all_states() -> Any:
+    return select(cast(Table, C.__table__))
 
 
 def _public(snap: BreakerSnapshot) -> dict[str, Any]:

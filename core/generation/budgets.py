@@ -496,16 +496,29 @@ def _applies(row: Any, provider: str, user_id: int | None) -> bool:
 def _applicable_rows(session: Session, provider: str, user_id: int | None) -> list[Any]:
     """Budget rows (Core) that may apply to a request to `provider` by `user_id`, plus the provider's
     settings-backed one whatever its state, in id order."""
+    params = {"provider": provider, "user_scope": None if user_id is None else str(user_id)}
+    return list(session.connection().execute(_applicable_query(), params))
+
+
+@functools.cache
+def _applicable_query() -> Any:
+    """`_applicable_rows`' statement, built once (it runs on every admission). With no user, `scope_id = NULL`
+    matches nothing, so no user budget applies."""
     table = cast(Table, Budget.__table__)
-    scopes = [
-        table.c.scope == BudgetScope.GLOBAL,
-        (table.c.scope == BudgetScope.PROVIDER) & (table.c.scope_id == provider),
-        table.c.settings_provider == provider,
-    ]
-    if user_id is not None:
-        scopes.append((table.c.scope == BudgetScope.USER) & (table.c.scope_id == str(user_id)))
-    query = select(table).where(or_(*scopes)).order_by(table.c.id)
-    return list(session.connection().execute(query))
+    provider = bindparam("provider", type_=table.c.scope_id.type)
+    user_scope = bindparam("user_scope", type_=table.c.scope_id.type)
+    return (
+        select(table)
+        .where(
+            or_(
+                table.c.scope == BudgetScope.GLOBAL,
+                (table.c.scope == BudgetScope.PROVIDER) & (table.c.scope_id == provider),
+                table.c.settings_provider == provider,
+                (table.c.scope == BudgetScope.USER) & (table.c.scope_id == user_scope),
+            )
+        )
+        .order_by(table.c.id)
+    )
 
 
 # --- admission ----------------------------------------------------------------------------------------------------

@@ -872,6 +872,14 @@ def _image_view(row: StoredImage) -> StoredImageView:
     )
 
 
+@functools.cache
+def _image_insert(dialect: str) -> Any:
+    """INSERT of image rows that keeps a position already recorded (a recovery replay writes nothing twice)."""
+    table: Any = StoredImage.__table__
+    statement = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+    return statement.on_conflict_do_nothing(index_elements=["generation_id", "position"])
+
+
 def record_images(
     session: Session,
     generation_id: str,
@@ -907,12 +915,9 @@ def record_images(
         }
         for i, image in enumerate(images)
     ]
-    statement = (
-        dialect_insert(session, StoredImage)
-        .values(rows)
-        .on_conflict_do_nothing(index_elements=[StoredImage.generation_id, StoredImage.position])
-    )
-    session.execute(statement)
+    # Core executemany of one statement built once per dialect, on the session's own connection (same
+    # transaction): building `.values(rows)` per call cost more than the insert itself.
+    session.connection().execute(_image_insert(session.get_bind().dialect.name), rows)
     if not read_back:
         return []
     stored = session.execute(

@@ -827,7 +827,13 @@ class FalQwenAdapter(ProviderAdapter):
             attempt.phase = _Phase.COMPLETED
 
         async def fetch() -> Any:
-            return await handle.get(interval=self.config.poll_interval_s)  # fal-client types it AnyJSON
+            # What fal-client's `handle.get()` does after its own status loop, without that loop: the status was
+            # just read as COMPLETED, and polling it again cost one more exchange with fal per image request.
+            response = await fal_wire._async_maybe_retry_request(
+                handle.client, "GET", handle.response_url, timeout=fal_wire.QUEUE_POLL_TIMEOUT
+            )
+            fal_wire._raise_for_status(response)
+            return response.json()  # fal-client types it AnyJSON
 
         output = await self._retrying(fetch, attempt, what="result fetch", result=True)
         attempt.phase = _Phase.COMPLETED
