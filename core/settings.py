@@ -23,9 +23,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -369,6 +370,20 @@ def _valid_preset(value: str | None) -> str | None:
         raise ValueError(str(exc)) from None
 
 
+def _valid_preferred_preset(value: str | None) -> str | None:
+    """A user's preferred preset; "none" (or "") is kept as "none": no preset, even over the admins' default."""
+    if value is not None and value.strip().lower() in NO_PRESET:
+        return "none"
+    return _valid_preset(value)
+
+
+# The provider-independent fields GlobalSettings and UserPreferenceValues share, validated the same way in both.
+NegativePrompt = Annotated[str | None, AfterValidator(_valid_negative_prompt)]
+CanonicalSize = Annotated[str | None, AfterValidator(_valid_size)]
+DefaultPreset = Annotated[str | None, AfterValidator(_valid_preset)]
+PreferredPreset = Annotated[str | None, AfterValidator(_valid_preferred_preset)]
+
+
 class GlobalSettings(BaseModel):
     """Settings shared by all providers. A generation field left None is not set: the provider's own settings
     or the catalog decide. Ranges here are the widest any provider allows; `resolve_effective` fits a value to
@@ -376,10 +391,10 @@ class GlobalSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    negative_prompt: str | None = None
+    negative_prompt: NegativePrompt = None
     num_inference_steps: StrictInt | None = Field(None, ge=1, le=_GLOBAL_MAX_STEPS)
     guidance_scale: StrictFloat | None = Field(None, ge=0.0, le=_GLOBAL_MAX_GUIDANCE)
-    image_size: str | None = None
+    image_size: CanonicalSize = None
     """Canonical size: a preset (square_hd), an aspect ratio (16:9) or WIDTHxHEIGHT."""
     num_images: StrictInt | None = Field(None, ge=1, le=_GLOBAL_MAX_IMAGES)
     seed: StrictInt | None = Field(None, ge=0, le=SEED_MAX)
@@ -409,7 +424,7 @@ class GlobalSettings(BaseModel):
     """How often the worker runs each provider's cheap health probe."""
 
     # Routing defaults (read by core.routing).
-    default_preset: str | None = None
+    default_preset: DefaultPreset = None
     """Quality preset `resolve_effective` applies when a request names none (None = no preset)."""
     fallback_enabled: StrictBool = True
     """On a retryable failure, try the next candidate provider."""
@@ -483,21 +498,6 @@ class GlobalSettings(BaseModel):
     def _routing_policy(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("negative_prompt")
-    @classmethod
-    def _negative_prompt(cls, value: str | None) -> str | None:
-        return _valid_negative_prompt(value)
-
-    @field_validator("image_size")
-    @classmethod
-    def _image_size(cls, value: str | None) -> str | None:
-        return _valid_size(value)
-
-    @field_validator("default_preset")
-    @classmethod
-    def _default_preset(cls, value: str | None) -> str | None:
-        return _valid_preset(value)
-
     def generation_params(self) -> dict[str, Any]:
         """The generation parameters this level sets (canonical names; unset ones left out)."""
         return {n: getattr(self, n) for n in COMMON_PARAMS if getattr(self, n) is not None}
@@ -509,26 +509,9 @@ class UserPreferenceValues(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    image_size: str | None = None
-    preset: str | None = None
-    negative_prompt: str | None = None
-
-    @field_validator("negative_prompt")
-    @classmethod
-    def _negative_prompt(cls, value: str | None) -> str | None:
-        return _valid_negative_prompt(value)
-
-    @field_validator("image_size")
-    @classmethod
-    def _image_size(cls, value: str | None) -> str | None:
-        return _valid_size(value)
-
-    @field_validator("preset")
-    @classmethod
-    def _preset(cls, value: str | None) -> str | None:
-        if value is not None and value.strip().lower() in NO_PRESET:
-            return "none"
-        return _valid_preset(value)
+    image_size: CanonicalSize = None
+    preset: PreferredPreset = None
+    negative_prompt: NegativePrompt = None
 
     def allowed(self, fields: tuple[str, ...]) -> dict[str, Any]:
         """The values set here that `fields` (what the admins allow) admits."""
