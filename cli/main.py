@@ -26,6 +26,7 @@ from typer.core import TyperGroup
 from cli.api import api as api_command
 from cli.preferences import preferences_app
 from cli.spend import alerts_app, webhooks_app
+from cli.tables import echo_rows
 from cli.tokens import tokens_app
 from common.config import disable_telemetry
 from common.errors import (
@@ -885,23 +886,22 @@ def budgets_list(
                     },
                 }
             )
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    if not rows:
-        typer.echo("no budgets (create one with `imagegate budgets create`)")
-        return
-    for row in rows:
+
+    def lines(row: dict[str, Any]) -> str:
+        """The budget, then its figures in each spend mode on lines of their own."""
         scope = row["scope"] + (f":{row['scope_id']}" if row["scope_id"] else "")
         kind = "hard" if row["hard"] else f"soft ({row['degrade_action']})"
         state = "" if row["active"] else (" [deleted]" if row["deleted"] else " [inactive]")
         source = " (from the provider's settings)" if row["from_settings"] else ""
         limit_text = format_usd(row["limit_micro_usd"])
-        typer.echo(f"#{row['id']} {row['name']}: {scope}, {row['period']}, {kind}, limit {limit_text}{state}{source}")
+        out = [f"#{row['id']} {row['name']}: {scope}, {row['period']}, {kind}, limit {limit_text}{state}{source}"]
         for mode in ("live", "simulated"):
             f = row[mode]
             spent, held = format_usd(f["spent_micro_usd"]), format_usd(f["reserved_micro_usd"])
-            typer.echo(f"    {mode:<9} spent {spent}, reserved {held}, left {format_usd(f['left_micro_usd'])}")
+            out.append(f"    {mode:<9} spent {spent}, reserved {held}, left {format_usd(f['left_micro_usd'])}")
+        return "\n".join(out)
+
+    echo_rows(rows, lines, empty="no budgets (create one with `imagegate budgets create`)", as_json=as_json)
 
 
 @budgets_app.command("create")
@@ -1005,6 +1005,7 @@ def usage_summary(
 
     from sqlalchemy import select
 
+    from core.generation.usage import UsageSummaryRow
     from core.generation.usage import usage_summary as summarize
     from core.money import format_usd
     from db.models import User
@@ -1031,37 +1032,35 @@ def usage_summary(
                 parts.append(str(value))
         return " · ".join(parts)
 
-    if as_json:
-        out = [
-            {
-                "spend_mode": r.spend_mode,
-                **{d: (str(r.group.get(d)) if d == "day" else r.group.get(d)) for d in dimensions},
-                "attempts": r.attempts,
-                "succeeded": r.succeeded,
-                "images": r.images,
-                "estimated_micro_usd": r.estimated_micro_usd,
-                "actual_micro_usd": r.actual_micro_usd,
-                "unknown_billing": r.unknown_billing,
-                "p50_ms": r.p50_ms,
-                "p95_ms": r.p95_ms,
-            }
-            for r in rows
-        ]
-        typer.echo(json.dumps(out, indent=2))
-        return
-    typer.echo(f"usage {start} .. {end} by {', '.join(dimensions)} (live and simulated spend never add up)")
-    if not rows:
-        typer.echo("no attempts in this range")
-        return
-    for r in rows:
+    def line(r: UsageSummaryRow) -> str:
         p50 = "-" if r.p50_ms is None else f"{r.p50_ms:.0f} ms"
         p95 = "-" if r.p95_ms is None else f"{r.p95_ms:.0f} ms"
         unknown = f", {r.unknown_billing} with billing unknown" if r.unknown_billing else ""
-        typer.echo(
+        return (
             f"{r.spend_mode.upper():<9} {label(r.group)}: {r.attempts} attempt(s), {r.succeeded} succeeded, "
             f"{r.images} image(s); actual {format_usd(r.actual_micro_usd)} (estimated "
             f"{format_usd(r.estimated_micro_usd)}){unknown}; p50 {p50}, p95 {p95}"
         )
+
+    echo_rows(
+        rows,
+        line,
+        header=f"usage {start} .. {end} by {', '.join(dimensions)} (live and simulated spend never add up)",
+        empty="no attempts in this range",
+        as_json=as_json,
+        to_json=lambda r: {
+            "spend_mode": r.spend_mode,
+            **{d: (str(r.group.get(d)) if d == "day" else r.group.get(d)) for d in dimensions},
+            "attempts": r.attempts,
+            "succeeded": r.succeeded,
+            "images": r.images,
+            "estimated_micro_usd": r.estimated_micro_usd,
+            "actual_micro_usd": r.actual_micro_usd,
+            "unknown_billing": r.unknown_billing,
+            "p50_ms": r.p50_ms,
+            "p95_ms": r.p95_ms,
+        },
+    )
 
 
 from cli.reports import register as _register_reports  # noqa: E402 (after app and its helpers exist)

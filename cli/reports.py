@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from cli.tables import echo_rows
 from common.errors import InvalidInput
 from core.money import format_usd
 
@@ -123,23 +123,20 @@ def forecast(
 ) -> None:
     """Each active budget's projected spend at the end of its period and when it would run out."""
     from cli.main import _runtime
-    from core.spend.forecast import forecast_budgets
+    from core.spend.forecast import BudgetForecast, forecast_budgets
 
     with _runtime().sessions() as session:
         rows = forecast_budgets(session, mode=mode)
-    if as_json:
-        typer.echo(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
-        return
-    if not rows:
-        typer.echo("no active budgets")
-        return
-    for r in rows:
-        out: Any = "not this period" if r.runs_out_at is None else f"{r.runs_out_at:%Y-%m-%d %H:%M} UTC"
-        typer.echo(
+
+    def line(r: BudgetForecast) -> str:
+        out = "not this period" if r.runs_out_at is None else f"{r.runs_out_at:%Y-%m-%d %H:%M} UTC"
+        return (
             f"{r.budget_name} ({r.scope}, {r.period}, {r.mode}): {_money(r.committed_micro_usd)} of "
             f"{_money(r.limit_micro_usd)} so far; projected {_money(r.projected_micro_usd)} "
             f"at {_money(r.daily_rate_micro_usd)}/day; runs out: {out}"
         )
+
+    echo_rows(rows, line, empty="no active budgets", as_json=as_json, to_json=lambda r: r.model_dump(mode="json"))
 
 
 def register(app: typer.Typer) -> None:

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from cli.tables import echo_rows
 from common.errors import InvalidInput
 
 alerts_app = typer.Typer(help="Spend alerts: budget thresholds, breakers, spend anomalies.", no_args_is_help=True)
@@ -50,7 +51,7 @@ def alerts_list(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Alerts, newest first (an account sees what its role may: a USER only their own budgets' alerts)."""
-    from core.spend.alerts import AlertKind, list_alerts
+    from core.spend.alerts import AlertKind, AlertView, list_alerts
 
     if kind is not None and kind not in {k.value for k in AlertKind}:
         msg = f"--kind is one of {', '.join(k.value for k in AlertKind)}"
@@ -59,36 +60,31 @@ def alerts_list(
     actor = _actor(runtime, as_user)
     with runtime.sessions() as session:
         rows = list_alerts(session, actor, unread_only=unread, kind=kind, limit=limit)
-    if as_json:
-        typer.echo(
-            json.dumps(
-                [
-                    {
-                        "id": a.id,
-                        "kind": a.kind.value,
-                        "title": a.title,
-                        "fired_at": _iso(a.fired_at),
-                        "provider": a.provider,
-                        "spent_micro_usd": a.spent_micro_usd,
-                        "limit_micro_usd": a.limit_micro_usd,
-                        "delivery_status": a.delivery_status,
-                        "read": a.read,
-                        "details": a.details,
-                    }
-                    for a in rows
-                ],
-                indent=2,
-            )
-        )
-        return
-    if not rows:
-        typer.echo("no unread alerts" if unread else "no alerts")
-        return
-    for a in rows:
+
+    def line(a: AlertView) -> str:
         mark = " " if a.read or as_user is None else "*"
-        typer.echo(
+        return (
             f"{mark}#{a.id} {a.fired_at:%Y-%m-%d %H:%M} UTC [{a.kind.value}] {a.title} (webhooks: {a.delivery_status})"
         )
+
+    echo_rows(
+        rows,
+        line,
+        empty="no unread alerts" if unread else "no alerts",
+        as_json=as_json,
+        to_json=lambda a: {
+            "id": a.id,
+            "kind": a.kind.value,
+            "title": a.title,
+            "fired_at": _iso(a.fired_at),
+            "provider": a.provider,
+            "spent_micro_usd": a.spent_micro_usd,
+            "limit_micro_usd": a.limit_micro_usd,
+            "delivery_status": a.delivery_status,
+            "read": a.read,
+            "details": a.details,
+        },
+    )
 
 
 @alerts_app.command("read")
@@ -231,20 +227,17 @@ def webhooks_list(
         }
         for h in hooks
     ]
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    if not rows:
-        typer.echo("no webhooks (create one with `imagegate webhooks create NAME URL`)")
-        return
-    for row in rows:
+
+    def line(row: dict[str, Any]) -> str:
         state = "deleted" if row["deleted"] else ("active" if row["active"] else "disabled")
         last = row["last_delivery"]
         last_text = f"last: {last['status']} ({last['response_code'] or '-'})" if last else "never called"
-        typer.echo(
+        return (
             f"#{row['id']} {row['name']} -> {row['url']} [{state}] events: {', '.join(row['events']) or 'all'}; "
             f"secret: {row['secret']}; {last_text}"
         )
+
+    echo_rows(rows, line, empty="no webhooks (create one with `imagegate webhooks create NAME URL`)", as_json=as_json)
 
 
 @webhooks_app.command("test")
@@ -315,41 +308,36 @@ def webhooks_log(
 ) -> None:
     """The delivery log: status, attempts, response code, latency, last error."""
     from cli.main import _cli_actor
-    from core.spend.webhooks import list_deliveries
+    from core.spend.webhooks import DeliveryView, list_deliveries
 
     runtime = _runtime()
     with runtime.sessions() as session:
         rows = list_deliveries(session, _cli_actor(), webhook_id=webhook_id, limit=limit)
-    if as_json:
-        typer.echo(
-            json.dumps(
-                [
-                    {
-                        "id": d.id,
-                        "webhook_id": d.webhook_id,
-                        "alert_id": d.alert_event_id,
-                        "event": d.event_type,
-                        "status": d.status,
-                        "attempts": d.attempts,
-                        "response_code": d.response_code,
-                        "response_ms": d.response_ms,
-                        "last_error": d.last_error,
-                        "next_attempt_at": _iso(d.next_attempt_at),
-                        "delivered_at": _iso(d.delivered_at),
-                    }
-                    for d in rows
-                ],
-                indent=2,
-            )
-        )
-        return
-    if not rows:
-        typer.echo("no deliveries")
-        return
-    for d in rows:
+
+    def line(d: DeliveryView) -> str:
         code = d.response_code or "-"
         ms = f"{d.response_ms} ms" if d.response_ms is not None else "-"
         error = f"; {d.last_error}" if d.last_error else ""
-        typer.echo(
+        return (
             f"#{d.id} webhook #{d.webhook_id} {d.event_type}: {d.status}, {d.attempts} attempt(s), {code}, {ms}{error}"
         )
+
+    echo_rows(
+        rows,
+        line,
+        empty="no deliveries",
+        as_json=as_json,
+        to_json=lambda d: {
+            "id": d.id,
+            "webhook_id": d.webhook_id,
+            "alert_id": d.alert_event_id,
+            "event": d.event_type,
+            "status": d.status,
+            "attempts": d.attempts,
+            "response_code": d.response_code,
+            "response_ms": d.response_ms,
+            "last_error": d.last_error,
+            "next_attempt_at": _iso(d.next_attempt_at),
+            "delivered_at": _iso(d.delivered_at),
+        },
+    )

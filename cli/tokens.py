@@ -6,11 +6,11 @@ The CLI acts as the system actor, so it may manage anyone's tokens, as an admin 
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 
+from cli.tables import echo_rows
 from core.security import Role
 from db.engine import transaction
 
@@ -69,32 +69,27 @@ def tokens_list(
     user_id = _find_user_id(runtime, username) if username else None
     with runtime.sessions() as session:
         tokens = list_tokens(session, _cli_actor(), user_id)
-    if as_json:
-        out = [
-            {
-                "id": t.id,
-                "user": t.username,
-                "name": t.name,
-                "prefix": t.prefix,
-                "role": t.effective_role.value,
-                "status": t.status(),
-                "rate_limit_per_minute": t.rate_limit_per_minute,
-                "created_at": t.created_at.isoformat(),
-                "last_used_at": t.last_used_at.isoformat() if t.last_used_at else None,
-                "expires_at": t.expires_at.isoformat() if t.expires_at else None,
-            }
-            for t in tokens
-        ]
-        typer.echo(json.dumps(out, indent=2))
-        return
-    if not tokens:
-        typer.echo("no API tokens")
-        return
-    for t in tokens:
-        typer.echo(
+    echo_rows(
+        tokens,
+        lambda t: (
             f"{t.id:>5} {t.username:<20} {t.prefix}… {t.effective_role.value:<6} {t.status():<16} "
             f"used {_when(t.last_used_at):<16} expires {_when(t.expires_at):<16} {t.name}"
-        )
+        ),
+        empty="no API tokens",
+        as_json=as_json,
+        to_json=lambda t: {
+            "id": t.id,
+            "user": t.username,
+            "name": t.name,
+            "prefix": t.prefix,
+            "role": t.effective_role.value,
+            "status": t.status(),
+            "rate_limit_per_minute": t.rate_limit_per_minute,
+            "created_at": t.created_at.isoformat(),
+            "last_used_at": t.last_used_at.isoformat() if t.last_used_at else None,
+            "expires_at": t.expires_at.isoformat() if t.expires_at else None,
+        },
+    )
 
 
 @tokens_app.command("revoke")
