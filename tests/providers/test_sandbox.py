@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import time
 from typing import Any
@@ -12,7 +13,7 @@ from PIL import Image
 
 from common.errors import Billing, ErrorClass, InvalidInput, ProviderError
 from core.providers.base import AdapterConfig, AdapterRequest, ConnectionMode, EventKind, ProgressEvent
-from core.providers.sandbox import SandboxAdapter
+from core.providers.sandbox import MAX_REPORTS, SandboxAdapter, checkpoints, running_reports
 from core.render import RenderSpec, render_placeholder
 
 
@@ -70,7 +71,7 @@ def test_the_word_sandbox_is_drawn_large_in_the_middle():
     assert sum(1 for p in row if isinstance(p, tuple) and min(p) > 200) > 10
 
 
-async def test_events_count_down_the_queue_then_report_each_step():
+async def test_events_count_down_the_queue_then_report_progress_and_completion():
     adapter = _adapter(latency_s=0.1, queue_length=3)
     events: list[ProgressEvent] = []
     ids: list[str] = []
@@ -81,10 +82,67 @@ async def test_events_count_down_the_queue_then_report_each_step():
     kinds = [e.kind for e in events]
     assert kinds[0] is EventKind.SUBMITTED and kinds[-1] is EventKind.COMPLETED
     assert [e.queue_position for e in events if e.kind is EventKind.QUEUED] == [3, 2, 1]
-    running = [e.progress for e in events if e.kind is EventKind.RUNNING]
-    assert running == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    # 0.08 s of running is less than one report interval: the first step, then done.
+    running = [(e.progress, e.message) for e in events if e.kind is EventKind.RUNNING]
+    assert running == [(0.0, "step 1/5"), (1.0, "")]
     assert kinds.index(EventKind.DOWNLOADING) < kinds.index(EventKind.COMPLETED)
     assert all(e.provider == "sandbox" and e.provider_request_id == ids[0] for e in events)
+
+
+async def test_running_reports_come_at_a_bounded_cadence_with_one_timer_each(monkeypatch: pytest.MonkeyPatch):
+    loop = asyncio.get_running_loop()
+    timers: list[float] = []
+    call_later = loop.call_later
+
+    def counting_call_later(delay: float, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        timers.append(delay)
+        return call_later(delay, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_later", counting_call_later)
+    events: list[ProgressEvent] = []
+    started = time.monotonic()
+    await _adapter(latency_s=0.5, queue_length=0).generate(
+        _request(num_inference_steps=25, image_size="square"), on_event=events.append
+    )
+    assert time.monotonic() - started >= 0.5  # the whole simulated latency, in two sleeps
+    running = [(e.progress, e.message) for e in events if e.kind is EventKind.RUNNING]
+    assert running == [(0.0, "step 1/25"), (12 / 25, "step 13/25"), (1.0, "")]
+    assert len(timers) == 2 and abs(sum(timers) - 0.5) < 1e-9
+
+    timers.clear()
+    events.clear()
+    await _adapter(latency_s=0.0, queue_length=2).generate(
+        _request(num_inference_steps=25, image_size="square"), on_event=events.append
+    )
+    assert timers == []  # latency 0: no sleeps at all
+    assert [e.queue_position for e in events if e.kind is EventKind.QUEUED] == [2, 1]
+    assert [e.message for e in events if e.kind is EventKind.RUNNING] == ["step 1/25", ""]
+
+
+def test_report_plan_is_bounded_and_adds_up_to_every_unit():
+    assert [running_reports(25, s) for s in (0.0, 0.24, 0.25, 0.5, 0.99, 1.0, 60.0)] == [1, 1, 1, 2, 3, 4, 8]
+    assert running_reports(3, 60.0) == 3  # never more reports than steps
+    assert checkpoints(3, 8) == [(0, 1), (1, 1), (2, 1)]
+    assert checkpoints(25, 1) == [(0, 25)]
+    plan = checkpoints(25, 8)
+    assert [start for start, _ in plan] == [0, 3, 6, 9, 12, 15, 18, 21]
+    assert sum(stride for _, stride in plan) == 25
+    for units in range(1, 60):
+        for reports in range(1, 12):
+            plan = checkpoints(units, reports)
+            assert len(plan) == min(units, reports) and plan[0][0] == 0
+            assert all(stride >= 1 for _, stride in plan) and sum(stride for _, stride in plan) == units
+            assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(plan))
+
+
+async def test_a_long_queue_reports_at_most_max_reports_positions_counting_down():
+    events: list[ProgressEvent] = []
+    await _adapter(latency_s=0.0, queue_length=20).generate(
+        _request(num_inference_steps=2, image_size="square"), on_event=events.append
+    )
+    positions = [e.queue_position for e in events if e.kind is EventKind.QUEUED]
+    assert len(positions) == MAX_REPORTS and positions == [20, 18, 15, 13, 10, 8, 5, 3]
+    assert all(e.queue_size == 20 for e in events if e.kind is EventKind.QUEUED)
 
 
 async def test_async_callbacks_are_awaited():
@@ -200,9 +258,11 @@ async def test_timeout_and_cancel():
     task = asyncio.create_task(slow.generate(_request(image_size="square"), on_request_id=ids.append))
     while not ids:
         await asyncio.sleep(0.01)
+    cancelled_at = time.monotonic()
     await slow.cancel(ids[0])
     with pytest.raises(ProviderError) as cancelled:
         await task
+    assert time.monotonic() - cancelled_at < 0.25  # the pause in progress (0.5 s per position) ends at once
     assert cancelled.value.error_class is ErrorClass.CANCELLED
     assert cancelled.value.billing is Billing.NOT_BILLED
     with pytest.raises(ProviderError) as unknown:
