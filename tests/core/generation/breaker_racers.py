@@ -2,13 +2,12 @@
 
 Each worker is a separate process with its own engine and several threads with a session each, so the breaker
 row is fought over across processes AND within one, as under several API workers. Per trial, every thread
-starts at once (a barrier across processes, then an event across threads) and reports what it got.
+starts at once and reports what it got (the scaffolding is tests/racing.py's, shared with the other races).
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -17,44 +16,21 @@ from multiprocessing.synchronize import Barrier
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from common.errors import ErrorClass
 from core.generation import breaker
 from core.generation.breaker import BreakerConfig, CircuitState, Transition
-from db.engine import make_engine, session_factory, transaction
+from db.engine import transaction
 from db.models import CircuitStateRow
+from tests.racing import run_threads, run_trials, worker_sessions
 
 PROVIDER = "fal-qwen"
 NOW = datetime(2026, 3, 14, 12, 0, tzinfo=UTC)
-BARRIER_TIMEOUT_S = 90
 
 CONSECUTIVE = BreakerConfig(consecutive_failures=5, min_requests=100_000)
 RATE = BreakerConfig(consecutive_failures=100_000, failure_rate_ppm=500_000, min_requests=8)
 CONFIGS = {"consecutive": CONSECUTIVE, "rate": RATE}
-
-
-def _factory(url: str, threads: int) -> sessionmaker[Session]:
-    if url.startswith("postgresql"):
-        return session_factory(make_engine(url, pool_size=threads, max_overflow=0, pool_timeout=120))
-    return session_factory(make_engine(url, pool_size=threads, max_overflow=0, pool_timeout=120))
-
-
-def _run_threads(count: int, work: Callable[[int], Any]) -> list[Any]:
-    results: list[Any] = [None] * count
-    go = threading.Event()
-
-    def run(i: int) -> None:
-        go.wait()
-        results[i] = work(i)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    go.set()
-    for thread in threads:
-        thread.join()
-    return results
 
 
 # --- the naive versions this design replaces (test helpers only: they show the checks can fail) ---------------
@@ -120,35 +96,30 @@ def race(
 ) -> None:
     """`kind`: "consecutive" / "rate" (each thread reports `per_thread` failures, judged by that config) or
     "admit" (each thread asks for the probe once)."""
-    factory = _factory(url, threads)
     pid = os.getpid()
     config = CONFIGS.get(kind, CONSECUTIVE)
+    with worker_sessions(url, threads) as factory:
 
-    def outcomes(i: int) -> list[str | None]:
-        got: list[str | None] = []
-        for _k in range(per_thread):
+        def outcomes(i: int) -> list[str | None]:
+            got: list[str | None] = []
+            for _k in range(per_thread):
+                with transaction(factory) as session:
+                    if naive:
+                        result = naive_record_failure(session, config)
+                    else:
+                        result = breaker.record_failure(session, PROVIDER, ErrorClass.UNAVAILABLE, None, NOW, config)
+                got.append(None if result is None else result.value)
+            return got
+
+        def admit(i: int) -> str:
+            owner = f"{pid}:{i}"
             with transaction(factory) as session:
                 if naive:
-                    result = naive_record_failure(session, config)
-                else:
-                    result = breaker.record_failure(session, PROVIDER, ErrorClass.UNAVAILABLE, None, NOW, config)
-            got.append(None if result is None else result.value)
-        return got
+                    return naive_admit(session, owner, NOW)
+                decision = breaker.admit(session, PROVIDER, owner, NOW, config)
+            if decision.probe:
+                return f"probe {owner}"
+            return "pass" if decision.allowed else "refused"
 
-    def admit(i: int) -> str:
-        owner = f"{pid}:{i}"
-        with transaction(factory) as session:
-            if naive:
-                return naive_admit(session, owner, NOW)
-            decision = breaker.admit(session, PROVIDER, owner, NOW, config)
-        if decision.probe:
-            return f"probe {owner}"
-        return "pass" if decision.allowed else "refused"
-
-    work: Callable[[int], Any] = admit if kind == "admit" else outcomes
-    for trial in range(trials):
-        start.wait(BARRIER_TIMEOUT_S)
-        began = time.perf_counter()
-        results = _run_threads(threads, work)
-        out.put({"trial": trial, "pid": pid, "results": results, "seconds": time.perf_counter() - began})
-        done.wait(BARRIER_TIMEOUT_S)
+        work: Callable[[int], Any] = admit if kind == "admit" else outcomes
+        run_trials(trials, start, done, out, lambda _trial: run_threads(threads, work))

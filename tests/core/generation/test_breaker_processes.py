@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 from collections import Counter
 from datetime import timedelta
@@ -25,13 +24,12 @@ from db.engine import transaction
 from db.models import CircuitStateRow
 from tests.core.generation import breaker_racers
 from tests.core.generation.breaker_racers import NOW, PROVIDER
+from tests.racing import backend, race_trials, thread_results
 
 PROCESSES = 3
 THREADS = 6
 TRIALS = 12
-JOIN_TIMEOUT_S = 120
 Factory = sessionmaker[Session]
-SPAWN = multiprocessing.get_context("spawn")
 C = CircuitStateRow
 
 
@@ -78,44 +76,19 @@ def _row(factory: Factory) -> CircuitStateRow:
         return row
 
 
-def _race(db_url: str, factory: Factory, kind: str, *, trials: int = TRIALS, per_thread: int = 2) -> list[Any]:
+def _race(
+    db_url: str, factory: Factory, kind: str, *, trials: int = TRIALS, per_thread: int = 2
+) -> list[tuple[list[Any], CircuitStateRow]]:
     """Run `trials` trials of `kind` across PROCESSES processes; return per trial (results, row after)."""
     naive = kind.startswith("naive")
-    worker_kind = kind.removeprefix("naive-")
-    start, done = SPAWN.Barrier(PROCESSES + 1), SPAWN.Barrier(PROCESSES + 1)
-    queue = SPAWN.Queue()
-    processes = [
-        SPAWN.Process(
-            target=breaker_racers.race,
-            args=(db_url, worker_kind, trials, THREADS, per_thread, naive, start, done, queue),
-        )
-        for _ in range(PROCESSES)
-    ]
-    for process in processes:
-        process.start()
-    facts: list[Any] = []
-    try:
-        for trial in range(trials):
-            _prepare(factory, kind, trial)
-            start.wait(breaker_racers.BARRIER_TIMEOUT_S)
-            reports = [queue.get(timeout=JOIN_TIMEOUT_S) for _ in range(PROCESSES)]
-            facts.append(([r for report in reports for r in report["results"]], _row(factory)))
-            done.wait(breaker_racers.BARRIER_TIMEOUT_S)
-    except BaseException:
-        start.abort()
-        done.abort()
-        raise
-    finally:
-        for process in processes:
-            process.join(JOIN_TIMEOUT_S)
-            if process.exitcode is None:
-                process.kill()
-    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
-    return facts
-
-
-def _backend(db_url: str) -> str:
-    return "postgresql" if db_url.startswith("postgresql") else "sqlite"
+    return race_trials(
+        breaker_racers.race,
+        (db_url, kind.removeprefix("naive-"), trials, THREADS, per_thread, naive),
+        processes=PROCESSES,
+        trials=trials,
+        set_up=lambda trial: _prepare(factory, kind, trial),
+        observe=lambda _trial, _set_up, reports: (thread_results(reports), _row(factory)),
+    )
 
 
 @pytest.mark.parametrize("kind", ["consecutive", "rate"])
@@ -126,7 +99,7 @@ def test_failures_from_every_process_open_the_breaker_exactly_once(
     facts = _race(db_url, db_session_factory, kind)
     for trial, (results, row) in enumerate(facts):
         outcomes = Counter(r for per_thread in results for r in per_thread)
-        where = f"[{_backend(db_url)} {kind} trial {trial}] {dict(outcomes)}"
+        where = f"[{backend(db_url)} {kind} trial {trial}] {dict(outcomes)}"
         assert outcomes["opened"] == 1, where
         assert row.state is CircuitState.OPEN and row.opened_count == 1, where
         assert row.next_probe_at == NOW + timedelta(seconds=30), where
@@ -138,13 +111,13 @@ def test_failures_from_every_process_open_the_breaker_exactly_once(
             # counted after that.
             assert (row.window_requests, row.window_failures) == (16, 8), where
     seconds = time.monotonic() - began
-    print(f"[{_backend(db_url)}] {kind}: {len(facts)} trials x {PROCESSES * THREADS} threads, {seconds:.1f} s")
+    print(f"[{backend(db_url)}] {kind}: {len(facts)} trials x {PROCESSES * THREADS} threads, {seconds:.1f} s")
 
 
 def test_requests_asking_for_the_probe_at_once_get_exactly_one(db_url: str, db_session_factory: Factory) -> None:
     facts = _race(db_url, db_session_factory, "admit", per_thread=1)
     for trial, (results, row) in enumerate(facts):
-        where = f"[{_backend(db_url)} trial {trial} ({'lease expired' if trial % 2 else 'cooldown over'})]"
+        where = f"[{backend(db_url)} trial {trial} ({'lease expired' if trial % 2 else 'cooldown over'})]"
         probes = [r for r in results if r.startswith("probe")]
         assert len(probes) == 1, f"{where} {Counter(results)}"
         assert results.count("refused") == PROCESSES * THREADS - 1, where

@@ -1,15 +1,14 @@
 """Worker processes for the alert races (spawned: they import this module, never the test module).
 
 Each process has its own engine and several threads with a session each. Per trial, every thread starts at once
-(a barrier across processes, then an event across threads), adds its share of spend to the trial's period (one
-atomic UPDATE, as settlement does) unless the parent already filled it, then runs a detection pass, and reports
-the alert ids its pass created (or the error it met).
+(the scaffolding is tests/racing.py's, shared with the other races), adds its share of spend to the trial's
+period (one atomic UPDATE, as settlement does) unless the parent already filled it, then runs a detection pass,
+and reports the alert ids its pass created (or the error it met).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import time
 from datetime import UTC, datetime
 from multiprocessing.queues import Queue
@@ -17,15 +16,14 @@ from multiprocessing.synchronize import Barrier
 from typing import Any
 
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from core.spend import alerts
-from db.engine import make_engine, session_factory, transaction
+from db.engine import transaction
 from db.models import AlertEvent, BudgetPeriod
-from tests.core.generation.breaker_racers import _run_threads  # one harness for every racer
+from tests.racing import run_threads, run_trials, worker_sessions
 
 NOW = datetime(2026, 3, 14, 12, 0, tzinfo=UTC)
-BARRIER_TIMEOUT_S = 90
 
 
 def naive_detect(session: Session, period_id: int, thresholds: tuple[int, ...]) -> list[int]:
@@ -56,59 +54,51 @@ def race(
 ) -> None:
     """In trial t each thread adds `shares[t]` micro-dollars to the trial's period (0: the parent filled it),
     then detects."""
-    factory: sessionmaker[Session] = session_factory(
-        make_engine(url, pool_size=threads, max_overflow=0, pool_timeout=120)
-    )
-    pid = os.getpid()
+    with worker_sessions(url, threads) as factory:
 
-    def work(share: int, _thread: int) -> dict[str, Any]:
-        try:
-            with factory() as session:
-                period_id = int(session.scalar(select(func.max(BudgetPeriod.id))) or 0)
-            if share:
+        def work(share: int, _thread: int) -> dict[str, Any]:
+            try:
+                with factory() as session:
+                    period_id = int(session.scalar(select(func.max(BudgetPeriod.id))) or 0)
+                if share:
+                    with transaction(factory) as session:
+                        session.execute(
+                            update(BudgetPeriod)
+                            .where(BudgetPeriod.id == period_id)
+                            .values(spent_micro_usd=BudgetPeriod.spent_micro_usd + share)
+                            .execution_options(synchronize_session=False)
+                        )
                 with transaction(factory) as session:
-                    session.execute(
-                        update(BudgetPeriod)
-                        .where(BudgetPeriod.id == period_id)
-                        .values(spent_micro_usd=BudgetPeriod.spent_micro_usd + share)
-                        .execution_options(synchronize_session=False)
-                    )
-            with transaction(factory) as session:
-                if naive:
-                    created = naive_detect(session, period_id, alerts.DEFAULT_THRESHOLDS)
-                else:
-                    created = alerts.detect_budget_alerts(session, NOW)
-            return {"created": created, "error": None}
-        except Exception as error:  # reported to the parent, which asserts on it
-            return {"created": [], "error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
+                    if naive:
+                        created = naive_detect(session, period_id, alerts.DEFAULT_THRESHOLDS)
+                    else:
+                        created = alerts.detect_budget_alerts(session, NOW)
+                return {"created": created, "error": None}
+            except Exception as error:  # reported to the parent, which asserts on it
+                return {"created": [], "error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
 
-    for trial in range(trials):
-        start.wait(BARRIER_TIMEOUT_S)
-        began = time.perf_counter()
-        results = _run_threads(threads, functools.partial(work, shares[trial]))
-        out.put({"trial": trial, "pid": pid, "results": results, "seconds": time.perf_counter() - began})
-        done.wait(BARRIER_TIMEOUT_S)
-    factory.kw["bind"].dispose()
+        run_trials(trials, start, done, out, lambda trial: run_threads(threads, functools.partial(work, shares[trial])))
 
 
-def deliver(url: str, passes: int, start: Barrier, out: Queue[Any]) -> None:
-    """`passes` delivery passes running at once in this process (as several worker loops would), after the
-    cross-process barrier; reports how many deliveries each pass attempted."""
+def deliver(url: str, passes: int, start: Barrier, done: Barrier, out: Queue[Any]) -> None:
+    """`passes` delivery passes running at once in this process (as several worker loops would), in one trial;
+    reports {"attempted": how many deliveries each pass attempted, "error"}."""
     import asyncio
 
     import httpx
 
     from core.spend.delivery import deliver_due
 
-    factory: sessionmaker[Session] = session_factory(make_engine(url, pool_size=4, max_overflow=4, pool_timeout=120))
+    with worker_sessions(url, 4, max_overflow=4) as factory:
 
-    async def run() -> list[int]:
-        async with httpx.AsyncClient(trust_env=False) as client:
-            return list(await asyncio.gather(*(deliver_due(factory, client, limit=7) for _ in range(passes))))
+        async def run() -> list[int]:
+            async with httpx.AsyncClient(trust_env=False) as client:
+                return list(await asyncio.gather(*(deliver_due(factory, client, limit=7) for _ in range(passes))))
 
-    start.wait(BARRIER_TIMEOUT_S)
-    try:
-        out.put({"pid": os.getpid(), "attempted": asyncio.run(run()), "error": None})
-    except Exception as error:
-        out.put({"pid": os.getpid(), "attempted": [], "error": f"{type(error).__name__}: {error}"})
-    factory.kw["bind"].dispose()
+        def passes_at_once(_trial: int) -> dict[str, Any]:
+            try:
+                return {"attempted": asyncio.run(run()), "error": None}
+            except Exception as error:  # reported to the parent, which asserts on it
+                return {"attempted": [], "error": f"{type(error).__name__}: {error}"}
+
+        run_trials(1, start, done, out, passes_at_once)

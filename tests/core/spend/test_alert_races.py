@@ -7,7 +7,6 @@ detects right after. A naive check-then-insert in the same harness fails passes 
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 from collections import Counter
 from typing import Any
@@ -24,15 +23,14 @@ from tests.core.spend import alert_racers
 from tests.core.spend.alert_racers import NOW
 from tests.core.spend.test_alerts import make_budget
 from tests.core.spend.webhook_receiver import Receiver, serve
+from tests.racing import Report, backend, race_trials, thread_results
 
 PROCESSES = 3
 THREADS = 4
 TRIALS = 8
 LIMIT = 1_200_000
 SHARE = LIMIT // (PROCESSES * THREADS)  # every writer's share: together exactly the limit
-JOIN_TIMEOUT_S = 120
 Factory = sessionmaker[Session]
-SPAWN = multiprocessing.get_context("spawn")
 
 
 def _new_period(factory: Factory, trial: int, prefilled: bool) -> int:
@@ -52,48 +50,26 @@ def _new_period(factory: Factory, trial: int, prefilled: bool) -> int:
 
 
 def _race(db_url: str, factory: Factory, *, naive: bool = False, trials: int = TRIALS) -> list[dict[str, Any]]:
-    start, done = SPAWN.Barrier(PROCESSES + 1), SPAWN.Barrier(PROCESSES + 1)
-    queue = SPAWN.Queue()
     shares = [0 if trial % 2 == 0 else SHARE for trial in range(trials)]
-    facts: list[dict[str, Any]] = []
-    processes = [
-        SPAWN.Process(
-            target=alert_racers.race, args=(db_url, trials, THREADS, tuple(shares), naive, start, done, queue)
-        )
-        for _ in range(PROCESSES)
-    ]
-    for process in processes:
-        process.start()
-    try:
-        for trial in range(trials):
-            period_id = _new_period(factory, trial, prefilled=shares[trial] == 0)
-            start.wait(alert_racers.BARRIER_TIMEOUT_S)
-            reports = [queue.get(timeout=JOIN_TIMEOUT_S) for _ in range(PROCESSES)]
-            results = [r for report in reports for r in report["results"]]
-            with factory() as session:
-                keys = Counter(
-                    session.scalars(
-                        select(AlertEvent.dedupe_key).where(AlertEvent.dedupe_key.like(f"budget:{period_id}:%"))
-                    )
+
+    def observe(_trial: int, period_id: int, reports: list[Report]) -> dict[str, Any]:
+        with factory() as session:
+            keys = Counter(
+                session.scalars(
+                    select(AlertEvent.dedupe_key).where(AlertEvent.dedupe_key.like(f"budget:{period_id}:%"))
                 )
-                spent = session.scalar(select(BudgetPeriod.spent_micro_usd).where(BudgetPeriod.id == period_id))
-            facts.append({"period_id": period_id, "results": results, "keys": keys, "spent": spent})
-            done.wait(alert_racers.BARRIER_TIMEOUT_S)
-    except BaseException:
-        start.abort()
-        done.abort()
-        raise
-    finally:
-        for process in processes:
-            process.join(JOIN_TIMEOUT_S)
-            if process.exitcode is None:
-                process.kill()
-    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
-    return facts
+            )
+            spent = session.scalar(select(BudgetPeriod.spent_micro_usd).where(BudgetPeriod.id == period_id))
+        return {"period_id": period_id, "results": thread_results(reports), "keys": keys, "spent": spent}
 
-
-def _backend(db_url: str) -> str:
-    return "postgresql" if db_url.startswith("postgresql") else "sqlite"
+    return race_trials(
+        alert_racers.race,
+        (db_url, trials, THREADS, tuple(shares), naive),
+        processes=PROCESSES,
+        trials=trials,
+        set_up=lambda trial: _new_period(factory, trial, prefilled=shares[trial] == 0),
+        observe=observe,
+    )
 
 
 def test_thresholds_fire_once_per_period_across_processes(db_url: str, db_session_factory: Factory) -> None:
@@ -102,7 +78,7 @@ def test_thresholds_fire_once_per_period_across_processes(db_url: str, db_sessio
     began = time.monotonic()
     facts = _race(db_url, db_session_factory)
     for trial, fact in enumerate(facts):
-        where = f"[{_backend(db_url)} trial {trial} {'prefilled' if trial % 2 == 0 else 'crossing'}]"
+        where = f"[{backend(db_url)} trial {trial} {'prefilled' if trial % 2 == 0 else 'crossing'}]"
         errors = [r["error"] for r in fact["results"] if r["error"]]
         assert errors == [], f"{where} {errors}"
         created = [i for r in fact["results"] for i in r["created"]]
@@ -116,7 +92,7 @@ def test_thresholds_fire_once_per_period_across_processes(db_url: str, db_sessio
         assert session.scalar(select(func.count()).select_from(AlertEvent)) == 3 * TRIALS
     assert alerts.detect_alerts(db_session_factory, NOW) == 0
     seconds = time.monotonic() - began
-    print(f"[{_backend(db_url)}] {TRIALS} trials x {PROCESSES} processes x {THREADS} threads: {seconds:.1f} s")
+    print(f"[{backend(db_url)}] {TRIALS} trials x {PROCESSES} processes x {THREADS} threads: {seconds:.1f} s")
 
 
 def test_a_naive_check_then_insert_fails_passes_in_the_same_race(db_url: str, db_session_factory: Factory) -> None:
@@ -147,21 +123,14 @@ def test_delivery_passes_in_several_processes_post_each_delivery_once(
                 )
                 for n in range(deliveries)
             )  # fmt: skip
-        start = SPAWN.Barrier(PROCESSES + 1)
-        queue = SPAWN.Queue()
-        processes = [
-            SPAWN.Process(target=alert_racers.deliver, args=(db_url, 3, start, queue)) for _ in range(PROCESSES)
-        ]
-        for process in processes:
-            process.start()
-        try:
-            start.wait(alert_racers.BARRIER_TIMEOUT_S)
-            reports = [queue.get(timeout=JOIN_TIMEOUT_S) for _ in range(PROCESSES)]
-        finally:
-            for process in processes:
-                process.join(JOIN_TIMEOUT_S)
-                if process.exitcode is None:
-                    process.kill()
+        [reports] = race_trials(
+            alert_racers.deliver,
+            (db_url, 3),
+            processes=PROCESSES,
+            trials=1,
+            set_up=lambda _trial: None,
+            observe=lambda _trial, _set_up, reports: [report["results"] for report in reports],
+        )
         assert [r["error"] for r in reports] == [None] * PROCESSES, reports
         attempted = [n for r in reports for n in r["attempted"]]
         assert sum(attempted) <= deliveries and max(attempted) <= 7, attempted  # no pass takes beyond its batch
@@ -175,4 +144,4 @@ def test_delivery_passes_in_several_processes_post_each_delivery_once(
             ).all()
         # Disjoint batches of at most 7 from 9 passes (63 places): all 60 delivered, none twice.
         assert statuses["delivered"] == len(receiver.posts) == sum(attempted) == deliveries, (statuses, attempted, left)
-        print(f"[{_backend(db_url)}] {PROCESSES} processes x 3 passes: {sum(attempted)} delivered, {attempted}")
+        print(f"[{backend(db_url)}] {PROCESSES} processes x 3 passes: {sum(attempted)} delivered, {attempted}")
