@@ -6,9 +6,7 @@ reservations race across processes AND within one, as under several API workers.
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from multiprocessing.queues import Queue
@@ -23,6 +21,7 @@ from core.generation import budgets
 from core.generation.budgets import Reservation, SpendMode
 from db.engine import make_engine, session_factory, transaction
 from db.models import BudgetPeriod
+from tests.racing import run_threads
 
 HOUR = timedelta(hours=1)
 BARRIER_TIMEOUT_S = 90
@@ -41,23 +40,6 @@ def _factory(url: str, threads: int) -> sessionmaker[Session]:
     if url.startswith("postgresql"):
         return session_factory(make_engine(url, pool_size=min(threads, 8), max_overflow=0, pool_timeout=120))
     return session_factory(make_engine(url, pool_size=threads, max_overflow=0, pool_timeout=120))
-
-
-def _run_threads(count: int, work: Callable[[int], Any]) -> list[Any]:
-    results: list[Any] = [None] * count
-    go = threading.Event()
-
-    def run(i: int) -> None:
-        go.wait()
-        results[i] = work(i)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    go.set()
-    for thread in threads:
-        thread.join()
-    return results
 
 
 def naive_reserve(session: Session, period_id: int, limit: int, amount: int) -> bool:
@@ -106,7 +88,7 @@ def reserve_then_settle(
 
         start.wait(BARRIER_TIMEOUT_S)
         began = time.perf_counter()
-        phase1 = _run_threads(len(trial.amounts), reserve_one)
+        phase1 = run_threads(len(trial.amounts), reserve_one)
         phase1_s = time.perf_counter() - began
         won = [(i, r) for i, (r, _) in enumerate(phase1) if r]
         out.put(
@@ -133,7 +115,7 @@ def reserve_then_settle(
         settled: list[int] = []
         if not naive:
             began = time.perf_counter()
-            settled = _run_threads(len(won), close_one)
+            settled = run_threads(len(won), close_one)
             out.put({"phase": 2, "settled_actuals": settled, "seconds": time.perf_counter() - began})
         else:
             out.put({"phase": 2, "settled_actuals": [], "seconds": 0.0})

@@ -10,7 +10,6 @@ only): they show that the race tests can fail.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -26,6 +25,7 @@ from core.generation import usage
 from core.generation.usage import AttemptOutcome
 from db.engine import make_engine, session_factory, transaction
 from db.models import LATENCY_BUCKET_COLUMNS, Generation, UsageAttempt, UsageDailyRollup
+from tests.racing import run_threads
 
 BARRIER_TIMEOUT_S = 90
 NAIVE_PAUSE_S = 0.002
@@ -39,23 +39,16 @@ def _factory(url: str, threads: int) -> sessionmaker[Session]:
 
 
 def _run_threads(count: int, work: Callable[[int], Any]) -> list[Any]:
-    results: list[Any] = [None] * count
-    go = threading.Event()
+    """tests.racing.run_threads, with a thread's error as its result (reported to the parent, which fails the
+    test with it)."""
 
-    def run(i: int) -> None:
-        go.wait()
+    def guarded(i: int) -> Any:
         try:
-            results[i] = work(i)
-        except Exception as exc:  # reported to the parent, which fails the test with it
-            results[i] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            return work(i)
+        except Exception as exc:
+            return f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    go.set()
-    for thread in threads:
-        thread.join()
-    return results
+    return run_threads(count, guarded)
 
 
 # --- idempotent start -----------------------------------------------------------------------------------------
