@@ -400,12 +400,18 @@ class _Run:
 
     def _read_state(self) -> _State:
         snapshot = settings_cache(self.factory).get()
+        user_id = self.actor.user_id
         with self.factory() as session:
-            who = authorize(session, self.actor, *GENERATOR_ROLES, action="generate images", lock=False)
+            if not self.actor.is_system and type(user_id) is not int:  # no account signed in (None, a bool, ...)
+                authorize(session, self.actor, *GENERATOR_ROLES, action="generate images", lock=False)  # raises
+            # A new request is authorized where it writes (`_start`, with the account locked), before anything
+            # is written; only a replay returns something without `_start`, so only a replay is checked here.
             existing = None
             if self.request.idempotency_key is not None:
-                key = usage.scoped_idempotency_key(who.user_id, self.request.idempotency_key)
+                key = usage.scoped_idempotency_key(user_id, self.request.idempotency_key)
                 row = records.generation_by_key(session, key)
+                if row is not None:
+                    authorize(session, self.actor, *GENERATOR_ROLES, action="generate images", lock=False)
                 if row is not None and row.request_fingerprint != self.request.fingerprint():
                     raise InvalidInput(
                         f"the idempotency key {self.request.idempotency_key!r} was already used for a different "
@@ -422,8 +428,8 @@ class _Run:
                     p: (None if ms is None else ms / 1000)
                     for p, ms in usage.provider_latency_p50(session, since).items()
                 }
-            context = RequestContext() if existing is not None else read_request_context(session, snapshot, who.user_id)
-        return _State(who.user_id, snapshot, breakers, p50, existing, context)
+            context = RequestContext() if existing is not None else read_request_context(session, snapshot, user_id)
+        return _State(user_id, snapshot, breakers, p50, existing, context)
 
     def plan(self, route: RouteRequest, state: _State) -> RoutePlan:
         snapshot = state.snapshot

@@ -254,6 +254,21 @@ def test_a_user_generates_within_their_budget_and_an_inactive_one_cannot(factory
         generate_sync(request, Actor(user_id=9999, username="ghost"), factory=factory)
 
 
+def test_a_deactivated_user_cannot_replay_an_earlier_result(factory: sessionmaker[Session]) -> None:
+    """A replay writes nothing, so it is authorized where it is read: the earlier result stays theirs to see only
+    while the account is active."""
+    erin = _user(factory, "erin")
+    request = GenerationRequest("a red fox", provider="fal-qwen", allow_fallback=False, idempotency_key="fox")
+    first = generate_sync(request, erin, factory=factory)
+    assert generate_sync(request, erin, factory=factory).generation_id == first.generation_id
+    with transaction(factory) as session:
+        user = session.get(User, erin.user_id)
+        assert user is not None
+        user.active = False
+    with pytest.raises(PermissionDenied, match="deactivated"):
+        generate_sync(request, erin, factory=factory)
+
+
 def test_nothing_runnable_is_refused_before_anything_is_written(factory: sessionmaker[Session]) -> None:
     with pytest.raises(InvalidInput) as refused:
         _run(factory, GenerationRequest("a red fox", provider="fal-qwen", params={"guidance_scale": 99}))
