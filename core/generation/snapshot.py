@@ -13,7 +13,8 @@ Public API:
   core.generation.prepare used to load: None when none is stored, deleted or invalid), `routing_settings()`
   (like settings_service.settings_for_routing: stored or catalog defaults, deleted ones left out; invalid
   stored settings are left out too and named in `problems` instead of failing every request), `price(provider)`
-  (PriceVersionView in force on `day`, with the version id usage rows record), `price_table()`, `vector`.
+  (PriceVersionView in force on `day`, with the version id usage rows record), `price_table()`, `vector`,
+  `with_provider_settings(provider, settings, updated_by=...)` (a copy with a draft in place: previews).
 - `version_vector(session, day) -> VersionVector` and `load_snapshot(session, day) -> SettingsSnapshot`.
 - `core.generation.prepare.prepare(..., snapshot=...)` prepares from a snapshot without touching the database.
 
@@ -42,7 +43,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from functools import cached_property
 from types import MappingProxyType
@@ -153,16 +154,7 @@ class SettingsSnapshot:
                 updated_by=updated_by,
                 comment=None,
             )
-        # Every field is copied: a field added to the class must be added here too.
-        return SettingsSnapshot(
-            vector=self.vector,
-            global_settings=self.global_settings,
-            stored=MappingProxyType(stored),
-            deleted=self.deleted,
-            invalid=self.invalid,
-            prices=self.prices,
-            loaded_at=self.loaded_at,
-        )
+        return replace(self, stored=MappingProxyType(stored))
 
     def routing_settings(self) -> dict[str, ProviderSettings]:
         """Every usable provider's settings: stored, or the catalog defaults for one nobody configured.
