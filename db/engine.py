@@ -31,6 +31,8 @@ from common.errors import DatabaseUnavailable
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 PG_CONNECT_TIMEOUT_S = 5
+PG_PING_AFTER_IDLE_S = 1.0
+"""A pooled PostgreSQL connection idle longer than this is pinged before it is handed out (see `_ping_if_idle`)."""
 
 
 def normalize_url(url: str) -> str:
@@ -91,10 +93,10 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
             f"Imagegate runs on SQLite or PostgreSQL, not {backend} ({safe_url(resolved)}): set DATABASE_URL to a "
             "postgresql:// URL, or unset it for the embedded SQLite file"
         )
-    # PostgreSQL pings a pooled connection before handing it out: a server restart then costs a reconnect,
-    # not a failed request (most transactions are not safe to re-run blindly). SQLite has no server to lose:
-    # its "ping" was a SELECT 1 per checkout for nothing.
-    options: dict[str, Any] = {"pool_pre_ping": backend == "postgresql"}
+    # PostgreSQL pings a pooled connection that sat idle before handing it out (`_ping_if_idle`): a server
+    # restart then costs a reconnect, not a failed request (most transactions are not safe to re-run blindly).
+    # SQLite has no server to lose: its "ping" was a SELECT 1 per checkout for nothing.
+    options: dict[str, Any] = {}
     if backend == "sqlite":
         options["connect_args"] = {
             # Sessions may be used from the thread pool of an async app or Streamlit's script threads;
@@ -111,7 +113,37 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
     engine = create_engine(resolved, **options)
     if backend == "sqlite":
         event.listen(engine, "connect", _on_sqlite_connect)
+    elif "pool_pre_ping" not in kwargs:
+        event.listen(engine.pool, "checkin", _note_checkin)
+        event.listen(engine.pool, "checkout", _ping_if_idle)
     return engine
+
+
+def _note_checkin(_dbapi_connection: Any, record: Any) -> None:
+    if record is not None:
+        record.info["checked_in_at"] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    """Ping a connection that sat in the pool longer than PG_PING_AFTER_IDLE_S; a dead one is replaced
+    (`DisconnectionError` makes the pool connect anew and try again).
+
+    SQLAlchemy's `pool_pre_ping` pings at every checkout: one more round trip per transaction, four per
+    generation, for connections that served a request a moment ago. A server restart or an idle timeout
+    finds connections that sat idle, and those are still pinged; a connection that dies within a second of
+    its last use fails its next transaction as it would have failed mid-transaction anyway."""
+    checked_in_at = record.info.get("checked_in_at")
+    if checked_in_at is None or time.monotonic() - checked_in_at < PG_PING_AFTER_IDLE_S:
+        return
+    try:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("SELECT 1")
+        finally:
+            cursor.close()
+        dbapi_connection.rollback()  # the ping opened a transaction (the driver is not in autocommit)
+    except Exception as error:  # any failure means this connection cannot serve: the pool replaces it
+        raise exc.DisconnectionError(f"a pooled connection failed its ping: {error}") from error
 
 
 def dialect_insert(session: Session, table: Any) -> Any:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, exc, select, text
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from common.errors import DatabaseUnavailable
 from db.engine import check_connection, make_engine, normalize_url, session_factory, transaction
@@ -28,6 +30,7 @@ from db.models import (
     UsageDailyRollup,
     User,
 )
+from tests.dbfixtures import _fresh_pg
 
 
 def test_sqlite_connections_get_wal_busy_timeout_and_foreign_keys(tmp_path: Path) -> None:
@@ -190,3 +193,40 @@ def test_only_sqlite_and_postgresql_are_accepted() -> None:
     with pytest.raises(DatabaseUnavailable, match="SQLite or PostgreSQL, not mysql") as refused:
         make_engine("mysql://someone:secret@127.0.0.1/imagegate")
     assert "secret" not in str(refused.value)
+
+
+def _kill_backends(url: str, pids: set[int]) -> None:
+    killer = make_engine(url, poolclass=NullPool)
+    with killer.connect() as conn:
+        for pid in pids:
+            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        conn.commit()
+    killer.dispose()
+
+
+def test_postgresql_replaces_a_pooled_connection_that_died_while_idle(
+    pg_session_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server restart (here: the backend killed) finds the pooled connection idle: it is pinged, found dead and
+    replaced before the transaction starts, so the request does not fail. A connection used a moment ago is not
+    pinged (no round trip per transaction); its death shows as the next transaction failing cleanly."""
+    monkeypatch.setattr("db.engine.PG_PING_AFTER_IDLE_S", 0.2)
+    url = _fresh_pg(pg_session_database)
+    engine = make_engine(url, pool_size=1, max_overflow=0)
+    factory = session_factory(engine)
+
+    def backend_pid() -> int:
+        with transaction(factory) as session:
+            return int(session.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+    first = backend_pid()
+    _kill_backends(url, {first})
+    time.sleep(0.3)  # idle past the threshold: pinged at checkout, found dead, replaced
+    second = backend_pid()
+    assert second != first
+
+    _kill_backends(url, {second})  # killed right after use: not pinged, so this transaction fails...
+    with pytest.raises(DatabaseUnavailable):
+        backend_pid()
+    assert backend_pid() not in {first, second}  # ...and the pool has let the dead connection go
+    engine.dispose()
