@@ -5,8 +5,9 @@ races are between separate processes, each with its own engine and several threa
 under several API workers. Per trial every thread of every process starts at once: a barrier across the
 processes, then an event across one process's threads.
 
-Parent side (the test): `race_trials` spawns the workers, sets up each trial, releases them, collects one report
-per process and lets the test read the database before the next trial.
+Parent side (the test): `race_trials` spawns the workers (each with its own arguments where they differ), sets up
+each trial, releases them, collects one report per process (sampling the database meanwhile, if the race asks)
+and lets the test read the database before the next trial. `stop` joins (or kills) workers a test runs itself.
 
 Worker side (a module of worker functions; spawned processes import it, never the test module):
 `worker_sessions` for the process's engine, `run_trials` for the per-trial loop, `run_threads` to release a
@@ -15,14 +16,17 @@ process's threads at once.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
+from queue import Empty
 from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,6 +37,8 @@ BARRIER_TIMEOUT_S = 90
 """How long a process waits at a barrier for the others (a stuck one fails the race instead of hanging it)."""
 JOIN_TIMEOUT_S = 120
 """How long the parent waits for a report, and for each process to exit before it is killed."""
+WATCH_POLL_S = 0.002
+"""How long the parent waits for a report between two `watch` samples (short: the samples are the point)."""
 SPAWN = multiprocessing.get_context("spawn")
 """Spawned, not forked: a fresh interpreter per worker, with no engine or connection inherited from the test."""
 
@@ -51,20 +57,27 @@ def race_trials(
     *,
     processes: int,
     trials: int,
-    set_up: Callable[[int], SetUp],
+    # Without a set-up SetUp is None; mypy cannot tie a default to the type variable, hence the ignore.
+    set_up: Callable[[int], SetUp] = lambda _trial: None,  # type: ignore[assignment,return-value]
     observe: Callable[[int, SetUp, list[Report]], Fact],
+    per_process: Callable[[int], tuple[Any, ...]] = lambda _worker: (),
+    watch: Callable[[int, SetUp], None] | None = None,
 ) -> list[Fact]:
-    """Run `processes` spawned workers `target(*args, start, done, out)` (which call `run_trials` with
-    `trials`) and return `observe`'s fact per trial.
+    """Run `processes` spawned workers `target(*args, *per_process(worker), start, done, out)` (which call
+    `run_trials` with `trials`) and return `observe`'s fact per trial.
 
     Per trial: `set_up(trial)` prepares the database while the workers wait; the start barrier releases them all
-    at once; the parent takes one report per process, then `observe(trial, what set_up returned, reports)` reads
-    the outcome before the done barrier lets the workers on to the next trial. On any failure both barriers are
-    aborted, so no worker waits forever; every worker is joined (or killed after JOIN_TIMEOUT_S) and a worker
-    that did not exit cleanly fails the race."""
+    at once; the parent takes one report per process (calling `watch(trial, what set_up returned)` between polls
+    of the queue, when given, to sample the database while the race runs), then `observe(trial, what set_up
+    returned, reports)` reads the outcome before the done barrier lets the workers on to the next trial. On any
+    failure both barriers are aborted, so no worker waits forever; every worker is joined (or killed after
+    JOIN_TIMEOUT_S) and a worker that did not exit cleanly fails the race."""
     start, done = SPAWN.Barrier(processes + 1), SPAWN.Barrier(processes + 1)
     queue = SPAWN.Queue()
-    workers = [SPAWN.Process(target=target, args=(*args, start, done, queue)) for _ in range(processes)]
+    workers = [
+        SPAWN.Process(target=target, args=(*args, *per_process(worker), start, done, queue))
+        for worker in range(processes)
+    ]
     for worker in workers:
         worker.start()
     facts: list[Fact] = []
@@ -72,7 +85,10 @@ def race_trials(
         for trial in range(trials):
             prepared = set_up(trial)
             start.wait(BARRIER_TIMEOUT_S)
-            reports = [queue.get(timeout=JOIN_TIMEOUT_S) for _ in range(processes)]
+            if watch is None:
+                reports = [queue.get(timeout=JOIN_TIMEOUT_S) for _ in range(processes)]
+            else:
+                reports = _collect_watching(queue, processes, functools.partial(watch, trial, prepared))
             facts.append(observe(trial, prepared, reports))
             done.wait(BARRIER_TIMEOUT_S)
     except BaseException:
@@ -80,12 +96,34 @@ def race_trials(
         done.abort()
         raise
     finally:
-        for worker in workers:
-            worker.join(JOIN_TIMEOUT_S)
-            if worker.exitcode is None:
-                worker.kill()
+        stop(workers)
     assert all(w.exitcode == 0 for w in workers), [w.exitcode for w in workers]
     return facts
+
+
+def _collect_watching(queue: Queue[Any], count: int, watch: Callable[[], None]) -> list[Report]:
+    """`count` reports, calling `watch()` before each poll of the queue; at most JOIN_TIMEOUT_S in all."""
+    reports: list[Report] = []
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while len(reports) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(reports)} of {count} workers reported within {JOIN_TIMEOUT_S} s")
+        watch()
+        try:
+            reports.append(queue.get(timeout=WATCH_POLL_S))
+        except Empty:
+            continue
+    return reports
+
+
+def stop(workers: Sequence[BaseProcess]) -> None:
+    """Join every worker, killing one that has not exited after JOIN_TIMEOUT_S (the caller checks exit codes
+    where a clean exit is part of the race)."""
+    for worker in workers:
+        worker.join(JOIN_TIMEOUT_S)
+        if worker.exitcode is None:
+            worker.kill()
+            worker.join()
 
 
 def backend(db_url: str) -> str:

@@ -1,9 +1,11 @@
 """The racers of test_races_accounts, in a module of their own: each spawned process imports only this (and
-what it needs), not pytest and the fixtures, so sixteen of them start quickly."""
+what it needs), not pytest and the fixtures, so sixteen of them start quickly. The trials run on
+tests/racing.py's harness, shared with the other races."""
 
 from __future__ import annotations
 
-import threading
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -12,9 +14,9 @@ from common.errors import AccountLocked, ImagegateError
 from core import users
 from core.security import Actor, Role
 from db.engine import make_engine, session_factory, transaction
+from tests.racing import run_trials
 
 WRONG = "a wrong guess!"
-WAIT_S = 120.0
 
 
 def first_line(exc: BaseException) -> str:
@@ -47,17 +49,13 @@ def change_admin(factory: sessionmaker[Session], plan: str, index: int, ids: tup
 
 
 def admin_racer(
-    url: str, index: int, ids: tuple[int, int], plans: list[str], start: Any, done: Any, results: Any
+    url: str, ids: tuple[int, int], plans: list[str], index: int, start: Barrier, done: Barrier, out: Queue[Any]
 ) -> None:
+    """One trial per plan: this racer's change (see `change_admin`), reported as its outcome."""
     engine = make_engine(url)
     factory = session_factory(engine)
     try:
-        for trial, plan in enumerate(plans):
-            start.wait(timeout=WAIT_S)
-            results.put((trial, index, change_admin(factory, plan, index, ids)))
-            done.wait(timeout=WAIT_S)
-    except threading.BrokenBarrierError:
-        results.put((-1, index, "error: the barrier broke"))
+        run_trials(len(plans), start, done, out, lambda trial: change_admin(factory, plans[trial], index, ids))
     finally:
         engine.dispose()
 
@@ -72,13 +70,11 @@ def try_wrong_password(factory: sessionmaker[Session], username: str) -> str:
     return "signed in" if user is not None else "verified, wrong"
 
 
-def guesser(url: str, username: str, barrier: Any, results: Any) -> None:
+def guesser(url: str, username: str, start: Barrier, done: Barrier, out: Queue[Any]) -> None:
+    """One trial: one wrong password, at the same moment as the other guessers; reported as its outcome."""
     engine = make_engine(url)
     try:
         factory = session_factory(engine)
-        barrier.wait(timeout=WAIT_S)
-        results.put(try_wrong_password(factory, username))
-    except threading.BrokenBarrierError:
-        results.put("error: the barrier broke")
+        run_trials(1, start, done, out, lambda _trial: try_wrong_password(factory, username))
     finally:
         engine.dispose()

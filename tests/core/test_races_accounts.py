@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
-import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -29,8 +27,9 @@ from core import security, users
 from core.security import Actor, Role
 from db.engine import transaction
 from db.models import User
-from tests.core.account_racers import WAIT_S, WRONG, admin_racer, guesser, try_wrong_password
+from tests.core.account_racers import WRONG, admin_racer, guesser, try_wrong_password
 from tests.dbfixtures import *  # noqa: F403
+from tests.racing import Report, race_trials, run_threads
 
 PASSWORD = "the right password"
 ADMIN_TRIALS = 36
@@ -69,29 +68,25 @@ def test_two_processes_racing_to_remove_the_two_admins_never_leave_none(
     ids = (ann.id, ben.id)
     plans = [ADMIN_PLANS[t % len(ADMIN_PLANS)] for t in range(ADMIN_TRIALS)]
 
-    ctx = multiprocessing.get_context("spawn")
-    start, done, results = ctx.Barrier(3), ctx.Barrier(3), ctx.Queue()
-    racers = [ctx.Process(target=admin_racer, args=(db_url, i, ids, plans, start, done, results)) for i in (0, 1)]
-    for racer in racers:
-        racer.start()
-    left: dict[int, int] = {}
-    outcomes: dict[int, list[str]] = {t: [] for t in range(ADMIN_TRIALS)}
-    try:
-        for trial in range(ADMIN_TRIALS):
-            with transaction(db_session_factory) as session:
-                session.execute(update(User).where(User.id.in_(ids)).values(role=Role.ADMIN, active=True))
-            start.wait(timeout=WAIT_S)
-            done.wait(timeout=WAIT_S)
-            left[trial] = _active_admins(db_session_factory)
-            for _ in range(2):
-                got_trial, _index, outcome = results.get(timeout=WAIT_S)
-                outcomes[got_trial].append(outcome)
-    finally:
-        for racer in racers:
-            racer.join(timeout=30)
-            if racer.is_alive():
-                racer.kill()
-                racer.join()
+    def reset_admins(_trial: int) -> None:
+        with transaction(db_session_factory) as session:
+            session.execute(update(User).where(User.id.in_(ids)).values(role=Role.ADMIN, active=True))
+
+    def observe(_trial: int, _set_up: None, reports: list[Report]) -> tuple[int, list[str]]:
+        """Active admins left after both changes, and the two racers' outcomes."""
+        return _active_admins(db_session_factory), [report["results"] for report in reports]
+
+    facts = race_trials(
+        admin_racer,
+        (db_url, ids, plans),
+        processes=2,
+        trials=ADMIN_TRIALS,
+        set_up=reset_admins,
+        observe=observe,
+        per_process=lambda index: (index,),
+    )
+    left = {trial: admins for trial, (admins, _) in enumerate(facts)}
+    outcomes = {trial: racers for trial, (_, racers) in enumerate(facts)}
 
     none_left = sorted(t for t, n in left.items() if n == 0)
     by_plan = {p: sum(1 for t in none_left if plans[t] == p) for p in ADMIN_PLANS}
@@ -129,21 +124,7 @@ def test_sixteen_parallel_wrong_passwords_in_threads_lock_the_account(
     db_session_factory: sessionmaker[Session], race_hashing: None
 ) -> None:
     username = _target(db_session_factory)
-    barrier = threading.Barrier(GUESSERS, timeout=WAIT_S)
-    outcomes: list[str] = []
-    lock = threading.Lock()
-
-    def guess() -> None:
-        barrier.wait()
-        outcome = try_wrong_password(db_session_factory, username)
-        with lock:
-            outcomes.append(outcome)
-
-    threads = [threading.Thread(target=guess) for _ in range(GUESSERS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=WAIT_S)
+    outcomes = run_threads(GUESSERS, lambda _thread: try_wrong_password(db_session_factory, username))
     _check_throttled(db_session_factory, username, outcomes)
 
 
@@ -152,24 +133,13 @@ def test_sixteen_parallel_wrong_passwords_in_processes_lock_the_account(
     db_url: str, db_session_factory: sessionmaker[Session], race_hashing: None
 ) -> None:
     username = _target(db_session_factory)
-    ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(GUESSERS), ctx.Queue()
-    procs = [ctx.Process(target=guesser, args=(db_url, username, barrier, results)) for _ in range(GUESSERS)]
-    for proc in procs:
-        proc.start()
-    outcomes: list[str] = []
-    try:
-        for _ in range(GUESSERS):
-            try:
-                outcomes.append(results.get(timeout=WAIT_S))
-            except queue.Empty:
-                pytest.fail(f"the guessers stopped reporting after {outcomes}")
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+    (outcomes,) = race_trials(
+        guesser,
+        (db_url, username),
+        processes=GUESSERS,
+        trials=1,
+        observe=lambda _trial, _set_up, reports: [report["results"] for report in reports],
+    )
     _check_throttled(db_session_factory, username, outcomes)
 
 
@@ -230,10 +200,8 @@ def test_password_checks_run_at_most_a_few_at_a_time_in_a_process() -> None:
     previous = security.set_password_hasher(counting)
     try:
         stored = security.hash_password(PASSWORD)
-        barrier = threading.Barrier(GUESSERS, timeout=WAIT_S)
 
         def check(n: int) -> None:
-            barrier.wait()
             if n % 4 == 0:
                 security.hash_password(PASSWORD)
             elif n % 4 == 1:
@@ -241,11 +209,7 @@ def test_password_checks_run_at_most_a_few_at_a_time_in_a_process() -> None:
             else:
                 security.verify_password(stored, WRONG if n % 2 else PASSWORD)
 
-        threads = [threading.Thread(target=check, args=(n,)) for n in range(GUESSERS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=WAIT_S)
+        run_threads(GUESSERS, check)
     finally:
         security.set_password_hasher(previous)
     assert 1 <= counting.peak <= security.MAX_CONCURRENT_PASSWORD_CHECKS, counting.peak

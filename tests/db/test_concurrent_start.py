@@ -2,15 +2,13 @@
 
 Four real processes (spawn) meet at a barrier, then call `open_runtime(prepare=True)` on the same fresh database
 at the same moment; this repeats over several fresh databases per backend, the same four processes taking part
-in every trial. Before the migration lock (db.upgrade_lock), 3 of 4 starters crashed in every PostgreSQL trial
-(UniqueViolation on a CREATE) and about half the SQLite trials lost one to three ("table ... already exists").
+in every trial (tests/racing.py's harness, shared with the other races). Before the migration lock
+(db.upgrade_lock), 3 of 4 starters crashed in every PostgreSQL trial (UniqueViolation on a CREATE) and about half
+the SQLite trials lost one to three ("table ... already exists").
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import queue
-import threading
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,28 +24,23 @@ from db import migrate
 from db.engine import make_engine
 from db.models import GlobalSettingsVersion, PriceVersion, ProviderSettingsVersion
 from tests.dbfixtures import create_pg_database, drop_pg_database
+from tests.racing import race_trials, run_trials
 
 PROCESSES = 4
 TRIALS = 6
 OPEN_TRIALS = 100
-BARRIER_TIMEOUT_S = 120.0
-RUN_TIMEOUT_S = 600.0
 
 
-def _starter(urls: list[str], barrier: Any, results: Any) -> None:
-    """One process: for each database in turn, wait for the others, then start up on it (migrate + seed)."""
+def _starter(urls: list[str], start: Any, done: Any, out: Any) -> None:
+    """One process, one trial per database: wait for the others, then start up on it (migrate + seed); report
+    None, or the error."""
     from core.runtime import open_runtime  # imported before the barrier, so only the start itself races
 
-    for trial, url in enumerate(urls):
+    def start_up(trial: int) -> str | None:
         try:
-            barrier.wait(timeout=BARRIER_TIMEOUT_S)
-        except threading.BrokenBarrierError:
-            results.put((trial, "the barrier broke: another starter died or hung"))
-            return
-        try:
-            runtime = open_runtime(url, prepare=True)
+            runtime = open_runtime(urls[trial], prepare=True)
             runtime.engine.dispose()
-            results.put((trial, None))
+            return None
         except BaseException as exc:  # reported to the parent, which fails the test with it
             first_line = (str(exc).strip().splitlines() or [""])[0]
             where = " <- ".join(
@@ -55,54 +48,39 @@ def _starter(urls: list[str], barrier: Any, results: Any) -> None:
                 for frame in reversed(traceback.extract_tb(exc.__traceback__))
                 if "site-packages" not in frame.filename
             )
-            results.put((trial, f"{type(exc).__name__}: {first_line[:300]} (at {where})"))
+            return f"{type(exc).__name__}: {first_line[:300]} (at {where})"
+
+    run_trials(len(urls), start, done, out, start_up)
 
 
-def _opener(urls: list[str], barrier: Any, results: Any) -> None:
-    """One process: for each database in turn, wait for the others, then open a first connection to it."""
-    from db.engine import make_engine
+def _opener(urls: list[str], start: Any, done: Any, out: Any) -> None:
+    """One process, one trial per database: wait for the others, then open a first connection to it; report
+    None, or what went wrong."""
 
-    for trial, url in enumerate(urls):
-        try:
-            barrier.wait(timeout=BARRIER_TIMEOUT_S)
-        except threading.BrokenBarrierError:
-            results.put((trial, "the barrier broke: another opener died or hung"))
-            return
-        engine = make_engine(url)
+    def open_first(trial: int) -> str | None:
+        engine = make_engine(urls[trial])
         try:
             with engine.connect() as connection:
                 mode = connection.exec_driver_sql("PRAGMA journal_mode").scalar()
-            results.put((trial, None if mode == "wal" else f"journal mode {mode!r}, not wal"))
+            return None if mode == "wal" else f"journal mode {mode!r}, not wal"
         except BaseException as exc:
-            results.put((trial, f"{type(exc).__name__}: {exc}"[:300]))
+            return f"{type(exc).__name__}: {exc}"[:300]
         finally:
             engine.dispose()
+
+    run_trials(len(urls), start, done, out, open_first)
 
 
 def _start_all_at_once(urls: list[str], target: Any = _starter) -> dict[int, list[str]]:
     """Run PROCESSES `target`s over `urls`; the errors per trial (empty lists when every start succeeded)."""
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(PROCESSES)
-    results = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(urls, barrier, results)) for _ in range(PROCESSES)]
-    for proc in procs:
-        proc.start()
-    errors: dict[int, list[str]] = {trial: [] for trial in range(len(urls))}
-    try:
-        for _ in range(PROCESSES * len(urls)):
-            try:
-                trial, error = results.get(timeout=RUN_TIMEOUT_S)
-            except queue.Empty:
-                pytest.fail("the starters stopped reporting (a hung start?)")
-            if error is not None:
-                errors[trial].append(error)
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    return errors
+    errors = race_trials(
+        target,
+        (urls,),
+        processes=PROCESSES,
+        trials=len(urls),
+        observe=lambda _trial, _set_up, reports: [r["results"] for r in reports if r["results"] is not None],
+    )
+    return dict(enumerate(errors))
 
 
 def _check_started_once(url: str) -> None:

@@ -17,19 +17,22 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.generation import limits
 from db.engine import make_engine, session_factory
+from tests.racing import run_trials
 
 PROVIDER = "ideogram"
-BARRIER_TIMEOUT_S = 90
 
 
 def factory_for(url: str) -> sessionmaker[Session]:
     return session_factory(make_engine(url))
 
 
-def compete(url: str, worker: int, tasks: int, limit: int, rounds: int, start: Barrier, out: Queue[Any]) -> None:
-    """`rounds` times: `tasks` tasks each take a slot (user = task number mod 3, so users interleave across
-    processes), hold it 40-120 ms and give it back; each reports its own (taken, given back) interval on
-    `time.monotonic()`, which is one clock for every process on the machine."""
+def compete(
+    url: str, tasks: int, limit: int, rounds: int, worker: int, start: Barrier, done: Barrier, out: Queue[Any]
+) -> None:
+    """One trial per round: `tasks` tasks each take a slot (user = task number mod 3, so users interleave
+    across processes), hold it 40-120 ms and give it back; each reports its own (taken, given back, slot number)
+    on `time.monotonic()`, which is one clock for every process on the machine. A round that fails reports
+    {"error": ...} instead, so the parent hears of it at once rather than after a timeout."""
     factory = factory_for(url)
 
     async def one(round_no: int, task: int) -> tuple[float, float, int]:
@@ -44,13 +47,13 @@ def compete(url: str, worker: int, tasks: int, limit: int, rounds: int, start: B
     async def run_round(round_no: int) -> list[tuple[float, float, int]]:
         return list(await asyncio.gather(*(one(round_no, t) for t in range(tasks))))
 
-    for round_no in range(rounds):
-        start.wait(BARRIER_TIMEOUT_S)
+    def trial(round_no: int) -> dict[str, Any]:
         try:
-            out.put({"worker": worker, "round": round_no, "intervals": asyncio.run(run_round(round_no))})
-        except BaseException as error:  # the parent must hear of it, not wait for a timeout
-            out.put({"worker": worker, "round": round_no, "error": repr(error)})
-            raise
+            return {"intervals": asyncio.run(run_round(round_no))}
+        except Exception as error:
+            return {"error": repr(error)}
+
+    run_trials(rounds, start, done, out, trial)
 
 
 def hold_until_killed(url: str, lease_s: float, out: Queue[Any]) -> None:

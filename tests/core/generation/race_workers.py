@@ -1,11 +1,13 @@
 """Worker processes for the budget races (spawned: they import this module, never the test module).
 
 Each worker is a separate process with its own engine, running many threads with a session each, so the
-reservations race across processes AND within one, as under several API workers.
+reservations race across processes AND within one, as under several API workers (the scaffolding is
+tests/racing.py's, shared with the other races).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,10 +23,9 @@ from core.generation import budgets
 from core.generation.budgets import Reservation, SpendMode
 from db.engine import make_engine, session_factory, transaction
 from db.models import BudgetPeriod
-from tests.racing import run_threads
+from tests.racing import run_threads, run_trials
 
 HOUR = timedelta(hours=1)
-BARRIER_TIMEOUT_S = 90
 
 
 @dataclass(frozen=True)
@@ -61,65 +62,57 @@ def naive_reserve(session: Session, period_id: int, limit: int, amount: int) -> 
 
 
 def reserve_then_settle(
-    url: str, trials: list[Trial], naive: bool, start: Barrier, mid: Barrier, done: Barrier, out: Queue[Any]
+    url: str, trials: list[Trial], naive: bool, start: Barrier, done: Barrier, out: Queue[Any]
 ) -> None:
-    """Per trial: every thread reserves its amount at once (phase 1); the parent checks the figures; then every
-    winner settles (most) or releases (every fourth) at once (phase 2)."""
+    """Two harness trials per budget trial. Even ones (phase 1): every thread reserves its amount at once; the
+    parent checks the figures. Odd ones (phase 2): every winner of phase 1 settles (most) or releases (every
+    fourth) at once, while the parent samples the figures (the naive version stops after phase 1)."""
     threads = max(len(t.amounts) for t in trials)
     factory = _factory(url, threads)
-    for trial in trials:
-        with factory() as session:
-            budget = budgets.get_budget(session, trial.budget_id)
+    with factory() as session:
+        budget_views = {t.budget_id: budgets.get_budget(session, t.budget_id) for t in trials}
+    won: list[tuple[int, Any]] = []
+    """Phase 1's winners, as (index of the amount, reservation), for phase 2 to close."""
 
-        def reserve_one(i: int, trial: Trial = trial, budget: budgets.BudgetView = budget) -> tuple[Any, float]:
-            amount = trial.amounts[i]
-            began = time.perf_counter()
-            try:
-                with transaction(factory) as session:
-                    if naive:
-                        won: Reservation | bool | None = naive_reserve(
-                            session, trial.period_id, budget.limit_micro_usd, amount
-                        )
-                    else:
-                        won = budgets.reserve(session, [budget], amount, SpendMode.LIVE, None, HOUR).reservation
-            except BudgetExceeded:
-                won = None
-            return won, time.perf_counter() - began
-
-        start.wait(BARRIER_TIMEOUT_S)
+    def reserve_one(trial: Trial, i: int) -> tuple[Any, float]:
+        amount, budget = trial.amounts[i], budget_views[trial.budget_id]
         began = time.perf_counter()
-        phase1 = run_threads(len(trial.amounts), reserve_one)
-        phase1_s = time.perf_counter() - began
-        won = [(i, r) for i, (r, _) in enumerate(phase1) if r]
-        out.put(
-            {
-                "phase": 1,
+        try:
+            with transaction(factory) as session:
+                if naive:
+                    reserved: Reservation | bool | None = naive_reserve(
+                        session, trial.period_id, budget.limit_micro_usd, amount
+                    )
+                else:
+                    reserved = budgets.reserve(session, [budget], amount, SpendMode.LIVE, None, HOUR).reservation
+        except BudgetExceeded:
+            reserved = None
+        return reserved, time.perf_counter() - began
+
+    def close_one(trial: Trial, k: int) -> int:
+        i, reservation = won[k]
+        with transaction(factory) as session:
+            if k % 4 == 3:
+                budgets.release(session, reservation)
+                return 0
+            actual = trial.amounts[i] - (i % 3)  # at most the estimate: the limit must then hold throughout
+            budgets.settle(session, reservation, actual, Billing.BILLED)
+            return actual
+
+    def phase(number: int) -> dict[str, Any]:
+        trial = trials[number // 2]
+        if number % 2 == 0:
+            phase1 = run_threads(len(trial.amounts), functools.partial(reserve_one, trial))
+            won[:] = [(i, r) for i, (r, _) in enumerate(phase1) if r]
+            return {
                 "won": [trial.amounts[i] for i, _ in won],
                 "refused": sum(1 for r, _ in phase1 if not r),
                 "latencies": [s for _, s in phase1],
-                "seconds": phase1_s,
             }
-        )
-        mid.wait(BARRIER_TIMEOUT_S)
+        settled = [] if naive else run_threads(len(won), functools.partial(close_one, trial))
+        return {"settled_actuals": settled}
 
-        def close_one(k: int, won: list[tuple[int, Any]] = won, trial: Trial = trial) -> int:
-            i, reservation = won[k]
-            with transaction(factory) as session:
-                if k % 4 == 3:
-                    budgets.release(session, reservation)
-                    return 0
-                actual = trial.amounts[i] - (i % 3)  # at most the estimate: the limit must then hold throughout
-                budgets.settle(session, reservation, actual, Billing.BILLED)
-                return actual
-
-        settled: list[int] = []
-        if not naive:
-            began = time.perf_counter()
-            settled = run_threads(len(won), close_one)
-            out.put({"phase": 2, "settled_actuals": settled, "seconds": time.perf_counter() - began})
-        else:
-            out.put({"phase": 2, "settled_actuals": [], "seconds": 0.0})
-        done.wait(BARRIER_TIMEOUT_S)
+    run_trials(2 * len(trials), start, done, out, phase)
 
 
 def settle_all(
@@ -128,25 +121,25 @@ def settle_all(
     actuals: list[int],
     action: str,
     start: Barrier,
+    done: Barrier,
     out: Queue[Any],
 ) -> None:
     """Close the same reservations as another process at the same moment: `settle` (billed), `release`, or
-    `expire` (sweeps with a clock past every expiry, until nothing is left)."""
+    `expire` (sweeps with a clock past every expiry, until nothing is left); one trial, reporting
+    {"action", "closed"}."""
     factory = _factory(url, 1)
-    closed: list[int] = []
-    start.wait(BARRIER_TIMEOUT_S)
-    began = time.perf_counter()
-    if action == "expire":
-        later = datetime.now(UTC) + 2 * HOUR
-        total = 0
-        while True:
-            with transaction(factory) as session:
-                count = budgets.expire_stale(session, later, limit=5)
-            total += count
-            if count == 0:
-                break
-        closed = [total]
-    else:
+
+    def close_all(_trial: int) -> dict[str, Any]:
+        if action == "expire":
+            later = datetime.now(UTC) + 2 * HOUR
+            total = 0
+            while True:
+                with transaction(factory) as session:
+                    count = budgets.expire_stale(session, later, limit=5)
+                total += count
+                if count == 0:
+                    return {"action": action, "closed": [total]}
+        closed: list[int] = []
         for reservation, actual in zip(reservations, actuals, strict=True):
             with transaction(factory) as session:
                 if action == "settle":
@@ -154,4 +147,6 @@ def settle_all(
                 else:
                     outcome = budgets.release(session, reservation)
             closed.append(outcome.closed)
-    out.put({"action": action, "closed": closed, "seconds": time.perf_counter() - began})
+        return {"action": action, "closed": closed}
+
+    run_trials(1, start, done, out, close_all)

@@ -11,12 +11,10 @@ Timings and counts are printed (`pytest -s`) for the record; nothing here assert
 
 from __future__ import annotations
 
-import multiprocessing
 import random
 import statistics
 import time
 from datetime import timedelta
-from queue import Empty
 from typing import Any
 
 from sqlalchemy import func, select
@@ -29,13 +27,12 @@ from db.engine import transaction
 from db.models import BudgetReservation, ReservationStatus, Role, User
 from tests.core.generation import race_workers
 from tests.core.generation.race_workers import Trial
+from tests.racing import Report, backend, race_trials
 
 PROCESSES = 4
 TRIAL_THREADS = (25, 50, 100)
 """Concurrent reservations per process, one trial each."""
-JOIN_TIMEOUT_S = 90
 Factory = sessionmaker[Session]
-SPAWN = multiprocessing.get_context("spawn")
 
 
 def _admin(factory: Factory) -> Actor:
@@ -63,18 +60,11 @@ def _figures(factory: Factory, budget: BudgetView) -> tuple[int, int]:
     return figures.spent_micro_usd, figures.reserved_micro_usd
 
 
-def _collect(queue: Any, count: int) -> list[dict[str, Any]]:
-    return [queue.get(timeout=JOIN_TIMEOUT_S) for _ in range(count)]
-
-
-def _join(processes: list[Any]) -> None:
-    for process in processes:
-        process.join(JOIN_TIMEOUT_S)
-    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
-
-
 def _race(db_url: str, factory: Factory, *, naive: bool, trial_threads: tuple[int, ...]) -> list[dict[str, Any]]:
-    """Run the reserve-then-settle race; check every trial; return per-trial facts for the record."""
+    """Run the reserve-then-settle race; return per-trial facts for the checks and the record.
+
+    Each budget trial is two harness trials (see `race_workers.reserve_then_settle`): phase 1 reserves, phase 2
+    settles or releases the winners while the parent samples the figures."""
     actor = _admin(factory)
     rng = random.Random(20261128)
     plans: list[tuple[BudgetView, int, list[list[int]]]] = []
@@ -83,70 +73,51 @@ def _race(db_url: str, factory: Factory, *, naive: bool, trial_threads: tuple[in
         limit = sum(map(sum, shares)) * 2 // 5  # room for about 40 % of what is asked
         budget, period_id = _budget(factory, actor, f"race {t}", limit)
         plans.append((budget, period_id, shares))
-
-    start, mid, done = (SPAWN.Barrier(PROCESSES + 1) for _ in range(3))
-    queue = SPAWN.Queue()
-    processes = [
-        SPAWN.Process(
-            target=race_workers.reserve_then_settle,
-            args=(
-                db_url,
-                [Trial(b.id, p, tuple(shares[w])) for b, p, shares in plans],
-                naive,
-                start,
-                mid,
-                done,
-                queue,
-            ),
-        )
-        for w in range(PROCESSES)
-    ]
-    for process in processes:
-        process.start()
     facts: list[dict[str, Any]] = []
-    try:
-        for budget, _period_id, _shares in plans:
-            start.wait(race_workers.BARRIER_TIMEOUT_S)
-            phase1 = _collect(queue, PROCESSES)
+
+    def sample(number: int, peak: list[int]) -> None:
+        """While the winners settle and release: spent + reserved never passes the limit."""
+        if number % 2:
+            spent, reserved = _figures(factory, plans[number // 2][0])
+            peak[:] = [max(peak[0], spent + reserved), peak[1] + 1]
+
+    def observe(number: int, peak: list[int], reports: list[Report]) -> None:
+        budget, _period_id, shares = plans[number // 2]
+        if number % 2 == 0:
             spent, reserved = _figures(factory, budget)
-            won = [a for r in phase1 for a in r["won"]]
-            fact = {
-                "limit": budget.limit_micro_usd,
-                "asked": PROCESSES * len(_shares[0]),
-                "won": len(won),
-                "refused": sum(r["refused"] for r in phase1),
-                "won_sum": sum(won),
-                "spent": spent,
-                "reserved": reserved,
-                "phase1_s": max(r["seconds"] for r in phase1),
-                "p50_ms": statistics.median(s for r in phase1 for s in r["latencies"]) * 1000,
-                "max_ms": max(s for r in phase1 for s in r["latencies"]) * 1000,
-            }
-            mid.wait(race_workers.BARRIER_TIMEOUT_S)
-            # While the winners settle and release, sample the figures: spent + reserved never passes the limit.
-            phase2: list[dict[str, Any]] = []
-            peak, samples, deadline = 0, 0, time.monotonic() + JOIN_TIMEOUT_S
-            while len(phase2) < PROCESSES and time.monotonic() < deadline:
-                spent, reserved = _figures(factory, budget)
-                peak, samples = max(peak, spent + reserved), samples + 1
-                try:
-                    phase2.append(queue.get(timeout=0.005))
-                except Empty:
-                    continue
-            assert len(phase2) == PROCESSES, "the workers did not finish phase 2 in time"
-            fact["phase2_peak"], fact["phase2_samples"] = peak, samples
-            done.wait(race_workers.BARRIER_TIMEOUT_S)
-            fact["phase2_s"] = max(r["seconds"] for r in phase2)
-            fact["settled_sum"] = sum(a for r in phase2 for a in r["settled_actuals"])
-            fact["final"] = _figures(factory, budget)
-            facts.append(fact)
-    finally:
-        _join(processes)
+            won = [a for r in reports for a in r["results"]["won"]]
+            facts.append(
+                {
+                    "limit": budget.limit_micro_usd,
+                    "asked": PROCESSES * len(shares[0]),
+                    "won": len(won),
+                    "refused": sum(r["results"]["refused"] for r in reports),
+                    "won_sum": sum(won),
+                    "spent": spent,
+                    "reserved": reserved,
+                    "phase1_s": max(r["seconds"] for r in reports),
+                    "p50_ms": statistics.median(s for r in reports for s in r["results"]["latencies"]) * 1000,
+                    "max_ms": max(s for r in reports for s in r["results"]["latencies"]) * 1000,
+                }
+            )
+            return
+        fact = facts[-1]
+        fact["phase2_peak"], fact["phase2_samples"] = peak
+        fact["phase2_s"] = max(r["seconds"] for r in reports)
+        fact["settled_sum"] = sum(a for r in reports for a in r["results"]["settled_actuals"])
+        fact["final"] = _figures(factory, budget)
+
+    race_trials(
+        race_workers.reserve_then_settle,
+        (db_url,),
+        processes=PROCESSES,
+        trials=2 * len(plans),
+        set_up=lambda _number: [0, 0],  # phase 2's peak of spent + reserved, and how many samples it took
+        observe=observe,
+        per_process=lambda w: ([Trial(b.id, p, tuple(shares[w])) for b, p, shares in plans], naive),
+        watch=sample,
+    )
     return facts
-
-
-def _backend(db_url: str) -> str:
-    return "postgresql" if db_url.startswith("postgresql") else "sqlite"
 
 
 def test_concurrent_reservations_never_overspend_and_settle_exactly(db_url: str, db_session_factory: Factory) -> None:
@@ -154,7 +125,7 @@ def test_concurrent_reservations_never_overspend_and_settle_exactly(db_url: str,
     facts = _race(db_url, db_session_factory, naive=False, trial_threads=TRIAL_THREADS)
     for fact in facts:
         print(
-            f"[{_backend(db_url)}] {PROCESSES}x{fact['asked'] // PROCESSES} reservations: {fact['won']} won, "
+            f"[{backend(db_url)}] {PROCESSES}x{fact['asked'] // PROCESSES} reservations: {fact['won']} won, "
             f"{fact['refused']} refused; "
             f"held {fact['reserved']} of limit {fact['limit']} (left {fact['limit'] - fact['reserved']}); "
             f"phase 1 {fact['phase1_s']:.2f} s (p50 {fact['p50_ms']:.1f} ms, max {fact['max_ms']:.0f} ms), "
@@ -176,7 +147,7 @@ def test_concurrent_reservations_never_overspend_and_settle_exactly(db_url: str,
             .where(BudgetReservation.status.in_([ReservationStatus.RESERVED, ReservationStatus.HELD]))
         )
     assert open_rows == 0
-    print(f"[{_backend(db_url)}] {len(TRIAL_THREADS)} trials in {time.perf_counter() - began:.1f} s")
+    print(f"[{backend(db_url)}] {len(TRIAL_THREADS)} trials in {time.perf_counter() - began:.1f} s")
 
 
 def test_a_naive_read_then_write_reservation_would_overspend(db_url: str, db_session_factory: Factory) -> None:
@@ -184,7 +155,7 @@ def test_a_naive_read_then_write_reservation_would_overspend(db_url: str, db_ses
     or loses holds (the figures no longer add up)."""
     (fact,) = _race(db_url, db_session_factory, naive=True, trial_threads=(25,))
     print(
-        f"[{_backend(db_url)}] naive read-then-write: {fact['won']} won for {fact['won_sum']} against limit "
+        f"[{backend(db_url)}] naive read-then-write: {fact['won']} won for {fact['won_sum']} against limit "
         f"{fact['limit']} (over by {max(0, fact['won_sum'] - fact['limit'])}); the row says {fact['reserved']} "
         f"reserved, {fact['won_sum'] - fact['reserved']} lost"
     )
@@ -203,18 +174,17 @@ def _reservations(factory: Factory, count: int) -> tuple[BudgetView, list[Reserv
 
 
 def _two_processes(db_url: str, jobs: list[tuple[str, list[Reservation], list[int]]]) -> list[dict[str, Any]]:
-    start = SPAWN.Barrier(len(jobs))
-    queue = SPAWN.Queue()
-    processes = [
-        SPAWN.Process(target=race_workers.settle_all, args=(db_url, reservations, actuals, action, start, queue))
-        for action, reservations, actuals in jobs
-    ]
-    for process in processes:
-        process.start()
-    try:
-        return sorted(_collect(queue, len(jobs)), key=lambda r: str(r["action"]))
-    finally:
-        _join(processes)
+    """One process per job (action, reservations, actuals), all closing at the same moment; their reports,
+    by action."""
+    (reports,) = race_trials(
+        race_workers.settle_all,
+        (db_url,),
+        processes=len(jobs),
+        trials=1,
+        observe=lambda _trial, _set_up, reports: [{**r["results"], "seconds": r["seconds"]} for r in reports],
+        per_process=lambda w: (jobs[w][1], jobs[w][2], jobs[w][0]),
+    )
+    return sorted(reports, key=lambda r: str(r["action"]))
 
 
 def test_two_processes_settling_the_same_reservations_count_each_once(db_url: str, db_session_factory: Factory) -> None:
@@ -223,7 +193,7 @@ def test_two_processes_settling_the_same_reservations_count_each_once(db_url: st
     first, second = _two_processes(db_url, [("settle", reservations, actuals)] * 2)
     per_reservation = [a + b for a, b in zip(first["closed"], second["closed"], strict=True)]
     print(
-        f"[{_backend(db_url)}] settle x2 on {count} reservations: {sum(first['closed'])} + "
+        f"[{backend(db_url)}] settle x2 on {count} reservations: {sum(first['closed'])} + "
         f"{sum(second['closed'])} closed in {max(first['seconds'], second['seconds']):.2f} s"
     )
     assert per_reservation == [1] * count
@@ -237,7 +207,7 @@ def test_release_racing_the_expiry_sweep_gives_back_each_estimate_once(
     budget, reservations, actuals = _reservations(db_session_factory, count)
     expire, release = _two_processes(db_url, [("release", reservations, actuals), ("expire", [], [])])
     print(
-        f"[{_backend(db_url)}] release vs expiry sweep on {count} reservations: {sum(release['closed'])} released, "
+        f"[{backend(db_url)}] release vs expiry sweep on {count} reservations: {sum(release['closed'])} released, "
         f"{expire['closed'][0]} expired"
     )
     assert sum(release["closed"]) + expire["closed"][0] == count

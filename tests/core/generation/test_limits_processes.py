@@ -12,12 +12,9 @@
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Sequence
-from multiprocessing.process import BaseProcess
 from queue import Empty
 from typing import Any
 
@@ -28,14 +25,13 @@ from core.generation import limits
 from db.engine import transaction
 from tests.core.generation import limits_workers
 from tests.core.generation.limits_workers import PROVIDER
+from tests.racing import JOIN_TIMEOUT_S, SPAWN, Report, race_trials, stop
 
 Factory = sessionmaker[Session]
-SPAWN = multiprocessing.get_context("spawn")
 PROCESSES = 4
 TASKS = 8
 ROUNDS = 3
 LIMIT = 3
-JOIN_TIMEOUT_S = 120
 
 
 def _get(queue: Any, timeout: float = JOIN_TIMEOUT_S) -> dict[str, Any]:
@@ -55,51 +51,37 @@ def _max_overlap(intervals: list[tuple[float, float]]) -> int:
     return deepest
 
 
-def _stop(processes: Sequence[BaseProcess]) -> None:
-    for process in processes:
-        process.join(timeout=JOIN_TIMEOUT_S)
-        if process.is_alive():
-            process.kill()
-            process.join()
-
-
 def test_four_processes_never_hold_more_than_the_limit(db_url: str, db_session_factory: Factory) -> None:
-    start = SPAWN.Barrier(PROCESSES + 1)
-    out = SPAWN.Queue()
-    processes = [
-        SPAWN.Process(target=limits_workers.compete, args=(db_url, w, TASKS, LIMIT, ROUNDS, start, out))
-        for w in range(PROCESSES)
-    ]
-    for process in processes:
-        process.start()
-    deepest: list[int] = []
-    try:
-        for round_no in range(ROUNDS):
-            start.wait(limits_workers.BARRIER_TIMEOUT_S)
-            reports: list[dict[str, Any]] = []
-            samples: list[int] = []
-            while len(reports) < PROCESSES:
-                with db_session_factory() as session:
-                    samples.append(len(limits.holders(session, PROVIDER)))
-                try:
-                    reports.append(out.get(timeout=0.002))
-                except Empty:
-                    continue
-            errors = [r["error"] for r in reports if "error" in r]
-            assert not errors, errors
-            intervals = [(taken, back) for r in reports for taken, back, _ in r["intervals"]]
-            slot_numbers = {n for r in reports for _, _, n in r["intervals"]}
-            print(
-                f"round {round_no}: {len(intervals)} holds, {len(samples)} table samples, "
-                f"max sampled {max(samples)}, max overlap {_max_overlap(intervals)}"
-            )
-            assert len(intervals) == PROCESSES * TASKS
-            assert max(samples) <= LIMIT
-            assert _max_overlap(intervals) <= LIMIT
-            assert slot_numbers <= set(range(LIMIT))
-            deepest.append(_max_overlap(intervals))
-    finally:
-        _stop(processes)
+    def sample(_round_no: int, samples: list[int]) -> None:
+        """While the round runs: how many live holders the table shows."""
+        with db_session_factory() as session:
+            samples.append(len(limits.holders(session, PROVIDER)))
+
+    def observe(round_no: int, samples: list[int], reports: list[Report]) -> int:
+        errors = [r["results"]["error"] for r in reports if "error" in r["results"]]
+        assert not errors, errors
+        intervals = [(taken, back) for r in reports for taken, back, _ in r["results"]["intervals"]]
+        slot_numbers = {n for r in reports for _, _, n in r["results"]["intervals"]}
+        print(
+            f"round {round_no}: {len(intervals)} holds, {len(samples)} table samples, "
+            f"max sampled {max(samples)}, max overlap {_max_overlap(intervals)}"
+        )
+        assert len(intervals) == PROCESSES * TASKS
+        assert max(samples) <= LIMIT
+        assert _max_overlap(intervals) <= LIMIT
+        assert slot_numbers <= set(range(LIMIT))
+        return _max_overlap(intervals)
+
+    deepest = race_trials(
+        limits_workers.compete,
+        (db_url, TASKS, LIMIT, ROUNDS),
+        processes=PROCESSES,
+        trials=ROUNDS,
+        set_up=lambda _round_no: [],  # the round's samples of the table
+        observe=observe,
+        per_process=lambda worker: (worker,),
+        watch=sample,
+    )
     assert max(deepest) == LIMIT  # the limit was really contended: the checks above could fail
     with db_session_factory() as session:
         assert limits.holders(session, PROVIDER) == []
@@ -200,7 +182,7 @@ def test_the_next_free_slot_goes_to_the_user_holding_fewest_across_processes(
             if "done" in message:
                 done.add(message["done"])
     finally:
-        _stop(processes)
+        stop(processes)
     with db_session_factory() as session:
         assert limits.holders(session, PROVIDER) == []
         assert limits.waiters(session, PROVIDER) == []

@@ -15,9 +15,9 @@ Timings are printed (`pytest -s`) for the record; nothing here asserts a speed.
 
 from __future__ import annotations
 
-import multiprocessing
 import random
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -35,27 +35,30 @@ from tests.core.generation.usage_fixtures import (
     new_generation,
     seeded_price_ids,
 )
+from tests.racing import backend, race_trials, thread_results
 
 Factory = sessionmaker[Session]
-SPAWN = multiprocessing.get_context("spawn")
-JOIN_TIMEOUT_S = 120
 
 
-def _backend(db_url: str) -> str:
-    return "postgresql" if db_url.startswith("postgresql") else "sqlite"
-
-
-def _run(target: Any, per_worker_args: list[tuple[Any, ...]], barrier: Any, queue: Any) -> list[Any]:
-    processes = [SPAWN.Process(target=target, args=(*args, barrier, queue)) for args in per_worker_args]
-    for process in processes:
-        process.start()
-    try:
-        results = [queue.get(timeout=JOIN_TIMEOUT_S) for _ in processes]
-    finally:
-        for process in processes:
-            process.join(JOIN_TIMEOUT_S)
-    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
-    return results
+def _race(
+    target: Callable[..., None],
+    args: tuple[Any, ...],
+    *,
+    processes: int,
+    trials: int,
+    per_process: Callable[[int], tuple[Any, ...]] = lambda _worker: (),
+) -> tuple[list[Any], float]:
+    """Every thread's result of every trial (the workers report one result per thread), and the seconds the
+    trials took (the slowest process's, per trial)."""
+    per_trial = race_trials(
+        target,
+        args,
+        processes=processes,
+        trials=trials,
+        observe=lambda _trial, _set_up, reports: (thread_results(reports), max(r["seconds"] for r in reports)),
+        per_process=per_process,
+    )
+    return [result for results, _ in per_trial for result in results], sum(seconds for _, seconds in per_trial)
 
 
 # --- idempotent start -----------------------------------------------------------------------------------------
@@ -65,10 +68,13 @@ START_PROCESSES, START_THREADS, START_KEYS = 4, 4, 12
 
 def _start_race(db_url: str, naive: bool) -> list[tuple[str, Any]]:
     keys = [f"race-{i}" for i in range(START_KEYS)]
-    barrier, queue = SPAWN.Barrier(START_PROCESSES), SPAWN.Queue()
-    per_worker = [(db_url, keys, START_THREADS, naive)] * START_PROCESSES
-    results = _run(usage_race_workers.start_same_keys, per_worker, barrier, queue)
-    return [item for worker in results for item in worker]
+    results, _seconds = _race(
+        usage_race_workers.start_same_keys,
+        (db_url, keys, START_THREADS, naive),
+        processes=START_PROCESSES,
+        trials=START_KEYS,
+    )
+    return results
 
 
 def test_concurrent_requests_with_one_key_make_one_generation(db_url: str, db_session_factory: Factory) -> None:
@@ -85,14 +91,14 @@ def test_concurrent_requests_with_one_key_make_one_generation(db_url: str, db_se
     with db_session_factory() as session:
         rows = dict(session.execute(select(Generation.idempotency_key, Generation.id)).tuples().all())
     assert rows == {f"0:{key}": ids.pop() for key, ids in handed_out.items()}
-    print(f"[{_backend(db_url)}] {len(results)} starts on {START_KEYS} keys: {len(rows)} generations")
+    print(f"[{backend(db_url)}] {len(results)} starts on {START_KEYS} keys: {len(rows)} generations")
 
 
 def test_a_naive_look_then_insert_start_fails_the_same_race(db_url: str, db_session_factory: Factory) -> None:
     results = _start_race(db_url, naive=True)
     errors = [r for _, r in results if isinstance(r, str)]
     created = Counter(key for key, r in results if not isinstance(r, str) and r[0])
-    print(f"[{_backend(db_url)}] naive start: {len(errors)} callers crashed, {sum(created.values())} created")
+    print(f"[{backend(db_url)}] naive start: {len(errors)} callers crashed, {sum(created.values())} created")
     # Both looked, both inserted: the unique index stops the second, which crashes instead of getting the first.
     assert errors or any(count > 1 for count in created.values())
 
@@ -112,7 +118,7 @@ def _outcome_of(worker: int, i: int) -> AttemptOutcome:
     )
 
 
-def _same_attempts_race(db_url: str, factory: Factory, finisher: str) -> tuple[list[Any], list[int]]:
+def _same_attempts_race(db_url: str, factory: Factory, finisher: str) -> tuple[list[Any], float, list[int]]:
     prices = seeded_price_ids(factory)
     with transaction(factory) as session:
         gen = new_generation(session)
@@ -121,26 +127,27 @@ def _same_attempts_race(db_url: str, factory: Factory, finisher: str) -> tuple[l
             for n in range(1, FINISH_ROUNDS * FINISH_PER_ROUND + 1)
         ]
     rounds = [ids[r * FINISH_PER_ROUND : (r + 1) * FINISH_PER_ROUND] for r in range(FINISH_ROUNDS)]
-    per_worker = [
-        (db_url, [[(a, _outcome_of(w, i)) for i, a in enumerate(chunk)] for chunk in rounds], finisher)
-        for w in range(2)
-    ]
-    barrier, queue = SPAWN.Barrier(2), SPAWN.Queue()
-    return _run(usage_race_workers.finish_rounds, per_worker, barrier, queue), ids
+    results, seconds = _race(
+        usage_race_workers.finish_rounds,
+        (db_url,),
+        processes=2,
+        trials=FINISH_ROUNDS,
+        per_process=lambda w: ([[(a, _outcome_of(w, i)) for i, a in enumerate(chunk)] for chunk in rounds], finisher),
+    )
+    return results, seconds, ids
 
 
 def test_two_processes_finishing_the_same_attempts_finish_each_exactly_once(
     db_url: str, db_session_factory: Factory
 ) -> None:
-    results, ids = _same_attempts_race(db_url, db_session_factory, "ledger")
+    results, seconds, ids = _same_attempts_race(db_url, db_session_factory, "ledger")
     wins: Counter[int] = Counter()
     winner: dict[int, str] = {}
-    for result in results:
-        for attempt_id, won, status in result["results"]:
-            assert won in (True, False), won  # no errors
-            if won:
-                wins[attempt_id] += 1
-                winner[attempt_id] = status
+    for attempt_id, won, status in results:
+        assert won in (True, False), won  # no errors
+        if won:
+            wins[attempt_id] += 1
+            winner[attempt_id] = status
     assert wins == dict.fromkeys(ids, 1)
     with db_session_factory() as session:
         rows = {a.id: a for a in session.execute(select(UsageAttempt)).scalars()}
@@ -153,17 +160,17 @@ def test_two_processes_finishing_the_same_attempts_finish_each_exactly_once(
     assert counted == len(ids)
     split = Counter(winner.values())
     print(
-        f"[{_backend(db_url)}] {len(ids)} attempts raced by 2 processes: won {split['succeeded']} / {split['failed']}, "
-        f"{max(r['seconds'] for r in results):.2f} s"
+        f"[{backend(db_url)}] {len(ids)} attempts raced by 2 processes: won {split['succeeded']} / {split['failed']}, "
+        f"{seconds:.2f} s"
     )
 
 
 def test_a_naive_check_then_finish_counts_attempts_twice(db_url: str, db_session_factory: Factory) -> None:
-    results, ids = _same_attempts_race(db_url, db_session_factory, "naive_guard")
-    wins = sum(1 for result in results for _, won, _ in result["results"] if won is True)
+    results, _seconds, ids = _same_attempts_race(db_url, db_session_factory, "naive_guard")
+    wins = sum(1 for _, won, _ in results if won is True)
     with db_session_factory() as session:
         counted = session.scalar(select(func.sum(UsageDailyRollup.attempts)))
-    print(f"[{_backend(db_url)}] naive finish: {wins} finishes of {len(ids)} attempts, rollups count {counted}")
+    print(f"[{backend(db_url)}] naive finish: {wins} finishes of {len(ids)} attempts, rollups count {counted}")
     assert wins > len(ids) and counted is not None and counted > len(ids)
 
 
@@ -189,7 +196,7 @@ def _random_outcome(rng: random.Random) -> AttemptOutcome:
     )
 
 
-def _distinct_attempts_race(db_url: str, factory: Factory, finisher: str) -> tuple[list[Any], int]:
+def _distinct_attempts_race(db_url: str, factory: Factory, finisher: str) -> tuple[list[Any], float, int]:
     """Every attempt of a round started on that round's own day: its rollup rows do not exist yet."""
     prices = seeded_price_ids(factory)
     rng = random.Random(20261130)
@@ -209,15 +216,19 @@ def _distinct_attempts_race(db_url: str, factory: Factory, finisher: str) -> tup
                     )  # fmt: skip
                     work.append((attempt, _random_outcome(rng)))
                 per_worker[w].append(work)
-    barrier, queue = SPAWN.Barrier(ROLLUP_PROCESSES), SPAWN.Queue()
-    args = [(db_url, rounds, finisher) for rounds in per_worker]
-    total = ROLLUP_PROCESSES * ROLLUP_THREADS * ROLLUP_ROUNDS
-    return _run(usage_race_workers.finish_rounds, args, barrier, queue), total
+    results, seconds = _race(
+        usage_race_workers.finish_rounds,
+        (db_url,),
+        processes=ROLLUP_PROCESSES,
+        trials=ROLLUP_ROUNDS,
+        per_process=lambda w: (per_worker[w], finisher),
+    )
+    return results, seconds, ROLLUP_PROCESSES * ROLLUP_THREADS * ROLLUP_ROUNDS
 
 
 def test_rollups_equal_the_sum_of_attempts_finished_concurrently(db_url: str, db_session_factory: Factory) -> None:
-    results, total = _distinct_attempts_race(db_url, db_session_factory, "ledger")
-    outcomes = [won for result in results for _, won, _ in result["results"]]
+    results, seconds, total = _distinct_attempts_race(db_url, db_session_factory, "ledger")
+    outcomes = [won for _, won, _ in results]
     assert outcomes == [True] * total
     assert_rollups_match_attempts(db_session_factory)
     with db_session_factory() as session:
@@ -225,8 +236,8 @@ def test_rollups_equal_the_sum_of_attempts_finished_concurrently(db_url: str, db
         counted = session.scalar(select(func.sum(UsageDailyRollup.attempts)))
     assert counted == total
     print(
-        f"[{_backend(db_url)}] {ROLLUP_PROCESSES}x{ROLLUP_THREADS} concurrent finishes x {ROLLUP_ROUNDS} rounds "
-        f"into {rows} rollup rows: totals exact; {max(r['seconds'] for r in results):.2f} s"
+        f"[{backend(db_url)}] {ROLLUP_PROCESSES}x{ROLLUP_THREADS} concurrent finishes x {ROLLUP_ROUNDS} rounds "
+        f"into {rows} rollup rows: totals exact; {seconds:.2f} s"
     )
 
 
@@ -242,12 +253,12 @@ def _ledger_checks_hold(factory: Factory, outcomes: list[Any], total: int) -> bo
 
 
 def test_a_naive_read_then_write_rollup_fails_the_same_race(db_url: str, db_session_factory: Factory) -> None:
-    results, total = _distinct_attempts_race(db_url, db_session_factory, "naive_rollup")
-    outcomes = [won for result in results for _, won, _ in result["results"]]
+    results, _seconds, total = _distinct_attempts_race(db_url, db_session_factory, "naive_rollup")
+    outcomes = [won for _, won, _ in results]
     errors = [won for won in outcomes if isinstance(won, str)]
     with db_session_factory() as session:
         counted = session.scalar(select(func.sum(UsageDailyRollup.attempts))) or 0
-    print(f"[{_backend(db_url)}] naive rollup: {total} finishes, rollups count {counted}, {len(errors)} crashed")
+    print(f"[{backend(db_url)}] naive rollup: {total} finishes, rollups count {counted}, {len(errors)} crashed")
     print(sorted(Counter(e[:90] for e in errors).items()))
     assert not _ledger_checks_hold(db_session_factory, outcomes, total)
 
@@ -280,15 +291,18 @@ def test_recovering_processes_take_over_each_expired_generation_exactly_once(
             new_generation(session, lease_owner="dead", lease_expires_at=past).generation_id
             for _ in range(TAKEOVER_GENERATIONS)
         ]
-    barrier, queue = SPAWN.Barrier(TAKEOVER_PROCESSES), SPAWN.Queue()
-    args = [(db_url, ids, f"recoverer-{w}") for w in range(TAKEOVER_PROCESSES)]
-    results = _run(usage_race_workers.take_over_all, args, barrier, queue)
+    results, _seconds = _race(
+        usage_race_workers.take_over_all,
+        (db_url, ids),
+        processes=TAKEOVER_PROCESSES,
+        trials=1,
+        per_process=lambda w: (f"recoverer-{w}",),
+    )
     winners: dict[str, list[str]] = {gid: [] for gid in ids}
-    for result in results:
-        for gid, won in result["results"]:
-            assert won in (True, False), won
-            if won:
-                winners[gid].append(result["owner"])
+    for gid, owner, won in results:
+        assert won in (True, False), won
+        if won:
+            winners[gid].append(owner)
     assert all(len(owners) == 1 for owners in winners.values()), winners
     with db_session_factory() as session:
         owners = dict(session.execute(select(Generation.id, Generation.lease_owner)).tuples().all())

@@ -1,8 +1,9 @@
 """Worker processes for the usage ledger's races (spawned: they import this module, never the test module).
 
 Each worker is a separate process with its own engine and several threads with a session each, so the ledger's
-writes race across processes AND within one, as under several API workers. Every round starts at a barrier
-shared with the other workers, and every thread of a round is released at once.
+writes race across processes AND within one, as under several API workers. Every round is a trial of
+tests/racing.py's harness: it starts at a barrier shared with the other workers, and every thread of a round is
+released at once.
 
 The `naive` variants are the read-then-write versions the ledger's single statements replace (test helpers
 only): they show that the race tests can fail.
@@ -10,6 +11,7 @@ only): they show that the race tests can fail.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -25,9 +27,8 @@ from core.generation import usage
 from core.generation.usage import AttemptOutcome
 from db.engine import make_engine, session_factory, transaction
 from db.models import LATENCY_BUCKET_COLUMNS, Generation, UsageAttempt, UsageDailyRollup
-from tests.racing import run_threads
+from tests.racing import run_threads, run_trials
 
-BARRIER_TIMEOUT_S = 90
 NAIVE_PAUSE_S = 0.002
 """Any work between a read and the write that depends on it: a network hop, a GC pause."""
 
@@ -70,29 +71,32 @@ def naive_start(session: Session, key: str, fingerprint: str) -> tuple[bool, str
     return True, row.id
 
 
-def start_same_keys(url: str, keys: list[str], threads: int, naive: bool, barrier: Barrier, out: Queue[Any]) -> None:
-    """Per key: every thread of every worker starts a generation with that key at the same moment."""
+def start_same_keys(
+    url: str, keys: list[str], threads: int, naive: bool, start: Barrier, done: Barrier, out: Queue[Any]
+) -> None:
+    """One trial per key: every thread of every worker starts a generation with that key at the same moment;
+    each reports (key, (created, generation id) or an error)."""
     factory = _factory(url, threads)
     request = {"prompt": "a fox", "provider": "fal-qwen"}
     fingerprint = usage.request_fingerprint(request)
-    results: list[tuple[str, Any]] = []
-    for key in keys:
 
-        def start(_: int, key: str = key) -> tuple[bool, str]:
-            with transaction(factory) as session:
-                if naive:
-                    return naive_start(session, key, fingerprint)
-                started = usage.start_generation(
-                    session, user_id=None, prompt="a fox", request=request, routing_policy="explicit",
-                    requested_provider="fal-qwen", mode="live", estimated_micro_usd=20_972, idempotency_key=key,
-                    fingerprint=fingerprint, lease_owner=f"worker:{key}",
-                    lease_expires_at=datetime.now(UTC) + timedelta(hours=1),
-                )  # fmt: skip
-                return started.created, started.generation_id
+    def start_one(key: str, _thread: int) -> tuple[bool, str]:
+        with transaction(factory) as session:
+            if naive:
+                return naive_start(session, key, fingerprint)
+            started = usage.start_generation(
+                session, user_id=None, prompt="a fox", request=request, routing_policy="explicit",
+                requested_provider="fal-qwen", mode="live", estimated_micro_usd=20_972, idempotency_key=key,
+                fingerprint=fingerprint, lease_owner=f"worker:{key}",
+                lease_expires_at=datetime.now(UTC) + timedelta(hours=1),
+            )  # fmt: skip
+            return started.created, started.generation_id
 
-        barrier.wait(BARRIER_TIMEOUT_S)
-        results.extend((key, r) for r in _run_threads(threads, start))
-    out.put(results)
+    def trial(number: int) -> list[tuple[str, Any]]:
+        key = keys[number]
+        return [(key, r) for r in _run_threads(threads, functools.partial(start_one, key))]
+
+    run_trials(len(keys), start, done, out, trial)
 
 
 # --- finishing attempts ---------------------------------------------------------------------------------------
@@ -181,34 +185,37 @@ def finish_rounds(
     url: str,
     rounds: list[list[tuple[int, AttemptOutcome]]],
     finisher: str,
-    barrier: Barrier,
+    start: Barrier,
+    done: Barrier,
     out: Queue[Any],
 ) -> None:
-    """Per round: one thread per (attempt, outcome), all finishing at once (the other workers are given the
-    same attempts to race on them, or other attempts with the same rollup keys)."""
+    """One trial per round: one thread per (attempt, outcome), all finishing at once (the other workers are
+    given the same attempts to race on them, or other attempts with the same rollup keys). Each thread reports
+    (attempt id, True/False or an error, the status this worker would have written)."""
     finish = FINISHERS[finisher]
     factory = _factory(url, max(len(r) for r in rounds))
-    results: list[tuple[int, Any, str]] = []
-    """(attempt id, True/False or an error, the status this worker would have written)"""
-    began = time.perf_counter()
-    for work in rounds:
 
-        def finish_one(i: int, work: list[tuple[int, AttemptOutcome]] = work) -> bool:
-            attempt_id, outcome = work[i]
-            with transaction(factory) as session:
-                return finish(session, attempt_id, outcome)
+    def finish_one(work: list[tuple[int, AttemptOutcome]], i: int) -> bool:
+        attempt_id, outcome = work[i]
+        with transaction(factory) as session:
+            return finish(session, attempt_id, outcome)
 
-        barrier.wait(BARRIER_TIMEOUT_S)
-        outcomes = _run_threads(len(work), finish_one)
-        results.extend((a, won, outcome.status) for (a, outcome), won in zip(work, outcomes, strict=True))
-    out.put({"results": results, "seconds": time.perf_counter() - began})
+    def trial(number: int) -> list[tuple[int, Any, str]]:
+        work = rounds[number]
+        outcomes = _run_threads(len(work), functools.partial(finish_one, work))
+        return [(a, won, outcome.status) for (a, outcome), won in zip(work, outcomes, strict=True)]
+
+    run_trials(len(rounds), start, done, out, trial)
 
 
 # --- lease take-over ------------------------------------------------------------------------------------------
 
 
-def take_over_all(url: str, generation_ids: list[str], owner: str, barrier: Barrier, out: Queue[Any]) -> None:
-    """Every thread tries to take over one of the (expired) generations at the same moment."""
+def take_over_all(
+    url: str, generation_ids: list[str], owner: str, start: Barrier, done: Barrier, out: Queue[Any]
+) -> None:
+    """One trial: every thread tries to take over one of the (expired) generations at the same moment; each
+    reports (generation id, owner, True/False or an error)."""
     factory = _factory(url, len(generation_ids))
 
     def take(i: int) -> bool:
@@ -217,7 +224,9 @@ def take_over_all(url: str, generation_ids: list[str], owner: str, barrier: Barr
                 session, generation_ids[i], lease_owner=owner, lease_expires_at=datetime.now(UTC) + timedelta(hours=1)
             )
 
-    barrier.wait(BARRIER_TIMEOUT_S)
-    out.put(
-        {"owner": owner, "results": list(zip(generation_ids, _run_threads(len(generation_ids), take), strict=True))}
-    )
+    def trial(_number: int) -> list[tuple[str, str, Any]]:
+        return [
+            (gid, owner, won) for gid, won in zip(generation_ids, _run_threads(len(generation_ids), take), strict=True)
+        ]
+
+    run_trials(1, start, done, out, trial)
