@@ -1,4 +1,14 @@
-"""POST /api/generate, GET /api/generations/{id} and GET /api/images/{id}."""
+"""POST /api/generate, GET /api/generations/{id} and GET /api/images/{id}.
+
+What POST /api/generate costs around `generate()`, because that is the API's own overhead on every request:
+- ONE transaction admits it (`api.deps.in_token_transaction`): the token checked, the job inserted (claimed by this
+  process when it runs it at once, so it is durable before generate() starts and nobody else takes it) and the
+  request counted against the token's limit. Core authorizes the job (`jobs.enqueue` takes the actor).
+- The job runs in this process's runner; its finishing transaction also reads the image rows, so when it ends
+  within the wait the answer is built from what `generate()` returned, with no read back. A job that is not at
+  hand (a 202, an earlier job of the same Idempotency-Key, one finished elsewhere) is read once.
+GET /api/generations/{id} is one transaction too: token, the job with its generation and images, count.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +20,15 @@ from fastapi import APIRouter, Depends, Header, Path, Response
 from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.deps import acting_account, job_runner, sessions
+from api.deps import acting_account, bearer_token, in_token_transaction, job_runner, sessions
 from api.problems import PROBLEM_MEDIA_TYPE
 from api.runner import JobRunner
 from api.schemas import GenerateBody, ImageOut, JobOut
 from core import image_access
+from core.api_tokens import TokenGrant
 from core.generation import jobs
-from core.generation.dbexec import in_transaction, run_db
+from core.generation.dbexec import run_db
 from core.generation.models import GenerationRequest
-from core.generation.records import load_result
 from core.security import Actor
 
 router = APIRouter(prefix="/api", tags=["generation"])
@@ -30,29 +40,28 @@ rate limited, database unavailable."""
 POLL_S = 0.05
 
 
-def _job_out(factory: sessionmaker[Session], actor: Actor, job: jobs.JobView) -> JobOut:
-    images: list[ImageOut] = []
+def _job_out(job: jobs.JobView) -> JobOut:
+    """The answer for `job` from what the view carries (no database): its generation and images when it has
+    them (`jobs.JobView.complete`), none when it has no generation yet."""
     generation: dict[str, Any] | None = None
-    if job.generation_id is not None:
-        with factory() as session:
-            result = load_result(session, job.generation_id, replayed=False).to_dict()
-            files = image_access.generation_images(session, actor, job.generation_id)
-        result.pop("images", None)  # server paths stay on the server: `images` below has the URLs
-        generation = result
-        images = [
-            ImageOut(
-                id=f.id,
-                url=f"/api/images/{f.id}",
-                media_type=f.media_type,
-                width=f.width,
-                height=f.height,
-                size_bytes=f.size_bytes,
-                sha256=f.sha256,
-                seed=f.seed,
-                position=f.position,
-            )
-            for f in files
-        ]
+    if job.result is not None:
+        generation = job.result.to_dict()
+        generation.pop("images", None)  # server paths stay on the server: `images` below has the URLs
+        generation["replayed"] = False  # the job's own generation, however many claims it took (as read back)
+    images = [
+        ImageOut(
+            id=image.id,
+            url=f"/api/images/{image.id}",
+            media_type=image.media_type,
+            width=image.width,
+            height=image.height,
+            size_bytes=image.size_bytes,
+            sha256=image.sha256,
+            seed=image.seed,
+            position=image.position,
+        )
+        for image in job.images or ()
+    ]
     return JobOut(
         id=job.id,
         status=job.status,
@@ -66,10 +75,17 @@ def _job_out(factory: sessionmaker[Session], actor: Actor, job: jobs.JobView) ->
     )
 
 
-def _read_job(factory: sessionmaker[Session], actor: Actor, job_id: str) -> JobOut:
+def _read_job(factory: sessionmaker[Session], actor: Actor, job_id: str) -> jobs.JobView:
+    """The job with its generation and images, in one session (core authorizes: its owner or staff)."""
     with factory() as session:
-        job = jobs.get_job(session, actor, job_id)
-    return _job_out(factory, actor, job)
+        return jobs.get_job(session, actor, job_id, with_result=True)
+
+
+async def _complete(factory: sessionmaker[Session], actor: Actor, job: jobs.JobView) -> jobs.JobView:
+    """`job` as it is, if it carries what the answer needs (or has no generation yet); else read once."""
+    if job.generation_id is None or job.complete:
+        return job
+    return await run_db(_read_job, factory, actor, job.id)
 
 
 async def _wait_for(
@@ -95,12 +111,40 @@ def _get_job(factory: sessionmaker[Session], actor: Actor, job_id: str) -> jobs.
         return jobs.get_job(session, actor, job_id)
 
 
+def _json(out: JobOut, status_code: int, headers: dict[str, str] | None = None) -> Response:
+    # pydantic's own serializer straight to bytes: no intermediate dict and no second pass through json.dumps.
+    return Response(out.model_dump_json(), status_code=status_code, headers=headers, media_type="application/json")
+
+
 def _finished_response(out: JobOut) -> Response:
     if out.status == "failed" and out.error is not None:
         body = dict(out.error)
         body["job"] = out.model_dump(mode="json")
         return JSONResponse(body, status_code=int(body.get("status", 502)), media_type=PROBLEM_MEDIA_TYPE)
-    return JSONResponse(out.model_dump(mode="json"), status_code=200)
+    return _json(out, 200)
+
+
+def _enqueue(
+    session: Session,
+    grant: TokenGrant,
+    request: GenerationRequest,
+    idempotency_key: str | None,
+    claimed_by: str | None,
+) -> tuple[Actor, jobs.JobView, bool]:
+    """The job of a generation request, queued in its token's transaction: (actor, job, created)."""
+    job, created = jobs.enqueue(
+        session,
+        grant.actor,
+        request,
+        idempotency_key=idempotency_key,
+        token_id=grant.token_id,
+        claimed_by=claimed_by,
+    )
+    return grant.actor, job, created
+
+
+def _read_for(session: Session, grant: TokenGrant, job_id: str) -> jobs.JobView:
+    return jobs.get_job(session, grant.actor, job_id, with_result=True)
 
 
 @router.post(
@@ -116,7 +160,7 @@ def _finished_response(out: JobOut) -> Response:
 )
 async def post_generate(
     body: GenerateBody,
-    actor: Annotated[Actor, Depends(acting_account)],
+    raw_token: Annotated[str, Depends(bearer_token)],
     factory: Annotated[sessionmaker[Session], Depends(sessions)],
     runner: Annotated[JobRunner, Depends(job_runner)],
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
@@ -135,11 +179,10 @@ async def post_generate(
         max_attempts=body.max_attempts,
     )
     claimed_by = runner.owner if body.wait else None
-    job, created = await in_transaction(
+    actor, job, created = await in_token_transaction(
         factory,
-        functools.partial(
-            jobs.enqueue, actor=actor, request=request, idempotency_key=idempotency_key, claimed_by=claimed_by
-        ),
+        raw_token,
+        functools.partial(_enqueue, request=request, idempotency_key=idempotency_key, claimed_by=claimed_by),
     )
     if created and claimed_by is not None:
         runner.run_claimed(job)
@@ -147,22 +190,21 @@ async def post_generate(
         runner.wake()
     if body.wait and not job.finished:
         job = await _wait_for(factory, runner, actor, job, body.timeout_s)
-    out = await run_db(_job_out, factory, actor, job)
+    out = _job_out(await _complete(factory, actor, job))
     if out.status in ("succeeded", "failed"):
         return _finished_response(out)
-    return JSONResponse(
-        out.model_dump(mode="json"), status_code=202, headers={"Location": f"/api/generations/{out.id}"}
-    )
+    return _json(out, 202, {"Location": f"/api/generations/{out.id}"})
 
 
 @router.get("/generations/{job_id}", response_model=JobOut, responses={404: PROBLEM, **ERRORS})
 async def get_generation(
     job_id: Annotated[str, Path(max_length=36)],
-    actor: Annotated[Actor, Depends(acting_account)],
+    raw_token: Annotated[str, Depends(bearer_token)],
     factory: Annotated[sessionmaker[Session], Depends(sessions)],
-) -> JobOut:
+) -> Response:
     """A job: its status, and once it ran, its images, cost and every attempt. Its owner or staff only."""
-    return await run_db(_read_job, factory, actor, job_id)
+    job = await in_token_transaction(factory, raw_token, functools.partial(_read_for, job_id=job_id))
+    return _json(_job_out(job), 200)
 
 
 def _image(factory: sessionmaker[Session], actor: Actor, image_id: int) -> image_access.ImageFile:

@@ -18,8 +18,8 @@ dropped afterwards) is not pinned. Variants, each timed under the same load:
 Added latency = p50 (p99) through the server minus p50 (p99) of its own raw calls under the same load, per run,
 then the median across runs. Requests per second per core: the server is pinned to one core, so its requests per
 second are per core; the CPU the server process used per request is shown too. Then, one request at a time in
-this process on the same database, where an API request's time goes: authentication and rate count, the job
-insert, the job (generate()), and the response.
+this process on the same database, where an API request's time goes: its admission (token, job insert and claim,
+rate count: one transaction), the job (generate() and the job's finish), and the response.
 """
 
 from __future__ import annotations
@@ -266,10 +266,9 @@ async def measure(
 
 
 STEPS = {
-    "auth": "bearer token checked and the request counted (one transaction)",
-    "insert": "job row inserted, claimed by this process (one transaction)",
-    "job": "the job: generate() (the fal adapter's HTTP requests included) and the job's finish",
-    "response": "the response: the job, generation and images read back, JSON",
+    "admit": "bearer token checked, job row inserted and claimed by this process, request counted (one transaction)",
+    "job": "the job: generate() (the fal adapter's HTTP requests included) and the job's finish with its image rows",
+    "response": "the response from the finished job in memory, JSON",
     "raw": "for comparison: the raw fal queue calls (httpx, 4 requests)",
 }
 
@@ -303,12 +302,10 @@ class Phases:
 async def profile_phases(factory: Any, secret: str, calls: int, raw: Call, counts: collections.Counter[str]) -> Phases:
     """The route's steps one request at a time in this process (the API server is idle meanwhile); `counts` is
     bench.profile_generate's live statement counter on the engine."""
-    from api.deps import _authenticate_and_count
-    from api.routes_generate import _job_out
+    from api.deps import in_token_transaction
+    from api.routes_generate import _complete, _enqueue, _job_out
     from api.schemas import GenerateBody
-    from core.api_rate import default_rate_limit
     from core.generation import jobs
-    from core.generation.dbexec import in_transaction, run_db
     from core.generation.models import GenerationRequest
     from core.generation.service import process_owner
 
@@ -321,21 +318,17 @@ async def profile_phases(factory: Any, secret: str, calls: int, raw: Call, count
 
     for _ in range(calls):
         marks = [mark()]
-        grant, _decision = await in_transaction(
-            factory, functools.partial(_authenticate_and_count, raw=secret, default=default_rate_limit())
-        )
-        marks.append(mark())
         body = GenerateBody.model_validate(generate_body())
         request = GenerationRequest(
             body.prompt, provider=body.provider, params=body.params, allow_fallback=body.allow_fallback
         )
-        job, _created = await in_transaction(
-            factory, functools.partial(jobs.enqueue, actor=grant.actor, request=request, claimed_by=owner)
+        actor, job, _created = await in_token_transaction(
+            factory, secret, functools.partial(_enqueue, request=request, idempotency_key=None, claimed_by=owner)
         )
         marks.append(mark())
         finished = await jobs.run_job(factory, job, owner)
         marks.append(mark())
-        out = await run_db(_job_out, factory, grant.actor, finished)
+        out = _job_out(await _complete(factory, actor, finished))
         out.model_dump_json()
         marks.append(mark())
         await raw()

@@ -15,8 +15,8 @@ The secret is `igt_` + 43 URL-safe random characters (256 bits), so a fast hash 
 sessions, core.console_sessions.digest): lookups are one indexed equality. The first characters (`prefix`) are
 stored so a person can tell tokens apart. Audit rows name the token by id, name and prefix, never the secret.
 
-`last_used_at` is written at most once a minute per token (a guarded UPDATE), so a busy client does not turn
-every API read into a write.
+`last_used_at` is written at most once a minute per token (a guarded UPDATE, sent only when the row just read says
+it is due), so a busy client does not turn every API read into a write, nor send a statement that writes nothing.
 
 The token's role travels as `Actor.role_cap`, which `core.authz.authorize` applies to the role it reads from the
 database at every change: a HERO-scoped token of an ADMIN is a HERO in core, whatever the endpoint checks.
@@ -28,8 +28,9 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import cast
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import Table, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from common.errors import InvalidInput, NotFound, PermissionDenied
@@ -49,6 +50,7 @@ __all__ = [
     "authenticate_request",
     "authenticate_token",
     "capped_role",
+    "check_token_form",
     "create_token",
     "list_tokens",
     "revoke_token",
@@ -273,37 +275,69 @@ def authenticate_token(session: Session, raw: str, *, now: datetime | None = Non
     return authenticate_request(session, raw, now=now).actor
 
 
+_tokens = cast(Table, ApiToken.__table__)
+_users = cast(Table, User.__table__)
+_GRANT = (
+    select(
+        _tokens.c.id,
+        _tokens.c.prefix,
+        _tokens.c.role,
+        _tokens.c.rate_limit_per_minute,
+        _tokens.c.expires_at,
+        _tokens.c.revoked_at,
+        _tokens.c.last_used_at,
+        _users.c.id.label("user_id"),
+        _users.c.username,
+        _users.c.role.label("user_role"),
+        _users.c.active,
+    )
+    .join(_users, _users.c.id == _tokens.c.user_id)
+    .where(_tokens.c.token_hash == bindparam("token_hash"))
+)
+"""What a request's token grants, and whether it may be used: one indexed read (built once; columns, not ORM
+objects: every API request runs it)."""
+
+
+def check_token_form(raw: str) -> str:
+    """`raw` stripped, if it can be an Imagegate API token at all (TokenRefused otherwise): a check without the
+    database, so a request with a malformed token costs nothing more."""
+    token = raw.strip() if isinstance(raw, str) else ""
+    if not _WELL_FORMED.match(token):
+        raise TokenRefused("not an Imagegate API token (it starts with igt_ followed by 43 characters)")
+    return token
+
+
 def authenticate_request(session: Session, raw: str, *, now: datetime | None = None) -> TokenGrant:
     """The actor a REST request acts as, from its bearer token; TokenRefused unless the token exists, is not
     revoked or expired, and its user is active. The actor's role is the token's, capped by the user's current
-    role. Notes the use in `last_used_at` (at most once a minute)."""
-    if not isinstance(raw, str) or not _WELL_FORMED.match(raw.strip()):
-        raise TokenRefused("not an Imagegate API token (it starts with igt_ followed by 43 characters)")
+    role. Notes the use in `last_used_at` (at most once a minute).
+
+    One indexed read (`_GRANT`), and the `last_used_at` write only when that read says it is due."""
+    secret = check_token_form(raw)
     moment = now or utcnow()
-    row = session.execute(
-        select(ApiToken, User)
-        .join(User, User.id == ApiToken.user_id)
-        .where(ApiToken.token_hash == digest(raw.strip()))
-        .execution_options(populate_existing=True)
-    ).one_or_none()
-    if row is None:
+    connection = session.connection()
+    token = connection.execute(_GRANT, {"token_hash": digest(secret)}).one_or_none()
+    if token is None:
         raise TokenRefused("unknown API token")
-    token, user = row.tuple()
     if token.revoked_at is not None:
         raise TokenRefused(f"this API token ({token.prefix}…) was revoked")
     if token.expires_at is not None and token.expires_at <= moment:
         raise TokenRefused(f"this API token ({token.prefix}…) expired on {token.expires_at:%Y-%m-%d %H:%M} UTC")
-    if not user.active:
-        raise TokenRefused(f"the account of this API token ({user.username}) is deactivated")
-    session.execute(
-        update(ApiToken)
-        .where(
-            ApiToken.id == token.id,
-            or_(ApiToken.last_used_at.is_(None), ApiToken.last_used_at < moment - LAST_USED_EVERY),
+    if not token.active:
+        raise TokenRefused(f"the account of this API token ({token.username}) is deactivated")
+    due = moment - LAST_USED_EVERY
+    if token.last_used_at is None or token.last_used_at < due:
+        # Still guarded: another process may have noted the use since the read.
+        connection.execute(
+            update(_tokens)
+            .where(_tokens.c.id == token.id, or_(_tokens.c.last_used_at.is_(None), _tokens.c.last_used_at < due))
+            .values(last_used_at=moment)
         )
-        .values(last_used_at=moment)
-        .execution_options(synchronize_session=False)
-    )
     # role_cap: core.authz applies the token's role at every change, against the user's role as it is then.
-    actor = Actor(user_id=user.id, username=user.username, role=capped_role(token.role, user.role), role_cap=token.role)
+    actor = Actor(
+        user_id=token.user_id,
+        username=token.username,
+        role=capped_role(token.role, token.user_role),
+        role_cap=token.role,
+    )
     return TokenGrant(actor, token.id, token.rate_limit_per_minute)

@@ -3,7 +3,9 @@ with a lease, runs it through `generate()` and records the outcome.
 
     job, created = enqueue(session, actor, request, idempotency_key="order-42")   # in the API's transaction
     job = claim_next(session, owner)                 # a worker: the oldest runnable job, or None
-    view = await run_job(factory, job, owner)        # generate() with the key `job:<id>`, then finish
+    view = await run_job(factory, job, owner)        # generate() with the key `job:<id>`, then finish;
+                                                     # view.result and view.images: the outcome, in memory
+    view = get_job(session, actor, job_id, with_result=True)   # the same read back, for its owner or staff
 
 Why this holds across processes and crashes:
 - Claiming is ONE statement: `UPDATE ... WHERE id = (SELECT ... LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING`
@@ -16,6 +18,12 @@ Why this holds across processes and crashes:
 - Finishing is conditional on still owning the lease, so a worker that lost its job (its lease expired and
   another took over) cannot overwrite the newer outcome.
 - A job claimed `MAX_CLAIMS` times without finishing (its workers keep dying) fails instead of looping forever.
+
+Cost per job, because the API runs this on every request: each write returns the row it wrote (INSERT/UPDATE ...
+RETURNING, no read-back), and the finishing transaction also reads the generation's image rows, so the worker
+that ran the job hands back everything a response needs (`JobView.result`, `JobView.images`) without another
+read. The statements of a request's path are Core statements on the tables, built once and run on the session's
+connection: nothing here needs the ORM's identity map, and its per-statement bookkeeping cost more than the work.
 """
 
 from __future__ import annotations
@@ -25,29 +33,31 @@ import contextlib
 import functools
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Table, and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.errors import ImagegateError, InvalidInput, NotFound
 from common.problems import problem_for
 from core.authz import authorize, begin_write
 from core.generation.dbexec import in_transaction, run_db
-from core.generation.models import GenerationRequest, GenerationResult
+from core.generation.models import GenerationFailed, GenerationRequest, GenerationResult
 from core.generation.records import generation_by_key, load_result
 from core.generation.recovery import recover
 from core.generation.service import AdapterFactory, generate
 from core.generation.usage import scoped_idempotency_key
+from core.image_access import MEDIA_TYPES
 from core.security import Actor, Role
 from db.engine import dialect_insert
-from db.models import GenerationJob, new_uuid, utcnow
+from db.models import GenerationJob, StoredImage, new_uuid, utcnow
 
 __all__ = [
     "JOB_LEASE_S",
     "MAX_CLAIMS",
+    "JobImage",
     "JobView",
     "claim",
     "claim_next",
@@ -69,6 +79,20 @@ FINAL_STATUSES = ("succeeded", "failed")
 
 
 @dataclass(frozen=True)
+class JobImage:
+    """One stored image of a job's generation: what a client needs to fetch it (never its server path)."""
+
+    id: int
+    media_type: str
+    width: int
+    height: int
+    size_bytes: int
+    sha256: str
+    seed: int | None
+    position: int
+
+
+@dataclass(frozen=True)
 class JobView:
     id: str
     user_id: int
@@ -81,10 +105,80 @@ class JobView:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    result: GenerationResult | None = field(default=None, compare=False, repr=False)
+    """The generation's result: as `generate()` returned it when this process just ran the job (`run_job`), or
+    read back from the ledger (`get_job(..., with_result=True)`); None when not at hand."""
+    images: tuple[JobImage, ...] | None = field(default=None, compare=False, repr=False)
+    """The generation's stored images in order (empty without a generation); None when not at hand. Set together
+    with `result`: when both are there, the job, its generation and its images are complete without a read."""
 
     @property
     def finished(self) -> bool:
         return self.status in FINAL_STATUSES
+
+    @property
+    def complete(self) -> bool:
+        """Whether the view carries its generation and images (or has no generation): nothing left to read."""
+        return self.images is not None and (self.generation_id is None or self.result is not None)
+
+
+_jobs = cast(Table, GenerationJob.__table__)
+_stored_images = cast(Table, StoredImage.__table__)
+_COLUMNS = tuple(_jobs.c)
+"""Every column of a job: what each write returns (RETURNING) instead of reading the row back."""
+
+_JOB_BY_ID = select(*_COLUMNS).where(_jobs.c.id == bindparam("job_id"))
+_JOB_BY_KEY = select(*_COLUMNS).where(_jobs.c.idempotency_key == bindparam("key"))
+_IMAGES_OF = (
+    select(
+        _stored_images.c.id,
+        _stored_images.c.content_type,
+        _stored_images.c.width,
+        _stored_images.c.height,
+        _stored_images.c.size_bytes,
+        _stored_images.c.sha256,
+        _stored_images.c.seed,
+        _stored_images.c.position,
+    )
+    .where(_stored_images.c.generation_id == bindparam("generation_id"))
+    .order_by(_stored_images.c.position)
+)
+_HELD_BY_OWNER = and_(
+    _jobs.c.id == bindparam("job_id"), _jobs.c.lease_owner == bindparam("owner"), _jobs.c.status == "running"
+)
+_FINISH = (
+    update(_jobs)
+    .where(_HELD_BY_OWNER)
+    .values(
+        status=bindparam("final_status", type_=_jobs.c.status.type),
+        generation_id=bindparam("final_generation_id", type_=_jobs.c.generation_id.type),
+        error=bindparam("final_error", type_=_jobs.c.error.type),
+        finished_at=bindparam("finished_at_value", type_=_jobs.c.finished_at.type),
+        lease_owner=None,
+        lease_expires_at=None,
+    )
+    .returning(*_COLUMNS)
+)
+_RENEW = (
+    update(_jobs)
+    .where(_HELD_BY_OWNER)
+    .values(lease_expires_at=bindparam("expires_at", type_=_jobs.c.lease_expires_at.type))
+    .returning(_jobs.c.id)
+)
+_inserts: dict[tuple[str, bool], Any] = {}
+
+
+def _insert(session: Session, with_key: bool) -> Any:
+    """INSERT ... RETURNING every column (ON CONFLICT on the idempotency key DO NOTHING when there is one), built
+    once per database kind; the values come with the execution."""
+    kind = session.get_bind().dialect.name
+    statement = _inserts.get((kind, with_key))
+    if statement is None:
+        statement = dialect_insert(session, _jobs)
+        if with_key:
+            statement = statement.on_conflict_do_nothing(index_elements=["idempotency_key"])
+        statement = _inserts[(kind, with_key)] = statement.returning(*_COLUMNS)
+    return statement
 
 
 def _view(row: Any) -> JobView:
@@ -103,9 +197,28 @@ def _view(row: Any) -> JobView:
     )
 
 
-def _load(session: Session, job_id: str) -> GenerationJob | None:
-    return session.scalar(
-        select(GenerationJob).where(GenerationJob.id == job_id).execution_options(populate_existing=True)
+def _load(session: Session, job_id: str) -> Any | None:
+    """The job's row (columns only: a view is all anyone makes of it), or None."""
+    return session.connection().execute(_JOB_BY_ID, {"job_id": job_id}).one_or_none()
+
+
+def _images(session: Session, generation_id: str | None) -> tuple[JobImage, ...]:
+    """A generation's stored images in order; the caller has already authorized reading the job they belong to."""
+    if generation_id is None:
+        return ()
+    rows = session.connection().execute(_IMAGES_OF, {"generation_id": generation_id})
+    return tuple(
+        JobImage(
+            id=row.id,
+            media_type=MEDIA_TYPES.get(row.content_type, "application/octet-stream"),
+            width=row.width,
+            height=row.height,
+            size_bytes=row.size_bytes,
+            sha256=row.sha256,
+            seed=row.seed,
+            position=row.position,
+        )
+        for row in rows
     )
 
 
@@ -145,23 +258,19 @@ def enqueue(
         "started_at": None if claimed_by is None else moment,
         "created_at": moment,
     }
-    statement = dialect_insert(session, GenerationJob).values(**values)
-    if key is not None:
-        statement = statement.on_conflict_do_nothing(index_elements=["idempotency_key"])
-    created = session.execute(statement.returning(GenerationJob.id)).scalar_one_or_none() is not None
-    row = (
-        _load(session, values["id"])
-        if created
-        else session.scalar(select(GenerationJob).where(GenerationJob.idempotency_key == key))
-    )
-    if row is None:  # pragma: no cover - the insert or the conflicting row is there in this transaction
+    connection = session.connection()
+    inserted = connection.execute(_insert(session, key is not None), values).one_or_none()
+    if inserted is not None:
+        return _view(inserted), True
+    row = connection.execute(_JOB_BY_KEY, {"key": key}).one_or_none()
+    if row is None:  # pragma: no cover - the conflicting row is there in this transaction
         raise RuntimeError("the job vanished right after it was queued")
-    if not created and row.request_fingerprint != fingerprint:
+    if row.request_fingerprint != fingerprint:
         raise InvalidInput(
             f"the idempotency key {idempotency_key!r} was already used for a different request",
             {"idempotency_key": "already used for a different request"},
         )
-    return _view(row), created
+    return _view(row), False
 
 
 def _claim(session: Session, owner: str, lease_s: float, now: datetime | None, job_id: str | None) -> JobView | None:
@@ -188,14 +297,11 @@ def _claim(session: Session, owner: str, lease_s: float, now: datetime | None, j
             claims=GenerationJob.claims + 1,
             started_at=func.coalesce(GenerationJob.started_at, moment),
         )
-        .returning(GenerationJob.id)
+        .returning(*_COLUMNS)
         .execution_options(synchronize_session=False)
     )
-    claimed = session.execute(statement).scalar_one_or_none()
-    if claimed is None:
-        return None
-    row = _load(session, claimed)
-    return None if row is None else _view(row)
+    claimed = session.execute(statement).one_or_none()
+    return None if claimed is None else _view(claimed)
 
 
 def _fail_exhausted(session: Session, now: datetime) -> None:
@@ -242,12 +348,8 @@ def renew(
 ) -> bool:
     """Extend `owner`'s lease; False when the job is no longer theirs (another worker took it over)."""
     moment = now or utcnow()
-    result = session.execute(
-        update(GenerationJob)
-        .where(GenerationJob.id == job_id, GenerationJob.lease_owner == owner, GenerationJob.status == "running")
-        .values(lease_expires_at=moment + timedelta(seconds=lease_s))
-        .returning(GenerationJob.id)
-        .execution_options(synchronize_session=False)
+    result = session.connection().execute(
+        _RENEW, {"job_id": job_id, "owner": owner, "expires_at": moment + timedelta(seconds=lease_s)}
     )
     return result.scalar_one_or_none() is not None
 
@@ -261,34 +363,42 @@ def finish(
     generation_id: str | None,
     error: Mapping[str, Any] | None = None,
     now: datetime | None = None,
-) -> bool:
-    """Record the outcome if `owner` still holds the job; False (nothing written) when it does not."""
+) -> JobView | None:
+    """Record the outcome if `owner` still holds the job: the finished job (as written); None (nothing written)
+    when it does not."""
     if status not in FINAL_STATUSES:
         raise ValueError(f"a job finishes as succeeded or failed, not {status!r}")
-    result = session.execute(
-        update(GenerationJob)
-        .where(GenerationJob.id == job_id, GenerationJob.lease_owner == owner, GenerationJob.status == "running")
-        .values(
-            status=status,
-            generation_id=generation_id,
-            error=None if error is None else dict(error),
-            finished_at=now or utcnow(),
-            lease_owner=None,
-            lease_expires_at=None,
+    written = (
+        session.connection()
+        .execute(
+            _FINISH,
+            {
+                "job_id": job_id,
+                "owner": owner,
+                "final_status": status,
+                "final_generation_id": generation_id,
+                "final_error": None if error is None else dict(error),
+                "finished_at_value": now or utcnow(),
+            },
         )
-        .returning(GenerationJob.id)
-        .execution_options(synchronize_session=False)
+        .one_or_none()
     )
-    return result.scalar_one_or_none() is not None
+    return None if written is None else _view(written)
 
 
-def get_job(session: Session, actor: Actor, job_id: str) -> JobView:
-    """A job as its owner or staff sees it. Anyone else gets NotFound, so ids of others' jobs reveal nothing."""
+def get_job(session: Session, actor: Actor, job_id: str, *, with_result: bool = False) -> JobView:
+    """A job as its owner or staff sees it. Anyone else gets NotFound, so ids of others' jobs reveal nothing.
+    `with_result`: also its generation's result and stored images (`JobView.result`, `.images`), read in this
+    session; the generation is the job's user's, so whoever may see the job may see them."""
     who = authorize(session, actor, *Role, action="read generation jobs", lock=False)
     row = _load(session, job_id)
     if row is None or (who.user_id is not None and who.role not in STAFF and row.user_id != who.user_id):
         raise NotFound(f"there is no generation job {job_id!r}")
-    return _view(row)
+    view = _view(row)
+    if not with_result:
+        return view
+    result = None if view.generation_id is None else load_result(session, view.generation_id, replayed=False)
+    return replace(view, result=result, images=_images(session, view.generation_id))
 
 
 async def _keep_lease(factory: sessionmaker[Session], job_id: str, owner: str, lease_s: float) -> None:
@@ -325,10 +435,16 @@ async def run_job(
 ) -> JobView:
     """Run a claimed job through `generate()` as its user, keep its lease alive meanwhile, and record the
     outcome. A generation left by a dead worker is recovered first (its paid result collected, settled once); one
-    still running elsewhere leaves the job claimed: its lease runs out and a later claim finds the result."""
+    still running elsewhere leaves the job claimed: its lease runs out and a later claim finds the result.
+
+    The finished job comes back with what `generate()` returned (`result`) and the generation's image rows
+    (`images`, read in the finishing transaction), so whoever waits on it answers without reading it back; when
+    the outcome is not in memory (an error without its result) or another worker took the job over, they are
+    None and the reader reads them (`get_job(..., with_result=True)`)."""
     request = GenerationRequest.from_record(job.request, idempotency_key=f"job:{job.id}")
     actor = Actor(user_id=job.user_id, username=f"user {job.user_id}")
-    if await run_db(_left_unfinished, factory, scoped_idempotency_key(job.user_id, f"job:{job.id}")):
+    # Only a job claimed before (claims > 1) can have a generation a dead worker left: a first claim skips the read.
+    if job.claims > 1 and await run_db(_left_unfinished, factory, scoped_idempotency_key(job.user_id, f"job:{job.id}")):
         # An earlier claim's worker died mid-generation: collect and settle what it left before asking again, so
         # generate() replays that generation instead of waiting on a lease nobody renews. `now` judges leases.
         await recover(factory, adapters=adapters, now=now)
@@ -336,6 +452,7 @@ async def run_job(
     status: str
     error: dict[str, Any] | None
     generation_id: str | None
+    outcome: GenerationResult | None
     try:
         try:
             result = await generate(request, actor, factory=factory, adapters=adapters)
@@ -343,6 +460,7 @@ async def run_job(
             problem = problem_for(failure).body()
             generation_id = problem.get("generation_id")
             status, error = "failed", problem
+            outcome = failure.result if isinstance(failure, GenerationFailed) else None
         else:
             generation_id = result.generation_id
             if not result.status.finished:
@@ -354,16 +472,46 @@ async def run_job(
                 log.info("job %s: generation %s is still running elsewhere", job.id, generation_id)
                 return job
             status, error = _outcome(result)
+            outcome = result
     finally:
         keeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await keeper
-    await in_transaction(
+    if outcome is not None and outcome.generation_id != generation_id:
+        outcome = None  # not this job's generation's result: let the reader read it
+    finished = await in_transaction(
         factory,
-        functools.partial(finish, job_id=job.id, owner=owner, status=status, generation_id=generation_id, error=error),
+        functools.partial(
+            _finish_with_images,
+            job_id=job.id,
+            owner=owner,
+            status=status,
+            generation_id=generation_id,
+            error=error,
+            result=outcome,
+        ),
     )
-    row = await run_db(_read, factory, job.id)
-    return row
+    if finished is None:  # another worker took the job over: report it as it is now
+        return await run_db(_read, factory, job.id)
+    return finished
+
+
+def _finish_with_images(
+    session: Session,
+    job_id: str,
+    owner: str,
+    *,
+    status: str,
+    generation_id: str | None,
+    error: Mapping[str, Any] | None,
+    result: GenerationResult | None,
+) -> JobView | None:
+    """`finish`, and in the same transaction the generation's image rows when its result is at hand (the ids
+    clients fetch the images by are only in the database)."""
+    view = finish(session, job_id, owner, status=status, generation_id=generation_id, error=error)
+    if view is None or (generation_id is not None and result is None):
+        return view
+    return replace(view, result=result, images=_images(session, generation_id))
 
 
 def _left_unfinished(factory: sessionmaker[Session], scoped_key: str) -> bool:

@@ -8,7 +8,10 @@ import time
 import pytest
 from sqlalchemy import func, select
 
-from db.models import Generation, GenerationJob, Role, UsageAttempt
+from api import routes_generate
+from core import image_access
+from core.generation import jobs
+from db.models import ApiRateWindow, Generation, GenerationJob, Role, UsageAttempt
 from tests.api.conftest import Api
 
 PROBLEM = "application/problem+json"
@@ -36,6 +39,60 @@ def test_a_waiting_request_returns_the_images_cost_and_attempts(api: Api) -> Non
     assert again.status_code == 200 and again.json()["images"] == job["images"]
 
 
+def test_a_waiting_request_is_answered_from_its_run_without_reading_it_back(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job that finished within the wait is answered from what generate() returned and the image rows its
+    finishing transaction read; a later GET reads the same job from the database and says the same (only the
+    timings differ: the run measured its own, the ledger keeps each attempt's in milliseconds)."""
+    token = api.token_for("ann")
+
+    def no_read(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the waiting POST read the job back")
+
+    with monkeypatch.context() as patched:
+        # Every way back to the job, its generation or its images (the last one as the route once imported it).
+        patched.setattr(jobs, "get_job", no_read)
+        patched.setattr(jobs, "load_result", no_read)
+        patched.setattr(image_access, "generation_images", no_read)
+        patched.setattr(routes_generate, "load_result", no_read, raising=False)
+        answer = api.client.post(
+            "/api/generate",
+            json={"prompt": "a red fox", "provider": "fal-qwen", "params": {"seed": 7, "num_images": 2}},
+            headers=api.auth(token),
+        )
+    assert answer.status_code == 200, answer.text
+    posted = answer.json()
+    assert posted["status"] == "succeeded" and [i["position"] for i in posted["images"]] == [0, 1]
+    read = api.client.get(f"/api/generations/{posted['id']}", headers=api.auth(token)).json()
+    for body in (posted, read):
+        body["generation"].pop("timings")
+    assert posted == read
+    with api.factory() as session:
+        job = session.get(GenerationJob, posted["id"])
+        assert job is not None and job.token_id is not None  # the job names the token that asked for it
+
+
+def test_a_request_core_refuses_or_a_token_over_its_limit_still_counts_and_queues_nothing(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The admitting transaction (token, job, count) rolls back when core refuses the job or the token is over
+    its limit; the request is counted all the same, and nothing is queued."""
+    monkeypatch.setenv("IMAGEGATE_API_RATE_LIMIT", "2")
+    token = api.token_for("ann")
+    headers = {**api.auth(token), "Idempotency-Key": "order-7"}
+    body = {"prompt": "a red fox", "provider": "sandbox", "wait": False}
+    assert api.client.post("/api/generate", json=body, headers=headers).status_code == 202
+    reused = api.client.post("/api/generate", json={**body, "prompt": "a blue fox"}, headers=headers)
+    assert reused.status_code == 422  # refused by core, and counted: the limit of 2 is used up
+    over = api.client.post("/api/generate", json=body, headers=api.auth(token))
+    assert over.status_code == 429 and over.json()["limit_per_minute"] == 2
+    assert api.client.post("/api/generate", json=body, headers=headers).status_code == 429
+    with api.factory() as session:
+        assert session.scalar(select(func.count()).select_from(GenerationJob)) == 1
+        assert session.scalar(select(ApiRateWindow.requests)) == 4
+
+
 def test_a_queued_request_is_accepted_at_once_and_finished_by_the_worker(api: Api) -> None:
     token = api.token_for("ann")
     answer = api.client.post(
@@ -61,6 +118,7 @@ def test_a_retry_with_the_same_idempotency_key_returns_the_first_job(api: Api) -
     second = api.client.post("/api/generate", json=body, headers=headers)
     assert first.status_code == second.status_code == 200
     assert first.json()["id"] == second.json()["id"]
+    assert first.json()["images"] == second.json()["images"]  # the repeat reads the first job back
     with api.factory() as session:
         assert session.scalar(select(func.count()).select_from(GenerationJob)) == 1
         assert session.scalar(select(func.count()).select_from(Generation)) == 1

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.api import STEPS
 from common.config import PROJECT_ROOT
 from tests.bench.test_bench_smoke import section
 from tests.dbfixtures import find_pg_admin_dsn, require_pg
@@ -42,7 +43,10 @@ def test_api_bench_runs_and_writes_its_section(tmp_path: Path) -> None:
     assert len(rows) == (4 if with_proxy else 2), text
     assert all("| 7/7 |" in row for row in rows), text  # 1 warm-up + 6 timed, every one succeeded
     assert "p50 added latency of `POST /api/generate`" in text
-    assert "| job row inserted, claimed by this process (one transaction) |" in text
+    # The step profile's counts (not timings): a request is admitted in one transaction, answered with no read.
+    [admit] = [line for line in text.splitlines() if line.startswith(f"| {STEPS['admit']} |")]
+    [response] = [line for line in text.splitlines() if line.startswith(f"| {STEPS['response']} |")]
+    assert admit.endswith("| 1 |") and response.endswith("| 0 | 0 |"), text
     if with_proxy:
         assert "| LiteLLM proxy /v1/images/generations |" in text
         assert "requests per second per core: imagegate" in text

@@ -6,7 +6,7 @@ import hashlib
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import Engine, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.errors import InvalidInput, NotFound, PermissionDenied
@@ -79,6 +79,28 @@ def test_authenticate_gives_the_user_and_notes_the_use(
     _auth(db_session_factory, created.secret, now=later)
     with db_session_factory() as session:
         assert session.scalars(select(ApiToken.last_used_at)).one() == later
+
+
+def test_a_use_within_the_minute_is_one_read_and_no_write(
+    db_engine: Engine, db_session_factory: sessionmaker[Session], people: dict[str, Actor]
+) -> None:
+    """Every API request authenticates: when the use was noted less than a minute ago, not even a guarded UPDATE
+    that would change nothing is sent."""
+    created = _create(db_session_factory, people["bob"], people["bob"])
+    _auth(db_session_factory, created.secret)  # notes the first use
+    sent: list[str] = []
+
+    def note(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if "api_tokens" in statement:
+            sent.append(statement.split()[0].upper())
+
+    event.listen(db_engine, "before_cursor_execute", note)
+    try:
+        _auth(db_session_factory, created.secret)
+        _auth(db_session_factory, created.secret, now=utcnow() + timedelta(minutes=2))
+    finally:
+        event.remove(db_engine, "before_cursor_execute", note)
+    assert sent == ["SELECT", "SELECT", "UPDATE"]
 
 
 def test_revocation_takes_effect_at_once(db_session_factory: sessionmaker[Session], people: dict[str, Actor]) -> None:
