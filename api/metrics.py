@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Iterable
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -31,10 +31,15 @@ LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
 
 class HttpMetrics:
     """ASGI middleware counting requests by method, route template (never the raw path: ids would explode the
-    label set) and status, with a latency histogram."""
+    label set) and status, with a latency histogram.
+
+    It runs on every request, so each label combination's child metric is looked up once and kept (the set is
+    small: methods x route templates x statuses); `labels()` validates and locks on every call."""
 
     def __init__(self, app: ASGIApp, registry: CollectorRegistry) -> None:
         self.app = app
+        self._counted: dict[tuple[str, str, int], Any] = {}
+        self._timed: dict[tuple[str, str], Any] = {}
         self.requests = Counter(
             "imagegate_http_requests", "HTTP requests answered", ("method", "route", "status"), registry=registry
         )
@@ -62,10 +67,17 @@ class HttpMetrics:
         try:
             await self.app(scope, receive, tracking_send)
         finally:
+            elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             method = str(scope.get("method", "GET"))
-            self.requests.labels(method, route, str(status)).inc()
-            self.latency.labels(method, route).observe(time.perf_counter() - started)
+            counted = self._counted.get((method, route, status))
+            if counted is None:
+                counted = self._counted[(method, route, status)] = self.requests.labels(method, route, str(status))
+            timed = self._timed.get((method, route))
+            if timed is None:
+                timed = self._timed[(method, route)] = self.latency.labels(method, route)
+            counted.inc()
+            timed.observe(elapsed)
 
 
 class _Snapshot(Collector):
