@@ -47,7 +47,9 @@ class ImageOut(BaseModel):
 
 class JobOut(BaseModel):
     """A generation job. `generation` is the service's result (provider, attempts, cost, timings, adjustments)
-    once it ran; `error` the problem details when it failed."""
+    once it ran; `error` the problem details when it failed. A POST that waited for its job answers with the result
+    `generate()` returned; a later GET reads it from the ledger, which keeps each attempt's timings in milliseconds
+    (so `timings` may differ in the last digits, and its `admission_s` is 0 there)."""
 
     id: str
     status: str = Field(description="queued | running | succeeded | failed")

@@ -134,10 +134,17 @@ def test_a_claimed_job_runs_through_generate_and_a_second_run_spends_nothing(fac
         generation = session.get(Generation, done.generation_id)
         assert generation is not None and generation.user_id == ann.user_id and generation.status == "succeeded"
         assert generation.idempotency_key == f"{ann.user_id}:job:{queued.id}"
+        read = jobs.get_job(session, ann, queued.id, with_result=True)
+    # The worker hands back what generate() returned and the stored images: the same the ledger has.
+    assert done.complete and done.result is not None and done.result.generation_id == done.generation_id
+    assert done.images is not None and len(done.images) == 1 and done.images == read.images
+    assert read.result is not None
+    assert [a.to_dict() for a in read.result.attempts] == [a.to_dict() for a in done.result.attempts]
     # A worker that ran the same job again (it lost its lease after generate() returned): the generation is
-    # replayed by its key, nothing runs or is charged twice, and the stale worker's finish writes nothing.
+    # replayed by its key, nothing runs or is charged twice, and the stale worker's finish writes nothing, so
+    # it reports the job as stored, without a result of its own.
     again = asyncio.run(jobs.run_job(factory, taken, "worker-a"))
-    assert again.generation_id == done.generation_id
+    assert again.generation_id == done.generation_id and not again.complete
     with factory() as session:
         assert session.scalar(select(func.count()).select_from(Generation)) == 1
         assert session.scalar(select(func.count()).select_from(UsageAttempt)) == 1
