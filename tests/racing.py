@@ -7,7 +7,8 @@ processes, then an event across one process's threads.
 
 Parent side (the test): `race_trials` spawns the workers (each with its own arguments where they differ), sets up
 each trial, releases them, collects one report per process (sampling the database meanwhile, if the race asks)
-and lets the test read the database before the next trial. `stop` joins (or kills) workers a test runs itself.
+and lets the test read the database before the next trial; a worker that dies meanwhile fails the race at once
+(`WorkerDied`, with its exit code). `stop` joins (or kills) workers a test runs itself.
 
 Worker side (a module of worker functions; spawned processes import it, never the test module):
 `worker_sessions` for the process's engine, `run_trials` for the per-trial loop, `run_threads` to release a
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import multiprocessing.connection
 import os
 import threading
 import time
@@ -37,6 +39,8 @@ BARRIER_TIMEOUT_S = 90
 """How long a process waits at a barrier for the others (a stuck one fails the race instead of hanging it)."""
 JOIN_TIMEOUT_S = 120
 """How long the parent waits for a report, and for each process to exit before it is killed."""
+REPORT_POLL_S = 0.05
+"""How long the parent waits for a report before it checks that no worker has died."""
 WATCH_POLL_S = 0.002
 """How long the parent waits for a report between two `watch` samples (short: the samples are the point)."""
 SPAWN = multiprocessing.get_context("spawn")
@@ -69,8 +73,11 @@ def race_trials(
     Per trial: `set_up(trial)` prepares the database while the workers wait; the start barrier releases them all
     at once; the parent takes one report per process (calling `watch(trial, what set_up returned)` between polls
     of the queue, when given, to sample the database while the race runs), then `observe(trial, what set_up
-    returned, reports)` reads the outcome before the done barrier lets the workers on to the next trial. On any
-    failure both barriers are aborted, so no worker waits forever; every worker is joined (or killed after
+    returned, reports)` reads the outcome before the done barrier lets the workers on to the next trial.
+
+    A worker that exits before the trials are over (it crashed, or its trial raised) fails the race at once with
+    `WorkerDied`, naming its exit code: the parent does not wait out a barrier or a report that will never come.
+    On any failure both barriers are aborted, so no worker waits forever; every worker is joined (or killed after
     JOIN_TIMEOUT_S) and a worker that did not exit cleanly fails the race."""
     start, done = SPAWN.Barrier(processes + 1), SPAWN.Barrier(processes + 1)
     queue = SPAWN.Queue()
@@ -80,39 +87,109 @@ def race_trials(
     ]
     for worker in workers:
         worker.start()
+    watchdog = _Watchdog(workers, (start, done))
     facts: list[Fact] = []
     try:
         for trial in range(trials):
             prepared = set_up(trial)
-            start.wait(BARRIER_TIMEOUT_S)
-            if watch is None:
-                reports = [queue.get(timeout=JOIN_TIMEOUT_S) for _ in range(processes)]
-            else:
-                reports = _collect_watching(queue, processes, functools.partial(watch, trial, prepared))
+            watchdog.wait_at(start, f"at the start of trial {trial}")
+            watching = None if watch is None else functools.partial(watch, trial, prepared)
+            reports = _collect(queue, processes, watchdog, trial, watching)
             facts.append(observe(trial, prepared, reports))
-            done.wait(BARRIER_TIMEOUT_S)
+            watchdog.wait_at(done, f"at the end of trial {trial}")
     except BaseException:
         start.abort()
         done.abort()
         raise
     finally:
+        watchdog.close()
         stop(workers)
     assert all(w.exitcode == 0 for w in workers), [w.exitcode for w in workers]
     return facts
 
 
-def _collect_watching(queue: Queue[Any], count: int, watch: Callable[[], None]) -> list[Report]:
-    """`count` reports, calling `watch()` before each poll of the queue; at most JOIN_TIMEOUT_S in all."""
+class WorkerDied(AssertionError):
+    """A race's worker process exited while the trials were still running."""
+
+
+class _Watchdog:
+    """Watches the workers' exits from a thread of the parent. The first exit aborts the barriers (a dead worker
+    never reaches them: the parent and the other workers would otherwise wait BARRIER_TIMEOUT_S); the parent,
+    woken by the broken barrier or between polls of the report queue, then raises `WorkerDied`."""
+
+    def __init__(self, workers: Sequence[BaseProcess], barriers: Sequence[Barrier]) -> None:
+        self._workers = workers
+        self._barriers = barriers
+        self._wake, self._waker = multiprocessing.Pipe(duplex=False)
+        self.first_dead: int | None = None
+        """The index of the first worker seen to exit, once one has."""
+        self._thread = threading.Thread(target=self._run, name="race-watchdog", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        sentinels = {worker.sentinel: index for index, worker in enumerate(self._workers)}
+        ready = multiprocessing.connection.wait([self._wake, *sentinels])
+        dead = [sentinels[s] for s in ready if isinstance(s, int) and s in sentinels]
+        if not dead:
+            return  # closed: the trials are over, workers exiting now are exiting on time
+        self.first_dead = dead[0]
+        for barrier in self._barriers:
+            barrier.abort()
+
+    def check(self, when: str) -> None:
+        """Raise `WorkerDied` if a worker has exited."""
+        if self.first_dead is None:
+            return
+        first = self._workers[self.first_dead]
+        first.join(5)  # its sentinel fired: it is gone, let its exit code be collected
+        others = [
+            f"worker {index} {_how_it_exited(worker.exitcode)}"
+            for index, worker in enumerate(self._workers)
+            if index != self.first_dead and worker.exitcode is not None
+        ]
+        raise WorkerDied(
+            f"worker {self.first_dead} (pid {first.pid}) {_how_it_exited(first.exitcode)} {when}"
+            + (f"; then {', '.join(others)}" if others else "")
+        )
+
+    def wait_at(self, barrier: Barrier, when: str) -> None:
+        """The parent's wait at a barrier; a worker's exit (which aborts the barrier) raises `WorkerDied`."""
+        try:
+            barrier.wait(BARRIER_TIMEOUT_S)
+        except threading.BrokenBarrierError:
+            self.check(when)
+            raise
+
+    def close(self) -> None:
+        self._waker.close()  # the watchdog's wait returns on the pipe's end
+        self._thread.join()
+        self._wake.close()
+
+
+def _how_it_exited(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "stopped responding"  # not expected: the caller names workers whose sentinel fired
+    if exitcode < 0:
+        return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+def _collect(
+    queue: Queue[Any], count: int, watchdog: _Watchdog, trial: int, watch: Callable[[], None] | None
+) -> list[Report]:
+    """`count` reports, calling `watch()` (if any) before each poll of the queue; at most JOIN_TIMEOUT_S in all.
+    The queue is polled in short waits so that a worker's exit fails the trial at once."""
     reports: list[Report] = []
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     while len(reports) < count:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{len(reports)} of {count} workers reported within {JOIN_TIMEOUT_S} s")
-        watch()
+        if watch is not None:
+            watch()
         try:
-            reports.append(queue.get(timeout=WATCH_POLL_S))
+            reports.append(queue.get(timeout=REPORT_POLL_S if watch is None else WATCH_POLL_S))
         except Empty:
-            continue
+            watchdog.check(f"before reporting trial {trial} ({len(reports)} of {count} reports in)")
     return reports
 
 
