@@ -244,14 +244,18 @@ def test_a_user_generates_within_their_budget_and_an_inactive_one_cannot(factory
         generate_sync(request, erin, factory=factory)
     assert refused.value.left_micro_usd == 0
     generate_sync(request, SYSTEM, factory=factory)  # the user's budget is theirs alone
-    with transaction(factory) as session:
-        user = session.get(User, erin.user_id)
-        assert user is not None
-        user.active = False
+    _deactivate(factory, erin)
     with pytest.raises(PermissionDenied, match="deactivated"):
         generate_sync(request, erin, factory=factory)
     with pytest.raises(PermissionDenied, match="no such account"):
         generate_sync(request, Actor(user_id=9999, username="ghost"), factory=factory)
+
+
+def _deactivate(factory: sessionmaker[Session], actor: Actor) -> None:
+    with transaction(factory) as session:
+        user = session.get(User, actor.user_id)
+        assert user is not None
+        user.active = False
 
 
 def test_a_deactivated_user_cannot_replay_an_earlier_result(factory: sessionmaker[Session]) -> None:
@@ -261,10 +265,7 @@ def test_a_deactivated_user_cannot_replay_an_earlier_result(factory: sessionmake
     request = GenerationRequest("a red fox", provider="fal-qwen", allow_fallback=False, idempotency_key="fox")
     first = generate_sync(request, erin, factory=factory)
     assert generate_sync(request, erin, factory=factory).generation_id == first.generation_id
-    with transaction(factory) as session:
-        user = session.get(User, erin.user_id)
-        assert user is not None
-        user.active = False
+    _deactivate(factory, erin)
     with pytest.raises(PermissionDenied, match="deactivated"):
         generate_sync(request, erin, factory=factory)
 
