@@ -72,12 +72,6 @@ def emulated(emulator_server: tuple[BackgroundServer, FaultBoard], monkeypatch: 
     return board
 
 
-@pytest.fixture
-def factory(db_session_factory: sessionmaker[Session]) -> sessionmaker[Session]:
-    seed(db_session_factory)
-    return db_session_factory
-
-
 def _reservation_statuses(factory: sessionmaker[Session]) -> list[ReservationStatus]:
     with factory() as session:
         return list(session.scalars(select(BudgetReservation.status).order_by(BudgetReservation.created_at)))

@@ -23,15 +23,7 @@ from tests.core.generation.service_support import seed
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
 
-@pytest.fixture(autouse=True)
-def _sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("IMAGEGATE_EMULATOR_URL", raising=False)
-
-
-@pytest.fixture
-def factory(db_session_factory: sessionmaker[Session]) -> sessionmaker[Session]:
-    seed(db_session_factory)
-    return db_session_factory
+pytestmark = pytest.mark.usefixtures("sandbox_only")
 
 
 def _user(factory: sessionmaker[Session], name: str, role: Role = Role.USER) -> Actor:

@@ -47,15 +47,7 @@ from tests.core.generation.service_workers import repeat_with_key
 FAL_ESTIMATE = 15_729  # fal-qwen at its default settings (landscape 4:3, one image) and $0.02/MP
 
 
-@pytest.fixture(autouse=True)
-def _sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("IMAGEGATE_EMULATOR_URL", raising=False)
-
-
-@pytest.fixture
-def factory(db_session_factory: sessionmaker[Session]) -> sessionmaker[Session]:
-    seed(db_session_factory)
-    return db_session_factory
+pytestmark = pytest.mark.usefixtures("sandbox_only")
 
 
 def _run(factory: sessionmaker[Session], request: GenerationRequest, actor: Actor = SYSTEM) -> object:

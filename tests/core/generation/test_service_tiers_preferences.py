@@ -16,21 +16,13 @@ from core.security import Actor
 from core.spend import reports
 from db.engine import transaction
 from db.models import Role, UsageDailyRollup, User
-from tests.core.generation.service_support import attempts, seed
+from tests.core.generation.service_support import attempts
 
 SYSTEM = Actor.system("tests")
 FAL_DEFAULT = 15_729  # 1024x768 = 0.786432 MP at $0.02/MP
 
 
-@pytest.fixture(autouse=True)
-def _sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("IMAGEGATE_EMULATOR_URL", raising=False)
-
-
-@pytest.fixture
-def factory(db_session_factory: sessionmaker[Session]) -> sessionmaker[Session]:
-    seed(db_session_factory)
-    return db_session_factory
+pytestmark = pytest.mark.usefixtures("sandbox_only")
 
 
 def _user(factory: sessionmaker[Session], name: str) -> Actor:
