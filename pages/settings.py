@@ -329,6 +329,18 @@ def _unsaved_global(saved: GlobalSettings, draft: GlobalSettings | None) -> list
 
 
 @st.fragment
+def _save_global(draft: dict[str, Any], comment: str, expected_version: int, said: str) -> None:
+    """Save `draft` as the next global settings version (refused when someone saved since `expected_version`);
+    on success remember the version, flash `said` (with `{version}`) and rerun."""
+    saved = _write(
+        settings_service.save_global_settings, draft, comment=comment or None, expected_version=expected_version
+    )
+    if saved is not None:
+        st.session_state["gs.loaded"] = saved.version
+        state.flash(said.format(version=saved.version))
+        st.rerun()
+
+
 def _global_editor() -> None:
     """The global settings (every field, grouped), their history, and the quality presets."""
     with state.db_session() as session:
@@ -407,16 +419,7 @@ def _global_editor() -> None:
         if st.button(
             "Save global settings", type="primary", disabled=gsettings is None or not gchanges, key=gkey + "save"
         ):
-            gsaved = _write(
-                settings_service.save_global_settings,
-                gdraft,
-                comment=gcomment or None,
-                expected_version=gloaded,
-            )
-            if gsaved is not None:
-                st.session_state["gs.loaded"] = gsaved.version
-                state.flash(f"Saved the global settings as version {gsaved.version}.")
-                st.rerun()
+            _save_global(gdraft, gcomment, gloaded, "Saved the global settings as version {version}.")
         gtarget = _history("global", settings_service.global_history(session, limit=50), "gh")
         if gtarget is not None:
             grolled = _write(settings_service.rollback_global_settings, gtarget)
@@ -498,16 +501,8 @@ def _presets_editor(gview: settings_service.GlobalSettingsView, gloaded: int) ->
     if reset_all.button("Reset every preset to built-in", disabled=not overrides, key=pkey + "reset.all"):
         plan = ({}, "Reset every preset to built-in")
     if plan is not None:
-        saved = _write(
-            settings_service.save_global_settings,
-            global_draft_with(gview.settings, preset_overrides=plan[0]),
-            comment=pcomment or None,
-            expected_version=gloaded,
-        )
-        if saved is not None:
-            st.session_state["gs.loaded"] = saved.version
-            state.flash(f"{plan[1]}: global settings version {saved.version}.")
-            st.rerun()
+        draft = global_draft_with(gview.settings, preset_overrides=plan[0])
+        _save_global(draft, pcomment, gloaded, plan[1] + ": global settings version {version}.")
 
 
 @st.fragment

@@ -146,15 +146,29 @@ def browser() -> Iterator[object]:
             b.close()
 
 
-def wait_for_app(page: object) -> None:
+def wait_for_app(page: object, timeout_ms: int = 30_000) -> None:
     """Wait until Streamlit has finished its run (after a goto or a click)."""
     page.wait_for_timeout(300)  # type: ignore[attr-defined]
     page.wait_for_selector(  # type: ignore[attr-defined]
-        "[data-testid='stApp'][data-test-script-state='notRunning']", timeout=30_000
+        "[data-testid='stApp'][data-test-script-state='notRunning']", timeout=timeout_ms
     )
     page.wait_for_function(  # type: ignore[attr-defined]
-        "() => document.querySelectorAll('[data-testid=\"stSkeleton\"]').length === 0", timeout=30_000
+        "() => document.querySelectorAll('[data-testid=\"stSkeleton\"]').length === 0", timeout=timeout_ms
     )
+
+
+def sign_in(page: object, url: str, username: str, *, heading: str | None = None, timeout_ms: int = 30_000) -> None:
+    """Open `url`, sign in as `username` with the tests' password, and wait for the run (and, when given, for the
+    page's `heading`: the sign-in redirects through the session route to the page the link named)."""
+    page.goto(url)  # type: ignore[attr-defined]
+    wait_for_app(page, timeout_ms)
+    page.get_by_label("Username", exact=True).fill(username)  # type: ignore[attr-defined]
+    page.get_by_label("Password", exact=True).fill(PASSWORD)  # type: ignore[attr-defined]
+    page.get_by_role("button", name="Sign in").click()  # type: ignore[attr-defined]
+    page.wait_for_timeout(1000)  # type: ignore[attr-defined]
+    wait_for_app(page, timeout_ms)
+    if heading is not None:
+        page.get_by_role("heading", name=heading).first.wait_for(timeout=timeout_ms)  # type: ignore[attr-defined]
 
 
 def screenshot(page: object, name: str, *, in_readme: bool = True) -> Path:

@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.ui.conftest import Console, RecordedContext, screenshot, wait_for_app
-from tests.ui.test_browser_settings_playground import _choose, _metric, _sign_in
+from tests.ui.conftest import Console, RecordedContext, screenshot, sign_in, wait_for_app
+from tests.ui.test_browser_settings_playground import _choose, _metric
 
 pytestmark = pytest.mark.browser
 
@@ -19,7 +19,7 @@ def test_edit_a_preset_and_see_the_monthly_cost_of_a_change(
     console_with_accounts: Console, new_browser: Callable[..., RecordedContext]
 ) -> None:
     page = new_browser().new_page(height=1600)
-    _sign_in(page, console_with_accounts.url, "alice")
+    sign_in(page, console_with_accounts.url, "alice")
     page.get_by_role("heading", name="Provider settings").wait_for(timeout=30_000)  # type: ignore[attr-defined]
     # The provider tab's preview: the monthly cost of the (untouched) form, no history in a new install.
     page.get_by_text("What this change costs per month").first.wait_for(timeout=10_000)  # type: ignore[attr-defined]

@@ -9,19 +9,9 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.ui.conftest import PASSWORD, Console, RecordedContext, screenshot, wait_for_app
+from tests.ui.conftest import Console, RecordedContext, screenshot, sign_in, wait_for_app
 
 pytestmark = pytest.mark.browser
-
-
-def _sign_in(page: object, url: str, username: str) -> None:
-    page.goto(url)  # type: ignore[attr-defined]
-    wait_for_app(page)
-    page.get_by_label("Username", exact=True).fill(username)  # type: ignore[attr-defined]
-    page.get_by_label("Password", exact=True).fill(PASSWORD)  # type: ignore[attr-defined]
-    page.get_by_role("button", name="Sign in").click()  # type: ignore[attr-defined]
-    page.wait_for_timeout(1000)  # type: ignore[attr-defined]
-    wait_for_app(page)
 
 
 def _metric(page: object, label: str) -> str:
@@ -43,7 +33,7 @@ def test_slider_estimate_save_history_and_a_playground_run(
     console = console_with_accounts
     admin = new_browser()
     page = admin.new_page(height=1500)
-    _sign_in(page, console.url, "alice")
+    sign_in(page, console.url, "alice")
     page.get_by_role("heading", name="Provider settings").wait_for(timeout=30_000)  # type: ignore[attr-defined]
 
     _choose(page, "Provider", "fal.ai Qwen-Image")
@@ -119,7 +109,7 @@ def test_slider_estimate_save_history_and_a_playground_run(
     # A USER: the Playground with their budget, no Settings.
     user = new_browser()
     user_page = user.new_page(height=1000)
-    _sign_in(user_page, f"{console.url}/playground", "bob")
+    sign_in(user_page, f"{console.url}/playground", "bob")
     user_page.get_by_role("heading", name="Playground").wait_for(timeout=30_000)  # type: ignore[attr-defined]
     assert user_page.get_by_role("link", name="Settings").count() == 0  # type: ignore[attr-defined]
     assert _metric(user_page, "Estimated cost") == "$0.015729"

@@ -10,20 +10,13 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.ui.conftest import PASSWORD, Console, RecordedContext, screenshot
+from tests.ui.conftest import Console, RecordedContext, screenshot, sign_in, wait_for_app
 
 pytestmark = pytest.mark.browser
 
 
-def wait_for_app(page: object) -> None:
-    """conftest's wait, with room for a machine shared with other work (a page run can take many seconds)."""
-    page.wait_for_timeout(300)  # type: ignore[attr-defined]
-    page.wait_for_selector(  # type: ignore[attr-defined]
-        "[data-testid='stApp'][data-test-script-state='notRunning']", timeout=120_000
-    )
-    page.wait_for_function(  # type: ignore[attr-defined]
-        "() => document.querySelectorAll('[data-testid=\"stSkeleton\"]').length === 0", timeout=120_000
-    )
+SLOW_MS = 120_000
+"""Room for a machine shared with other work: a page run can take many seconds."""
 
 
 def _top(page: object, heading: str) -> None:
@@ -32,28 +25,15 @@ def _top(page: object, heading: str) -> None:
     page.wait_for_timeout(500)  # type: ignore[attr-defined]
 
 
-def _sign_in(page: object, url: str, username: str, heading: str) -> None:
-    page.goto(url)  # type: ignore[attr-defined]
-    wait_for_app(page)
-    page.get_by_label("Username", exact=True).fill(username)  # type: ignore[attr-defined]
-    page.get_by_label("Password", exact=True).fill(PASSWORD)  # type: ignore[attr-defined]
-    page.get_by_role("button", name="Sign in").click()  # type: ignore[attr-defined]
-    page.wait_for_timeout(1000)  # type: ignore[attr-defined]
-    wait_for_app(page)
-    # The sign-in redirects through the session route to the page the link named: wait until it is there.
-    page.get_by_role("heading", name=heading).first.wait_for(timeout=120_000)  # type: ignore[attr-defined]
-    wait_for_app(page)
-
-
 def _open(page: object, url: str, heading: str) -> None:
     page.goto(url)  # type: ignore[attr-defined]
-    wait_for_app(page)
+    wait_for_app(page, SLOW_MS)
     try:
         page.get_by_role("heading", name=heading).first.wait_for(timeout=120_000)  # type: ignore[attr-defined]
     except Exception:
         screenshot(page, f"failed-{heading.lower()}", in_readme=False)
         raise
-    wait_for_app(page)
+    wait_for_app(page, SLOW_MS)
 
 
 def _generate(page: object, console: Console, prompt: str) -> None:
@@ -61,7 +41,7 @@ def _generate(page: object, console: Console, prompt: str) -> None:
         _open(page, f"{console.url}/playground", "Playground")
     page.get_by_label("Prompt", exact=True).fill(prompt)  # type: ignore[attr-defined]
     page.keyboard.press("Tab")  # type: ignore[attr-defined]
-    wait_for_app(page)
+    wait_for_app(page, SLOW_MS)
     page.get_by_role("button", name="Generate").click()  # type: ignore[attr-defined]
 
 
@@ -81,10 +61,10 @@ def test_find_a_generation_on_usage_then_a_budget_refuses_in_the_playground(
     console = console_with_accounts
     admin = new_browser()
     page = admin.new_page(height=1600)
-    _sign_in(page, f"{console.url}/playground", "alice", "Playground")
+    sign_in(page, f"{console.url}/playground", "alice", heading="Playground", timeout_ms=SLOW_MS)
     _generate(page, console, "a lighthouse at dusk")
     page.get_by_text("Done on fal-qwen (sandbox)").wait_for(timeout=120_000)  # type: ignore[attr-defined]
-    wait_for_app(page)
+    wait_for_app(page, SLOW_MS)
     (generation,) = _generations(console)
 
     # Usage: the generation in the attempts, its spend in the charts (simulated: no provider is live).
@@ -103,36 +83,36 @@ def test_find_a_generation_on_usage_then_a_budget_refuses_in_the_playground(
     # Budgets: a hard global budget that fits one more request, made on the page.
     _open(page, f"{console.url}/budgets", "Budgets")
     page.get_by_text("simulated", exact=True).click()  # type: ignore[attr-defined]  # the spend-mode radio
-    wait_for_app(page)
+    wait_for_app(page, SLOW_MS)
     form = page.get_by_test_id("stForm").filter(has=page.get_by_role("button", name="Create budget"))  # type: ignore[attr-defined]
     form.get_by_label("Name", exact=True).fill("Everyone this month")
     form.get_by_label("Limit (USD)", exact=True).fill("0.02")
     page.get_by_role("button", name="Create budget").click()  # type: ignore[attr-defined]
     page.wait_for_timeout(800)  # type: ignore[attr-defined]
-    wait_for_app(page)
+    wait_for_app(page, SLOW_MS)
     page.get_by_text("Budget 'Everyone this month' created.").wait_for(timeout=120_000)  # type: ignore[attr-defined]
     page.get_by_text("spent $0.000000 + reserved $0.000000 of $0.020000").wait_for(timeout=10_000)  # type: ignore[attr-defined]
 
     # Spend it: the first request fits, the second is refused before anything is spent.
     _generate(page, console, "a lighthouse at dawn")
     page.get_by_text("Done on fal-qwen (sandbox)").first.wait_for(timeout=120_000)  # type: ignore[attr-defined]
-    wait_for_app(page)
+    wait_for_app(page, SLOW_MS)
     # Without fallback (the free Qwen Space would take it at $0 otherwise): refused, nothing spent.
     page.get_by_text("Fall back to other providers").click()  # type: ignore[attr-defined]
-    wait_for_app(page)
+    wait_for_app(page, SLOW_MS)
     _generate(page, console, "a lighthouse at night")
     try:
         page.get_by_text("Refused by a budget: nothing was spent").wait_for(timeout=120_000)  # type: ignore[attr-defined]
     except Exception:
         screenshot(page, "failed-refusal", in_readme=False)
         raise
-    wait_for_app(page)
+    wait_for_app(page, SLOW_MS)
     page.get_by_text("Everyone this month").first.wait_for(timeout=10_000)  # type: ignore[attr-defined]
     screenshot(page, "playground-budget-refused", in_readme=False)
 
     _open(page, f"{console.url}/budgets", "Budgets")
     page.get_by_text("simulated", exact=True).click()  # type: ignore[attr-defined]
-    wait_for_app(page)
+    wait_for_app(page, SLOW_MS)
     page.get_by_text("spent $0.015729 + reserved $0.000000 of $0.020000").wait_for(timeout=10_000)  # type: ignore[attr-defined]
     _top(page, "Budgets")
     screenshot(page, "budgets")
@@ -140,14 +120,14 @@ def test_find_a_generation_on_usage_then_a_budget_refuses_in_the_playground(
     # A USER: Usage with their own (nothing yet), no Budgets by link or URL.
     user = new_browser()
     user_page = user.new_page(height=1000)
-    _sign_in(user_page, f"{console.url}/usage", "bob", "Usage")
+    sign_in(user_page, f"{console.url}/usage", "bob", heading="Usage", timeout_ms=SLOW_MS)
     user_page.get_by_role("heading", name="Usage").wait_for(timeout=120_000)  # type: ignore[attr-defined]
     user_page.get_by_text("Your own usage only.").wait_for(timeout=10_000)  # type: ignore[attr-defined]
     assert user_page.get_by_role("link", name="Budgets").count() == 0  # type: ignore[attr-defined]
     assert generation not in user_page.content()  # type: ignore[attr-defined]  # alice's generation is not his
     screenshot(user_page, "usage-user", in_readme=False)
     user_page.goto(f"{console.url}/budgets")  # type: ignore[attr-defined]
-    wait_for_app(user_page)
+    wait_for_app(user_page, SLOW_MS)
     user_page.wait_for_timeout(1000)  # type: ignore[attr-defined]
     assert user_page.get_by_role("heading", name="Budgets").count() == 0  # type: ignore[attr-defined]
     assert user_page.get_by_role("button", name="Create budget").count() == 0  # type: ignore[attr-defined]
