@@ -15,9 +15,14 @@ from core.images import image_path
 from core.security import Actor, Role
 from db.models import Generation, StoredImage
 
-__all__ = ["MEDIA_TYPES", "ImageFile", "generation_images", "image_file"]
+__all__ = ["MEDIA_TYPES", "ImageFile", "generation_images", "image_file", "media_type"]
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+def media_type(content_type: str) -> str:
+    """The HTTP media type of a stored image's format (`images.content_type`)."""
+    return MEDIA_TYPES.get(content_type, "application/octet-stream")
 STAFF = (Role.ADMIN, Role.HERO)
 
 
@@ -43,7 +48,7 @@ def _file(row: StoredImage) -> ImageFile:
         user_id=row.user_id,
         position=row.position,
         path=image_path(f"{row.sha256}.{row.content_type}"),
-        media_type=MEDIA_TYPES.get(row.content_type, "application/octet-stream"),
+        media_type=media_type(row.content_type),
         sha256=row.sha256,
         width=row.width,
         height=row.height,

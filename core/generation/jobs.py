@@ -49,7 +49,7 @@ from core.generation.records import generation_by_key, load_result
 from core.generation.recovery import recover
 from core.generation.service import AdapterFactory, generate
 from core.generation.usage import scoped_idempotency_key
-from core.image_access import MEDIA_TYPES
+from core.image_access import media_type
 from core.security import Actor, Role
 from db.engine import dialect_insert
 from db.models import GenerationJob, StoredImage, new_uuid, utcnow
@@ -210,7 +210,7 @@ def _images(session: Session, generation_id: str | None) -> tuple[JobImage, ...]
     return tuple(
         JobImage(
             id=row.id,
-            media_type=MEDIA_TYPES.get(row.content_type, "application/octet-stream"),
+            media_type=media_type(row.content_type),
             width=row.width,
             height=row.height,
             size_bytes=row.size_bytes,
