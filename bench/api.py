@@ -559,15 +559,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile-calls", type=int, default=30, help="requests of the step-by-step profile (0: none)")
     parser.add_argument("--cprofile", type=Path, help="also profile the steps (cProfile) into this pstats file")
     parser.add_argument("--no-litellm", action="store_true", help="leave LiteLLM's proxy out")
-    parser.add_argument("--results", type=Path, default=harness.RESULTS, help="the markdown file to update")
-    parser.add_argument("--no-write", action="store_true", help="print the section, do not update the file")
+    harness.add_output_arguments(parser)
     args = parser.parse_args(argv)
     if harness.pg_admin_dsn() is None:
         parser.error(f"PostgreSQL does not answer at {harness.PG_HOST}:{harness.PG_PORT}")
     section = asyncio.run(run_all(args))
-    print(section)
-    if not args.no_write:
-        print(f"written to {harness.write_section('api', section, args.results)}", file=sys.stderr)
+    harness.publish("api", section, args)
 
 
 if __name__ == "__main__":

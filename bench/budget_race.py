@@ -240,8 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency", type=float, default=0.2, help="seconds each fal job runs in the emulator")
     parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
     parser.add_argument("--timeout", type=float, default=900, help="seconds a racing process may take")
-    parser.add_argument("--results", type=Path, default=harness.RESULTS)
-    parser.add_argument("--no-write", action="store_true")
+    harness.add_output_arguments(parser)
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="bench-budget-race-"))
     runs: list[tuple[str, dict[str, Any]]] = []
@@ -259,9 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         facts = harness.machine_facts(versions)
     facts = [f for f in facts if not f.startswith("pinning")] + ["pinning: none (every process uses both cores)"]
     section = report(runs, facts, args)
-    print(section)
-    if not args.no_write:
-        print(f"written to {harness.write_section('budget_race', section, args.results)}", file=sys.stderr)
+    harness.publish("budget_race", section, args)
     if any(not all(r["checks"].values()) for _, r in runs):
         sys.exit(1)
 

@@ -6,6 +6,7 @@ Nothing here is timed: the scripts time only their own loops.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import datetime as dt
@@ -410,6 +411,19 @@ def write_section(name: str, markdown: str, path: Path | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text)
     return target
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """--results and --no-write: where a benchmark's section goes, and whether it goes anywhere."""
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the markdown file to update")
+    parser.add_argument("--no-write", action="store_true", help="print the section, do not update the file")
+
+
+def publish(name: str, section: str, args: argparse.Namespace) -> None:
+    """Print the section and, unless --no-write, rewrite it in the results file."""
+    print(section)
+    if not args.no_write:
+        print(f"written to {write_section(name, section, args.results)}", file=sys.stderr)
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

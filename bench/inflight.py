@@ -313,8 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--latency", type=float, default=2.0, help="seconds each fal job runs in the emulator")
     parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
-    parser.add_argument("--results", type=Path, default=harness.RESULTS)
-    parser.add_argument("--no-write", action="store_true")
+    harness.add_output_arguments(parser)
     parser.add_argument("--skip-litellm", action="store_true", help="leave LiteLLM's (slow) baseline out")
     parser.add_argument(
         "--skip-sandbox", action="store_true", help="leave out generate() against the sandbox provider (no HTTP)"
@@ -365,9 +364,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(label, results[-1], file=sys.stderr)
         facts = harness.machine_facts(versions, server_core, client_core)
     section = report(results, facts, args)
-    print(section)
-    if not args.no_write:
-        print(f"written to {harness.write_section('inflight', section, args.results)}", file=sys.stderr)
+    harness.publish("inflight", section, args)
 
 
 if __name__ == "__main__":

@@ -365,14 +365,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=10, help="untimed calls before each batch")
     parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
-    parser.add_argument("--results", type=Path, default=harness.RESULTS, help="the markdown file to update")
-    parser.add_argument("--no-write", action="store_true", help="print the section, do not update the file")
+    harness.add_output_arguments(parser)
     args = parser.parse_args(argv)
     os.environ.setdefault("IMAGEGATE_DB_THREADS", "16")
     section = asyncio.run(run_all(args))
-    print(section)
-    if not args.no_write:
-        print(f"written to {harness.write_section('overhead', section, args.results)}", file=sys.stderr)
+    harness.publish("overhead", section, args)
 
 
 if __name__ == "__main__":
