@@ -20,10 +20,12 @@ from db.models import (
     BudgetReservation,
     Generation,
     ReservationStatus,
+    Role,
     SpendMode,
     StoredImage,
     UsageAttempt,
     UsageDailyRollup,
+    User,
 )
 from emulator.faults import FaultBoard
 from emulator.runner import BackgroundServer, serve_in_thread
@@ -52,6 +54,15 @@ def seed(
         if timeout_s is not None:
             for provider in ("fal-qwen", "ideogram", "huggingface", "qwen", "sandbox"):
                 settings_service.update_provider_settings(session, SYSTEM, provider, {"request_timeout_s": timeout_s})
+
+
+def make_user(factory: sessionmaker[Session], name: str, role: Role = Role.USER) -> Actor:
+    """A new account (a USER unless told), acting as itself: its role is read from the database by core."""
+    with transaction(factory) as session:
+        user = User(username=name, password_hash="not-a-real-hash", role=role)
+        session.add(user)
+        session.flush()
+        return Actor(user_id=user.id, username=name)
 
 
 def update_provider(factory: sessionmaker[Session], provider: str, **changes: Any) -> None:

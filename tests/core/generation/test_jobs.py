@@ -16,22 +16,14 @@ from core.generation import jobs
 from core.generation.models import GenerationRequest
 from core.security import Actor
 from db.engine import transaction
-from db.models import Generation, GenerationJob, Role, UsageAttempt, User
+from db.models import Generation, GenerationJob, Role, UsageAttempt
 from tests.core.generation.job_workers import claim_until_empty
-from tests.core.generation.service_support import seed
+from tests.core.generation.service_support import make_user, seed
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
 
 pytestmark = pytest.mark.usefixtures("sandbox_only")
-
-
-def _user(factory: sessionmaker[Session], name: str, role: Role = Role.USER) -> Actor:
-    with transaction(factory) as session:
-        user = User(username=name, password_hash="not-a-real-hash", role=role)
-        session.add(user)
-        session.flush()
-        return Actor(user_id=user.id, username=name)
 
 
 def _enqueue(
@@ -42,7 +34,7 @@ def _enqueue(
 
 
 def test_a_repeated_key_returns_the_first_job_and_a_reused_key_is_refused(factory: sessionmaker[Session]) -> None:
-    ann, bob = _user(factory, "ann"), _user(factory, "bob")
+    ann, bob = make_user(factory, "ann"), make_user(factory, "bob")
     first, created = _enqueue(factory, ann, idempotency_key="order-42")
     again, created_again = _enqueue(factory, ann, idempotency_key="order-42")
     assert created and not created_again and again.id == first.id and first.status == "queued"
@@ -64,7 +56,7 @@ def test_only_active_accounts_queue_jobs(factory: sessionmaker[Session]) -> None
 
 
 def test_a_claim_is_exclusive_until_its_lease_expires(factory: sessionmaker[Session]) -> None:
-    ann = _user(factory, "ann")
+    ann = make_user(factory, "ann")
     queued, _ = _enqueue(factory, ann, now=T0)
     with transaction(factory) as session:
         taken = jobs.claim_next(session, "worker-a", lease_s=30, now=T0)
@@ -85,7 +77,7 @@ def test_a_claim_is_exclusive_until_its_lease_expires(factory: sessionmaker[Sess
 
 
 def test_a_job_whose_workers_keep_dying_fails_instead_of_looping(factory: sessionmaker[Session]) -> None:
-    ann = _user(factory, "ann")
+    ann = make_user(factory, "ann")
     queued, _ = _enqueue(factory, ann, now=T0)
     moment = T0
     for claim_no in range(1, jobs.MAX_CLAIMS + 1):
@@ -102,8 +94,8 @@ def test_a_job_whose_workers_keep_dying_fails_instead_of_looping(factory: sessio
 
 
 def test_a_job_is_visible_to_its_owner_and_staff_only(factory: sessionmaker[Session]) -> None:
-    ann, bob = _user(factory, "ann"), _user(factory, "bob")
-    hero = _user(factory, "hero", Role.HERO)
+    ann, bob = make_user(factory, "ann"), make_user(factory, "bob")
+    hero = make_user(factory, "hero", Role.HERO)
     job, _ = _enqueue(factory, ann)
     with factory() as session:
         assert jobs.get_job(session, ann, job.id).id == job.id
@@ -115,7 +107,7 @@ def test_a_job_is_visible_to_its_owner_and_staff_only(factory: sessionmaker[Sess
 
 
 def test_a_claimed_job_runs_through_generate_and_a_second_run_spends_nothing(factory: sessionmaker[Session]) -> None:
-    ann = _user(factory, "ann")
+    ann = make_user(factory, "ann")
     queued, _ = _enqueue(factory, ann)
     with transaction(factory) as session:
         taken = jobs.claim_next(session, "worker-a")
@@ -143,7 +135,7 @@ def test_a_claimed_job_runs_through_generate_and_a_second_run_spends_nothing(fac
 
 
 def test_a_refused_job_fails_with_its_problem(factory: sessionmaker[Session]) -> None:
-    ann = _user(factory, "ann")
+    ann = make_user(factory, "ann")
     with transaction(factory) as session:
         job, _ = jobs.enqueue(
             session, ann, GenerationRequest("a fox", provider="fal-qwen", params={"guidance_scale": 99})
@@ -161,7 +153,7 @@ def test_processes_racing_for_jobs_never_take_one_twice(
     db_url: str, db_session_factory: sessionmaker[Session], processes: int
 ) -> None:
     seed(db_session_factory)
-    ann = _user(db_session_factory, "ann")
+    ann = make_user(db_session_factory, "ann")
     queued = {_enqueue(db_session_factory, ann, prompt=f"fox {i}")[0].id for i in range(60)}
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(processes)

@@ -25,7 +25,7 @@ from core.presets import PRESETS
 from core.providers.base import ConnectionMode
 from core.security import Actor
 from db.engine import transaction
-from db.models import BudgetReservation, Generation, ReservationStatus, Role, SpendMode, User
+from db.models import BudgetReservation, Generation, ReservationStatus, SpendMode, User
 from emulator.faults import Fault, FaultBoard
 from emulator.runner import BackgroundServer
 from tests.core.generation.service_support import (
@@ -38,6 +38,7 @@ from tests.core.generation.service_support import (
     images,
     ledger_matches_budget,
     make_budget,
+    make_user,
     open_reservations,
     running_emulator,
     seed,
@@ -119,16 +120,8 @@ def test_a_repeat_with_the_same_key_returns_the_first_result_and_spends_nothing(
             factory=factory,
         )
     # Keys belong to their user: another user's same key is a new request.
-    other = _user(factory, "walter")
+    other = make_user(factory, "walter")
     assert generate_sync(request, other, factory=factory).generation_id != first.generation_id
-
-
-def _user(factory: sessionmaker[Session], name: str) -> Actor:
-    with transaction(factory) as session:
-        user = User(username=name, password_hash="not-a-real-hash", role=Role.USER)
-        session.add(user)
-        session.flush()
-        return Actor(user_id=user.id, username=name)
 
 
 @pytest.mark.parametrize("trials", [3])
@@ -227,7 +220,7 @@ def test_a_soft_budget_degrades_the_request_says_so_and_records_it(
 
 
 def test_a_user_generates_within_their_budget_and_an_inactive_one_cannot(factory: sessionmaker[Session]) -> None:
-    erin = _user(factory, "erin")
+    erin = make_user(factory, "erin")
     make_budget(factory, name="erin's", scope="user", scope_id=erin.user_id, limit_micro_usd=FAL_ESTIMATE)
     request = GenerationRequest("a red fox", provider="fal-qwen", allow_fallback=False)
     result = generate_sync(request, erin, factory=factory)
@@ -253,7 +246,7 @@ def _deactivate(factory: sessionmaker[Session], actor: Actor) -> None:
 def test_a_deactivated_user_cannot_replay_an_earlier_result(factory: sessionmaker[Session]) -> None:
     """A replay writes nothing, so it is authorized where it is read: the earlier result stays theirs to see only
     while the account is active."""
-    erin = _user(factory, "erin")
+    erin = make_user(factory, "erin")
     request = GenerationRequest("a red fox", provider="fal-qwen", allow_fallback=False, idempotency_key="fox")
     first = generate_sync(request, erin, factory=factory)
     assert generate_sync(request, erin, factory=factory).generation_id == first.generation_id

@@ -15,8 +15,8 @@ from core.preferences import save_preferences
 from core.security import Actor
 from core.spend import reports
 from db.engine import transaction
-from db.models import Role, UsageDailyRollup, User
-from tests.core.generation.service_support import attempts
+from db.models import UsageDailyRollup
+from tests.core.generation.service_support import attempts, make_user
 
 SYSTEM = Actor.system("tests")
 FAL_DEFAULT = 15_729  # 1024x768 = 0.786432 MP at $0.02/MP
@@ -25,16 +25,8 @@ FAL_DEFAULT = 15_729  # 1024x768 = 0.786432 MP at $0.02/MP
 pytestmark = pytest.mark.usefixtures("sandbox_only")
 
 
-def _user(factory: sessionmaker[Session], name: str) -> Actor:
-    with transaction(factory) as session:
-        user = User(username=name, password_hash="not-a-real-hash", role=Role.USER)
-        session.add(user)
-        session.flush()
-        return Actor(user_id=user.id, username=name)
-
-
 def test_a_users_preferences_reach_the_request(factory: sessionmaker[Session]) -> None:
-    erin = _user(factory, "erin")
+    erin = make_user(factory, "erin")
     assert erin.user_id is not None
     with transaction(factory) as session:
         save_preferences(
@@ -88,7 +80,7 @@ def test_the_months_live_volume_puts_estimate_and_settlement_on_the_tier(factory
 
 
 def test_the_playground_estimate_prices_like_generate(factory: sessionmaker[Session]) -> None:
-    erin = _user(factory, "erin")
+    erin = make_user(factory, "erin")
     assert erin.user_id is not None
     with transaction(factory) as session:
         save_preferences(session, erin, erin.user_id, {"image_size": "square"}, expected_version=0)
