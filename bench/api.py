@@ -445,6 +445,19 @@ def report(
                 f"{1000 / cpu['api']:.1f}, LiteLLM's proxy {1000 / cpu['litellm']:.1f} requests per CPU-second: "
                 f"{cpu['litellm'] / cpu['api']:.2f}x."
             )
+            if phases is not None and phases.cpu["raw"]:
+                allowed = cpu["litellm"] / TARGET_RATIO_VS_LITELLM
+                floor = statistics.median(phases.cpu["raw"]) * 1000
+                verdicts.append(
+                    f"- the floor: {TARGET_RATIO_VS_LITELLM:g}x LiteLLM's proxy leaves {allowed:.1f} ms of server CPU "
+                    f"per request, and the raw fal queue calls alone (httpx, no fal-client, no server, no database; "
+                    f"the table below) take {floor:.1f} ms of CPU: "
+                    + (
+                        "no server that speaks fal's queue protocol through httpx can meet the target on this machine."
+                        if floor > allowed
+                        else f"{allowed - floor:.1f} ms would be left for the server, fal-client and the database."
+                    )
+                )
         else:
             verdicts.append("- LiteLLM's proxy did not run (see above): no ratio.")
     if verdicts:

@@ -50,3 +50,4 @@ def test_api_bench_runs_and_writes_its_section(tmp_path: Path) -> None:
     if with_proxy:
         assert "| LiteLLM proxy /v1/images/generations |" in text
         assert "requests per second per core: imagegate" in text
+        assert "the floor: 4x LiteLLM's proxy leaves" in text

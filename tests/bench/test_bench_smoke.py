@@ -49,8 +49,11 @@ def test_overhead_runs_and_writes_its_section(tmp_path: Path) -> None:
     done = run_script("bench.overhead", results, "--calls", "3", "--runs", "1", "--warmup", "1", "--db", "sqlite")
     assert done.returncode == 0, done.stderr[-3000:]
     text = section(results, "overhead")
-    for row in ("raw fal queue calls (httpx)", "fal adapter alone", "imagegate generate(), SQLite"):
+    for row in ("raw fal queue calls (httpx)", "fal-client alone", "fal adapter alone", "imagegate generate(), SQLite"):
         assert row in text
+    # fal-client by itself makes the same four exchanges as the raw calls, so it is their floor, like for like.
+    assert "| fal-client alone (one client kept alive) |" in text and "| 4 | " in text.split("fal-client alone")[1]
+    assert "the floor under any generate() built on it" in text
     # Every call went through the budget and the ledger: 1 warm-up + 3 timed, all settled.
     assert "sqlite: 4 usage attempts (4 counted in the daily rollups)" in text
     assert "reserved 0, open reservations 0" in text
@@ -69,6 +72,7 @@ def test_inflight_runs_and_writes_its_section(tmp_path: Path) -> None:
     assert "| imagegate generate(), SQLite |" in text
     assert "| imagegate generate(), SQLite, sandbox provider (no HTTP) |" in text
     assert text.count("| 8/8 |") >= 3, text  # every request of every variant succeeded
+    assert "The floor on this machine: the raw fal queue calls alone" in text
 
 
 @pytest.mark.timeout(SCRIPT_TIMEOUT_S + 10)
