@@ -497,7 +497,12 @@ async def run_all(args: argparse.Namespace) -> str:
         params, _ = wire_params()
         if args.no_litellm:
             notes.append("LiteLLM's proxy left out (--no-litellm)")
-        limits = httpx.Limits(max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2)
+        # Idle connections are dropped after 2 s, before uvicorn's 5 s keep-alive closes them: with httpx's default
+        # (also 5 s) a request could go out on a connection the server was closing, a ReadError that is the load
+        # generator's race, not the server's failure.
+        limits = httpx.Limits(
+            max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2, keepalive_expiry=2.0
+        )
         with (
             harness.fresh_database("postgresql", workdir) as db,
             contextlib.ExitStack() as servers,
