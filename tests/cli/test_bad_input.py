@@ -176,6 +176,7 @@ def _cases(root: Path, busy_port: int) -> dict[tuple[str, ...], list[Bad]]:
         ("api",): [
             Bad(("api", "--port", "0"), 2, "greater than or equal to 1"),
             Bad(("api", "--workers", "0"), 2, "greater than or equal to 1"),
+            Bad(("api", "--keep-alive", "0"), 2, "greater than or equal to 1"),
             Bad(("api", "--port", str(busy_port)), 2, f"cannot listen on 127.0.0.1:{busy_port}"),
         ],
         ("tokens", "create"): [
