@@ -7,6 +7,9 @@
 - A waiter killed with SIGKILL stops blocking the queue once its waiter lease lapses.
 - Fairness across processes: user A holds all 3 slots with 20 more requests queued in one process, user B has 1
   queued in another; the next free slot goes to B.
+- The same race with a naive take (count the slots in use, then write a free one if under the limit: two steps,
+  limits_workers.naive_take) lets more than 3 holders be in flight at once: the checks can fail. Its table
+  samples never exceed 3 (the rows are the slots); the holders' own intervals are what catch it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import os
 import signal
 import time
+from dataclasses import dataclass
 from queue import Empty
 from typing import Any
 
@@ -25,7 +29,7 @@ from core.generation import limits
 from db.engine import transaction
 from tests.core.generation import limits_workers
 from tests.core.generation.limits_workers import PROVIDER
-from tests.racing import JOIN_TIMEOUT_S, SPAWN, Report, race_trials, stop
+from tests.racing import JOIN_TIMEOUT_S, SPAWN, Report, backend, race_trials, stop
 
 Factory = sessionmaker[Session]
 PROCESSES = 4
@@ -51,30 +55,49 @@ def _max_overlap(intervals: list[tuple[float, float]]) -> int:
     return deepest
 
 
-def test_four_processes_never_hold_more_than_the_limit(db_url: str, db_session_factory: Factory) -> None:
+@dataclass(frozen=True)
+class Round:
+    """What one round of the race showed."""
+
+    intervals: list[tuple[float, float]]
+    """Every task's hold: (taken, given back) on `time.monotonic()`."""
+    slot_numbers: set[int]
+    samples: list[int]
+    """How many live holders the table showed, sampled while the round ran."""
+
+    @property
+    def overlap(self) -> int:
+        return _max_overlap(self.intervals)
+
+
+def _race(db_url: str, factory: Factory, *, naive: bool) -> list[Round]:
+    """ROUNDS rounds of PROCESSES x TASKS tasks competing for LIMIT slots (with `naive_take` when `naive`); every
+    task must get its slot, without an error."""
+    label = f"{backend(db_url)}{' naive' if naive else ''}"
+
     def sample(_round_no: int, samples: list[int]) -> None:
         """While the round runs: how many live holders the table shows."""
-        with db_session_factory() as session:
+        with factory() as session:
             samples.append(len(limits.holders(session, PROVIDER)))
 
-    def observe(round_no: int, samples: list[int], reports: list[Report]) -> int:
+    def observe(round_no: int, samples: list[int], reports: list[Report]) -> Round:
         errors = [r["results"]["error"] for r in reports if "error" in r["results"]]
         assert not errors, errors
-        intervals = [(taken, back) for r in reports for taken, back, _ in r["results"]["intervals"]]
-        slot_numbers = {n for r in reports for _, _, n in r["results"]["intervals"]}
-        print(
-            f"round {round_no}: {len(intervals)} holds, {len(samples)} table samples, "
-            f"max sampled {max(samples)}, max overlap {_max_overlap(intervals)}"
+        held = Round(
+            intervals=[(taken, back) for r in reports for taken, back, _ in r["results"]["intervals"]],
+            slot_numbers={n for r in reports for _, _, n in r["results"]["intervals"]},
+            samples=samples,
         )
-        assert len(intervals) == PROCESSES * TASKS
-        assert max(samples) <= LIMIT
-        assert _max_overlap(intervals) <= LIMIT
-        assert slot_numbers <= set(range(LIMIT))
-        return _max_overlap(intervals)
+        print(
+            f"[{label}] round {round_no}: {len(held.intervals)} holds, {len(samples)} table samples, "
+            f"max sampled {max(samples)}, max overlap {held.overlap}"
+        )
+        assert len(held.intervals) == PROCESSES * TASKS
+        return held
 
-    deepest = race_trials(
+    return race_trials(
         limits_workers.compete,
-        (db_url, TASKS, LIMIT, ROUNDS),
+        (db_url, TASKS, LIMIT, ROUNDS, naive),
         processes=PROCESSES,
         trials=ROUNDS,
         set_up=lambda _round_no: [],  # the round's samples of the table
@@ -82,13 +105,36 @@ def test_four_processes_never_hold_more_than_the_limit(db_url: str, db_session_f
         per_process=lambda worker: (worker,),
         watch=sample,
     )
-    assert max(deepest) == LIMIT  # the limit was really contended: the checks above could fail
+
+
+def test_four_processes_never_hold_more_than_the_limit(db_url: str, db_session_factory: Factory) -> None:
+    began = time.monotonic()
+    rounds = _race(db_url, db_session_factory, naive=False)
+    for held in rounds:
+        assert max(held.samples) <= LIMIT
+        assert held.overlap <= LIMIT
+        assert held.slot_numbers <= set(range(LIMIT))
+    assert max(held.overlap for held in rounds) == LIMIT  # the limit was really contended: the checks could fail
     with db_session_factory() as session:
         assert limits.holders(session, PROVIDER) == []
         assert limits.waiters(session, PROVIDER) == []
         rows = session.execute(limits._slots.select().where(limits._slots.c.provider == PROVIDER)).all()
     assert len(rows) == LIMIT
     assert all(row.holder is None for row in rows)
+    print(f"[{backend(db_url)}] {ROUNDS} rounds in {time.monotonic() - began:.1f} s")
+
+
+def test_a_naive_count_then_take_would_hold_more_than_the_limit(db_url: str, db_session_factory: Factory) -> None:
+    """The checks above can fail: takers that count the slots in use and then write a free one in a second step,
+    raced the same way, are more than LIMIT in flight at once in at least one round."""
+    began = time.monotonic()
+    rounds = _race(db_url, db_session_factory, naive=True)
+    over = [held.overlap for held in rounds if held.overlap > LIMIT]
+    print(
+        f"[{backend(db_url)}] naive count-then-take: {len(over)} of {ROUNDS} rounds over the limit of {LIMIT} "
+        f"(max overlaps {[held.overlap for held in rounds]}), {time.monotonic() - began:.1f} s"
+    )
+    assert over, [held.overlap for held in rounds]
 
 
 def test_a_killed_holder_frees_its_slot_after_its_lease(db_url: str, db_session_factory: Factory) -> None:
