@@ -7,7 +7,12 @@
   counter was a read-then-write, so parallel guesses lost increments and each got its password verified; now a
   guess is reserved by one atomic statement before its password is checked, so at most MAX_FAILED_SIGN_INS are
   verified per lock window, and the account ends up locked.
+- The checks can fail: the same racers with the naive versions these fixes replaced (account_racers, test code
+  only) leave no active admin ("count the other admins, then write", with a pause between) and verify more than
+  MAX_FAILED_SIGN_INS wrong passwords in one lock window, losing counts ("read the count, verify, write count + 1").
 - Password checks are bounded per process (argon2 costs 64 MiB each).
+
+Counts and timings are printed (`pytest -s`) for the record.
 """
 
 from __future__ import annotations
@@ -29,11 +34,13 @@ from db.engine import transaction
 from db.models import User
 from tests.core.account_racers import WRONG, admin_racer, guesser, try_wrong_password
 from tests.dbfixtures import *  # noqa: F403
-from tests.racing import Report, race_trials, run_threads
+from tests.racing import Report, backend, race_trials, run_threads
 
 PASSWORD = "the right password"
 ADMIN_TRIALS = 36
 """Per backend; the plans below take turns (12 trials each)."""
+NAIVE_ADMIN_TRIALS = 12
+"""Per backend, for the naive change (4 per plan): each trial pauses NAIVE_ADMIN_PAUSE_S in both racers."""
 ADMIN_PLANS = ("demote", "deactivate", "crossed")
 GUESSERS = 16
 
@@ -58,43 +65,74 @@ def _active_admins(factory: sessionmaker[Session]) -> int:
         return int(session.scalar(query) or 0)
 
 
-@pytest.mark.timeout(300)
-def test_two_processes_racing_to_remove_the_two_admins_never_leave_none(
-    db_url: str, db_session_factory: sessionmaker[Session], race_hashing: None
-) -> None:
-    ann = users.create_first_admin(db_session_factory, "ann", PASSWORD)
-    with transaction(db_session_factory) as session:
+def _race_admins(
+    db_url: str, factory: sessionmaker[Session], *, naive: bool, trials: int
+) -> tuple[list[str], dict[int, int], dict[int, list[str]]]:
+    """Two processes remove the two admins at once, `trials` times (the plans take turns); the plan of each trial,
+    the active admins left after it, and the two racers' outcomes."""
+    ann = users.create_first_admin(factory, "ann", PASSWORD)
+    with transaction(factory) as session:
         ben = users.create_user(session, Actor.system(), "ben", PASSWORD, Role.ADMIN)
     ids = (ann.id, ben.id)
-    plans = [ADMIN_PLANS[t % len(ADMIN_PLANS)] for t in range(ADMIN_TRIALS)]
+    plans = [ADMIN_PLANS[t % len(ADMIN_PLANS)] for t in range(trials)]
 
     def reset_admins(_trial: int) -> None:
-        with transaction(db_session_factory) as session:
+        with transaction(factory) as session:
             session.execute(update(User).where(User.id.in_(ids)).values(role=Role.ADMIN, active=True))
 
     def observe(_trial: int, _set_up: None, reports: list[Report]) -> tuple[int, list[str]]:
         """Active admins left after both changes, and the two racers' outcomes."""
-        return _active_admins(db_session_factory), [report["results"] for report in reports]
+        return _active_admins(factory), [report["results"] for report in reports]
 
     facts = race_trials(
         admin_racer,
-        (db_url, ids, plans),
+        (db_url, ids, plans, naive),
         processes=2,
-        trials=ADMIN_TRIALS,
+        trials=trials,
         set_up=reset_admins,
         observe=observe,
         per_process=lambda index: (index,),
     )
     left = {trial: admins for trial, (admins, _) in enumerate(facts)}
     outcomes = {trial: racers for trial, (_, racers) in enumerate(facts)}
+    return plans, left, outcomes
 
+
+def _none_left_by_plan(plans: list[str], left: dict[int, int]) -> tuple[list[int], dict[str, int]]:
     none_left = sorted(t for t, n in left.items() if n == 0)
-    by_plan = {p: sum(1 for t in none_left if plans[t] == p) for p in ADMIN_PLANS}
+    return none_left, {p: sum(1 for t in none_left if plans[t] == p) for p in ADMIN_PLANS}
+
+
+@pytest.mark.timeout(300)
+def test_two_processes_racing_to_remove_the_two_admins_never_leave_none(
+    db_url: str, db_session_factory: sessionmaker[Session], race_hashing: None
+) -> None:
+    plans, left, outcomes = _race_admins(db_url, db_session_factory, naive=False, trials=ADMIN_TRIALS)
+    none_left, by_plan = _none_left_by_plan(plans, left)
     assert not none_left, f"no active admin left in {len(none_left)}/{ADMIN_TRIALS} trials {by_plan}"
     errors = [o for os in outcomes.values() for o in os if o.startswith("error")]
     assert not errors, errors[:5]
     # Exactly one of the two changes goes through each time: the other is refused, not lost or doubled.
     assert all(sorted(os)[0] == "changed" and os.count("changed") == 1 for os in outcomes.values()), outcomes
+
+
+@pytest.mark.timeout(120)
+def test_a_naive_count_then_write_would_remove_the_last_admin(
+    db_url: str, db_session_factory: sessionmaker[Session], race_hashing: None
+) -> None:
+    """The check above can fail: "count the other active admins, then write if there is one", raced the same
+    way, lets both changes through (each counted the other admin) and leaves no active admin."""
+    began = time.perf_counter()
+    plans, left, outcomes = _race_admins(db_url, db_session_factory, naive=True, trials=NAIVE_ADMIN_TRIALS)
+    none_left, by_plan = _none_left_by_plan(plans, left)
+    print(
+        f"[{backend(db_url)}] naive count-then-write: no active admin left in {len(none_left)}/{NAIVE_ADMIN_TRIALS} "
+        f"trials {by_plan}, in {time.perf_counter() - began:.1f} s"
+    )
+    errors = [o for os in outcomes.values() for o in os if o.startswith("error")]
+    assert not errors, errors[:5]
+    assert none_left, f"the naive change never left the installation without an admin: {outcomes}"
+    assert all(outcomes[t] == ["changed", "changed"] for t in none_left), outcomes
 
 
 # --- sign-in throttling --------------------------------------------------------------------------------------
@@ -119,6 +157,18 @@ def _check_throttled(factory: sessionmaker[Session], username: str, outcomes: li
         users.authenticate(factory, username, PASSWORD)
 
 
+def _guess_in_processes(db_url: str, username: str, *, naive: bool) -> list[str]:
+    """GUESSERS processes each try one wrong password at the same moment; their outcomes."""
+    (outcomes,) = race_trials(
+        guesser,
+        (db_url, username, naive),
+        processes=GUESSERS,
+        trials=1,
+        observe=lambda _trial, _set_up, reports: [report["results"] for report in reports],
+    )
+    return list(outcomes)
+
+
 @pytest.mark.timeout(300)
 def test_sixteen_parallel_wrong_passwords_in_threads_lock_the_account(
     db_session_factory: sessionmaker[Session], race_hashing: None
@@ -133,14 +183,36 @@ def test_sixteen_parallel_wrong_passwords_in_processes_lock_the_account(
     db_url: str, db_session_factory: sessionmaker[Session], race_hashing: None
 ) -> None:
     username = _target(db_session_factory)
-    (outcomes,) = race_trials(
-        guesser,
-        (db_url, username),
-        processes=GUESSERS,
-        trials=1,
-        observe=lambda _trial, _set_up, reports: [report["results"] for report in reports],
-    )
+    outcomes = _guess_in_processes(db_url, username, naive=False)
     _check_throttled(db_session_factory, username, outcomes)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("guessers", ["threads", "processes"])
+def test_a_naive_read_verify_write_throttle_would_verify_every_parallel_guess(
+    db_url: str, db_session_factory: sessionmaker[Session], race_hashing: None, guessers: str
+) -> None:
+    """The checks above can fail: "read the count, compare it with the limit, verify, write count + 1", with the
+    same guessers, verifies more than MAX_FAILED_SIGN_INS wrong passwords in one lock window (every guess that
+    read a count below the limit is checked), and its writes overwrite each other's counts, so the account is
+    locked late (after more guesses) or not at all."""
+    began = time.perf_counter()
+    username = _target(db_session_factory)
+    if guessers == "threads":
+        outcomes = run_threads(GUESSERS, lambda _thread: try_wrong_password(db_session_factory, username, naive=True))
+    else:
+        outcomes = _guess_in_processes(db_url, username, naive=True)
+    verified = outcomes.count("verified, wrong")
+    with db_session_factory() as session:
+        row = session.scalars(select(User).where(User.username == username)).one()
+        count, locked = row.failed_sign_ins, row.locked_until is not None
+    print(
+        f"[{backend(db_url)}] naive throttle, {GUESSERS} {guessers}: {verified} wrong passwords verified "
+        f"(limit {users.MAX_FAILED_SIGN_INS}), count {count}, {'locked' if locked else 'not locked'}, "
+        f"in {time.perf_counter() - began:.1f} s"
+    )
+    assert not [o for o in outcomes if o.startswith(("error", "signed"))], outcomes
+    assert verified > users.MAX_FAILED_SIGN_INS or not locked, outcomes
 
 
 def test_a_success_among_parallel_guesses_resets_the_count(
