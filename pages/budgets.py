@@ -21,6 +21,7 @@ from core.budgets_view import BudgetLine, budget_history, limit_from_text, load_
 from core.catalog import PROVIDERS
 from core.generation.budgets import DEGRADE_ACTIONS, create_budget, delete_budget, reset_period, update_budget
 from core.money import format_usd, micros_to_usd
+from core.providers.registry import default_spend_view
 from core.security import Role
 from core.spend import alerts, webhooks
 from core.usage_view import user_choices
@@ -411,7 +412,10 @@ st.caption(
     "Spent and reserved this period against each limit, with the forecast to the period's end. Live money and "
     "simulated (emulator, sandbox) runs are separate periods, never added together."
 )
-mode = SpendMode(st.radio("Spend", [m.value for m in SpendMode], horizontal=True, key="budgets.mode"))
+modes = [m.value for m in SpendMode]
+mode = SpendMode(
+    st.radio("Spend", modes, index=modes.index(default_spend_view()), horizontal=True, key="budgets.mode")
+)
 try:
     with state.db_session() as session:
         lines = load_budgets(session, actor, mode)

@@ -14,7 +14,7 @@ import streamlit as st
 from common.errors import ImagegateError
 from core.catalog import PROVIDERS
 from core.money import format_usd
-from core.providers.registry import all_connections
+from core.providers.registry import default_spend_view
 from core.security import Role
 from core.usage_log import STATUSES
 from core.usage_view import UsageFilters, UsageView, load_usage, recent_attempts, usage_csv, user_choices
@@ -45,12 +45,10 @@ def _filters(staff: bool, users: dict[int, str]) -> UsageFilters | None:
     picked = a.date_input(
         "Days (UTC)", value=(today - timedelta(days=DEFAULT_DAYS - 1), today), max_value=today, key="usage.days"
     )
-    # Without a live provider there is no live money to show: simulated first.
-    offline = all(c.is_offline for c in all_connections())
     spend = b.radio(
         "Spend",
         ["live", "simulated"],
-        index=1 if offline else 0,
+        index=["live", "simulated"].index(default_spend_view()),
         key="usage.mode",
         horizontal=True,
         help="Live money and simulated (emulator, sandbox) runs are never added together.",

@@ -64,6 +64,12 @@ def all_connections() -> list[ProviderConnection]:
     return [connection_for(pid) for pid in PROVIDERS]
 
 
+def default_spend_view() -> str:
+    """The spend a page shows first: `simulated` while no provider is live (there is no live money to show, and
+    the would-be cost of emulator and sandbox runs is what moves), else `live`."""
+    return "simulated" if all(c.is_offline for c in all_connections()) else "live"
+
+
 def build_adapter(provider_id: str, *, poll_interval_s: float = 0.5) -> ProviderAdapter:
     """The adapter for `provider_id` in its current connection mode."""
     conn = connection_for(provider_id)

@@ -6,7 +6,13 @@ import pytest
 
 from core import keys
 from core.providers.base import AdapterConfig, ConnectionMode
-from core.providers.registry import EMULATOR_API_KEY, EMULATOR_URL_ENV, build_adapter, connection_for
+from core.providers.registry import (
+    EMULATOR_API_KEY,
+    EMULATOR_URL_ENV,
+    build_adapter,
+    connection_for,
+    default_spend_view,
+)
 
 SECRET = "fal-0123456789abcdef-SECRET"
 
@@ -237,3 +243,11 @@ def test_keys_in_finds_a_configured_key_anywhere_and_names_only_its_variable(
     assert all("FAL_KEY" in m and "fal-secret-part-1234" not in m for m in errors.values())
     assert keys.redact("a fal-secret-part-1234 b") == "a <FAL_KEY_SECRET value> b"
     assert keys.keys_in({"a": "nothing secret"}) == {}
+
+
+def test_pages_show_simulated_spend_first_until_a_provider_is_live(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert default_spend_view() == "simulated"  # the sandbox everywhere: no live money to show
+    monkeypatch.setenv(EMULATOR_URL_ENV, "http://127.0.0.1:8787/")
+    assert default_spend_view() == "simulated"  # the emulator's runs are simulated too
+    monkeypatch.setenv("FAL_KEY", SECRET)
+    assert default_spend_view() == "live"  # one live provider is enough
