@@ -328,7 +328,6 @@ def _unsaved_global(saved: GlobalSettings, draft: GlobalSettings | None) -> list
     return changes
 
 
-@st.fragment
 def _save_global(draft: dict[str, Any], comment: str, expected_version: int, said: str) -> None:
     """Save `draft` as the next global settings version (refused when someone saved since `expected_version`);
     on success remember the version, flash `said` (with `{version}`) and rerun."""
@@ -341,6 +340,7 @@ def _save_global(draft: dict[str, Any], comment: str, expected_version: int, sai
         st.rerun()
 
 
+@st.fragment
 def _global_editor() -> None:
     """The global settings (every field, grouped), their history, and the quality presets."""
     with state.db_session() as session:

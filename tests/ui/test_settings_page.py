@@ -321,3 +321,18 @@ def test_delete_a_providers_settings_after_confirming_never_the_default(console:
         history = settings_service.provider_history(session, "huggingface", limit=5)
     assert history[0].version == v + 1 and history[0].deleted
     assert any("Deleted" in s.value for s in at.success)
+
+
+def test_each_editor_is_a_fragment_so_a_change_reruns_only_that_editor() -> None:
+    """Streamlit reruns a fragment alone when one of its widgets changes; without it every keystroke reruns the
+    whole page (its table, health and history reads). Each editor, not a helper it calls, carries the decorator."""
+    import ast
+
+    tree = ast.parse((ROOT / "pages" / "settings.py").read_text())
+    fragments = {
+        node.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef)
+        and any(ast.unparse(decorator) == "st.fragment" for decorator in node.decorator_list)
+    }
+    assert fragments == {"_provider_editor", "_global_editor", "_prices_editor", "_transfer_panel"}
