@@ -175,10 +175,14 @@ def _check_started_once(url: str) -> None:
     assert global_versions == 1
 
 
-def _assert_all_started(urls: list[str]) -> None:
-    errors = _start_all_at_once(urls)
+def _failed_starts(errors: dict[int, list[str]]) -> tuple[dict[int, list[str]], int]:
+    """The trials in which some start failed, with their errors, and how many starts failed in all."""
     failed = {trial: errs for trial, errs in errors.items() if errs}
-    crashed = sum(len(errs) for errs in failed.values())
+    return failed, sum(len(errs) for errs in failed.values())
+
+
+def _assert_all_started(urls: list[str]) -> None:
+    failed, crashed = _failed_starts(_start_all_at_once(urls))
     assert not failed, f"{crashed} of {PROCESSES * len(urls)} starts failed: {failed}"
     for url in urls:
         _check_started_once(url)
@@ -189,8 +193,7 @@ def _assert_naive_starts_fail(urls: list[str]) -> None:
     holds its seed once (the unique constraints refused the losers' rows: what broke is their start)."""
     began = time.monotonic()
     errors = _start_all_at_once(urls, _naive_starter)
-    failed = {trial: errs for trial, errs in errors.items() if errs}
-    crashed = sum(len(errs) for errs in failed.values())
+    failed, crashed = _failed_starts(errors)
     print(
         f"[{backend(urls[0])}] naive check-then-seed: {crashed} of {PROCESSES * len(urls)} starts failed, in "
         f"{len(failed)} of {len(urls)} trials ({[len(errs) for errs in errors.values()]} per trial), "
@@ -204,9 +207,9 @@ def _assert_naive_starts_fail(urls: list[str]) -> None:
 def test_four_processes_open_a_fresh_sqlite_file_at_once(tmp_path: Path) -> None:
     """The first connections to a new file all switch it to WAL; SQLite does not wait for that lock, so before
     db.engine retried the switch about one start in 70 failed with "database is locked"."""
-    errors = _start_all_at_once([f"sqlite:///{tmp_path / f'open-{trial}.db'}" for trial in range(OPEN_TRIALS)], _opener)
-    failed = {trial: errs for trial, errs in errors.items() if errs}
-    assert not failed, f"{sum(map(len, failed.values()))} of {PROCESSES * OPEN_TRIALS} opens failed: {failed}"
+    urls = [f"sqlite:///{tmp_path / f'open-{trial}.db'}" for trial in range(OPEN_TRIALS)]
+    failed, crashed = _failed_starts(_start_all_at_once(urls, _opener))
+    assert not failed, f"{crashed} of {PROCESSES * OPEN_TRIALS} opens failed: {failed}"
 
 
 def test_four_processes_start_at_once_on_a_fresh_sqlite_file(tmp_path: Path) -> None:
