@@ -157,6 +157,21 @@ def wait_for_app(page: object, timeout_ms: int = 30_000) -> None:
     )
 
 
+def wait_for_text(page: object, text: str, console: Console, *, name: str, timeout_ms: int = 30_000) -> None:
+    """Wait for `text` to show; if it does not, fail with what the page showed instead (its alerts), the tail of
+    the console's output and a screenshot, so a failure in CI says why without a rerun."""
+    try:
+        page.get_by_text(text).first.wait_for(timeout=timeout_ms)  # type: ignore[attr-defined]
+    except Exception as exc:
+        shot = screenshot(page, f"failed-{name}", in_readme=False)
+        alerts = page.get_by_test_id("stAlert").all_inner_texts()  # type: ignore[attr-defined]
+        tail = "\n".join(console.output().splitlines()[-40:])
+        pytest.fail(
+            f"{text!r} did not show within {timeout_ms} ms ({type(exc).__name__}); the page's alerts: {alerts!r};"
+            f" screenshot {shot}; the console's last output:\n{tail}"
+        )
+
+
 def sign_in(page: object, url: str, username: str, *, heading: str | None = None, timeout_ms: int = 30_000) -> None:
     """Open `url`, sign in as `username` with the tests' password, and wait for the run (and, when given, for the
     page's `heading`: the sign-in redirects through the session route to the page the link named)."""

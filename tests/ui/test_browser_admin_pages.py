@@ -19,7 +19,17 @@ import pytest
 from emulator.faults import FaultBoard
 from emulator.runner import BackgroundServer, serve_in_thread
 from emulator.server import create_emulator_app
-from tests.ui.conftest import PASSWORD, ROOT, Console, RecordedContext, _run_console, cli, screenshot, wait_for_app
+from tests.ui.conftest import (
+    PASSWORD,
+    ROOT,
+    Console,
+    RecordedContext,
+    _run_console,
+    cli,
+    screenshot,
+    wait_for_app,
+    wait_for_text,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -83,12 +93,13 @@ def test_users_providers_faults_and_audit(
     assert page.get_by_text("Role and deactivation are disabled").is_visible()  # type: ignore[attr-defined]
     screenshot(page, "users-last-admin")
     page.get_by_text("Create a user").click()  # type: ignore[attr-defined]
-    _fill(page, "Username", "carol")
-    _fill(page, "Password", PASSWORD)
-    _fill(page, "Repeat the password", PASSWORD)
+    wait_for_app(page)
+    for label, value in (("Username", "carol"), ("Password", PASSWORD), ("Repeat the password", PASSWORD)):
+        _fill(page, label, value)
+        assert page.get_by_label(label, exact=True).input_value() == value  # type: ignore[attr-defined]
     page.get_by_role("button", name="Create user").click()  # type: ignore[attr-defined]
     wait_for_app(page)
-    page.get_by_text("Created carol (USER).").wait_for(timeout=30_000)  # type: ignore[attr-defined]
+    wait_for_text(page, "Created carol (USER).", console, name="users-create")
     # The new user is selected for management, and nothing about her is disabled.
     page.get_by_text("carol has no API tokens.").wait_for(timeout=30_000)  # type: ignore[attr-defined]
     assert page.get_by_role("button", name="Deactivate").is_enabled()  # type: ignore[attr-defined]
