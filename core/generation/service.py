@@ -102,7 +102,7 @@ from core.providers.base import AdapterRequest, ConnectionMode, ProgressEvent, P
 from core.providers.registry import build_adapter
 from core.security import Actor, Role
 from core.settings import ProviderSettings
-from db.models import SpendMode, utcnow
+from db.models import utcnow
 
 __all__ = [
     "GENERATOR_ROLES",
@@ -206,11 +206,6 @@ class _Adapters:
 
 def _ms(seconds: float | None) -> int | None:
     return None if seconds is None else max(0, round(seconds * 1000))
-
-
-def spend_mode(mode: ConnectionMode | str) -> SpendMode:
-    """Live money for live attempts; the would-be cost of emulator and sandbox ones (simulated)."""
-    return SpendMode.LIVE if ConnectionMode(mode) is ConnectionMode.LIVE else SpendMode.SIMULATED
 
 
 def endpoint_of(adapter: ProviderAdapter, provider: str) -> str:
@@ -496,7 +491,7 @@ class _Run:
             request=self.request.record(),
             routing_policy=plan.policy.value,
             requested_provider=self.request.provider,
-            mode=spend_mode(self.adapters.get(first.provider).mode).value,
+            mode=usage.spend_mode_of(self.adapters.get(first.provider).mode).value,
             estimated_micro_usd=first.estimate_micro_usd,
             idempotency_key=self.request.idempotency_key,
             fingerprint=self.request.fingerprint(),
@@ -748,7 +743,7 @@ class _Run:
                 session,
                 applicable,
                 candidate.estimate_micro_usd,
-                spend_mode(adapter.mode),
+                usage.spend_mode_of(adapter.mode),
                 self.generation_id,
                 timedelta(seconds=request.timeout_s + RESERVATION_MARGIN_S),
                 now=moment,

@@ -61,6 +61,7 @@ from db.models import (
     LATENCY_BUCKET_BOUNDS_MS,
     LATENCY_BUCKET_COLUMNS,
     Generation,
+    SpendMode,
     StoredImage,
     UsageAttempt,
     UsageDailyRollup,
@@ -135,9 +136,10 @@ class AttemptMode(StrEnum):
     SANDBOX = "sandbox"
 
 
-def spend_mode_of(attempt_mode: str) -> str:
-    """`live` for live attempts, `simulated` for emulator and sandbox ones (their would-be cost)."""
-    return "live" if AttemptMode(attempt_mode) is AttemptMode.LIVE else "simulated"
+def spend_mode_of(attempt_mode: str) -> SpendMode:
+    """Live money for live attempts; the would-be cost (simulated) of emulator and sandbox ones. `attempt_mode` is
+    an AttemptMode or a ConnectionMode (the same values)."""
+    return SpendMode.LIVE if AttemptMode(attempt_mode) is AttemptMode.LIVE else SpendMode.SIMULATED
 
 
 _generations = cast(Table, Generation.__table__)

@@ -408,7 +408,7 @@ def daily_spend(session: Session, first: date, last: date) -> dict[tuple[date, S
     ).all()
     totals: dict[tuple[date, SpendMode], int] = {}
     for day, attempt_mode, total in rows:
-        key = (day, SpendMode(spend_mode_of(attempt_mode)))
+        key = (day, spend_mode_of(attempt_mode))
         totals[key] = totals.get(key, 0) + int(total or 0)
     return totals
 

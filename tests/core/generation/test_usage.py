@@ -17,11 +17,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from common.errors import Billing, Conflict, InvalidInput, NotFound
 from core.generation import usage
 from core.generation.usage import AttemptOutcome, ImageRecord
+from core.providers.base import ConnectionMode
 from db.engine import transaction
 from db.models import (
     LATENCY_BUCKET_BOUNDS_MS,
     LATENCY_BUCKET_COLUMNS,
     Generation,
+    SpendMode,
     StoredImage,
     UsageAttempt,
     UsageDailyRollup,
@@ -562,3 +564,12 @@ def test_a_histogram_quantile_is_always_in_the_exact_values_bucket() -> None:
 def test_an_impossible_outcome_is_refused(fields: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         AttemptOutcome(**fields)
+
+
+def test_spend_mode_of_puts_only_live_attempts_in_live_money() -> None:
+    assert usage.spend_mode_of("live") is SpendMode.LIVE
+    for offline in ("emulator", "sandbox", ConnectionMode.EMULATOR, ConnectionMode.SANDBOX):
+        assert usage.spend_mode_of(offline) is SpendMode.SIMULATED
+    assert usage.spend_mode_of(ConnectionMode.LIVE) is SpendMode.LIVE
+    with pytest.raises(ValueError):
+        usage.spend_mode_of("simulated")  # a spend mode is not an attempt's mode
