@@ -116,7 +116,7 @@ def test_users_providers_faults_and_audit(
     page.get_by_role("option", name="server_error", exact=True).click()  # type: ignore[attr-defined]
     form.get_by_role("button", name="Inject fault").click()
     wait_for_app(page)
-    page.get_by_text("fal-qwen: server_error.").wait_for(timeout=30_000)  # type: ignore[attr-defined]
+    wait_for_text(page, "fal-qwen: server_error.", console, name="providers-inject")
     assert httpx.get(f"{emulator.url}/_emulator/state").json()["providers"]["fal"]["fault"] == "server_error"
     screenshot(page, "providers-fault")
 
@@ -142,7 +142,7 @@ def test_users_providers_faults_and_audit(
     # Clear the fault again from the page.
     page.get_by_role("button", name="Clear fal-qwen").click()  # type: ignore[attr-defined]
     wait_for_app(page)
-    page.get_by_text("fal-qwen: faults cleared.").wait_for(timeout=30_000)  # type: ignore[attr-defined]
+    wait_for_text(page, "fal-qwen: faults cleared.", console, name="providers-clear")
     assert httpx.get(f"{emulator.url}/_emulator/state").json()["providers"]["fal"]["fault"] is None
 
     # Audit: the user created and the faults injected are in the log.

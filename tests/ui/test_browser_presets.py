@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.ui.conftest import Console, RecordedContext, screenshot, sign_in, wait_for_app
+from tests.ui.conftest import Console, RecordedContext, screenshot, sign_in, wait_for_app, wait_for_text
 from tests.ui.test_browser_settings_playground import _choose, _metric
 
 pytestmark = pytest.mark.browser
@@ -44,4 +44,4 @@ def test_edit_a_preset_and_see_the_monthly_cost_of_a_change(
     page.get_by_role("button", name="Save presets").click()  # type: ignore[attr-defined]
     page.wait_for_timeout(800)  # type: ignore[attr-defined]
     wait_for_app(page)
-    page.get_by_text("Saved fal.ai Qwen-Image's presets").wait_for(timeout=30_000)  # type: ignore[attr-defined]
+    wait_for_text(page, "Saved fal.ai Qwen-Image's presets", console_with_accounts, name="presets-save")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.ui.conftest import Console, RecordedContext, screenshot, sign_in, wait_for_app
+from tests.ui.conftest import Console, RecordedContext, screenshot, sign_in, wait_for_app, wait_for_text
 
 pytestmark = pytest.mark.browser
 
@@ -63,7 +63,7 @@ def test_slider_estimate_save_history_and_a_playground_run(
     page.get_by_role("button", name="Save as a new version").click()  # type: ignore[attr-defined]
     page.wait_for_timeout(800)  # type: ignore[attr-defined]
     wait_for_app(page)
-    page.get_by_text("Saved fal.ai Qwen-Image settings as version 2.").wait_for(timeout=30_000)  # type: ignore[attr-defined]
+    wait_for_text(page, "Saved fal.ai Qwen-Image settings as version 2.", console, name="settings-save")
     history = page.get_by_test_id("stDataFrame").filter(has=page.get_by_text("rollback of"))  # type: ignore[attr-defined]
     page.get_by_role("heading", name="History").first.scroll_into_view_if_needed()  # type: ignore[attr-defined]
     page.wait_for_timeout(500)  # type: ignore[attr-defined]

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.ui.conftest import Console, RecordedContext, screenshot, sign_in, wait_for_app
+from tests.ui.conftest import Console, RecordedContext, screenshot, sign_in, wait_for_app, wait_for_text
 
 pytestmark = pytest.mark.browser
 
@@ -90,7 +90,7 @@ def test_find_a_generation_on_usage_then_a_budget_refuses_in_the_playground(
     page.get_by_role("button", name="Create budget").click()  # type: ignore[attr-defined]
     page.wait_for_timeout(800)  # type: ignore[attr-defined]
     wait_for_app(page, SLOW_MS)
-    page.get_by_text("Budget 'Everyone this month' created.").wait_for(timeout=120_000)  # type: ignore[attr-defined]
+    wait_for_text(page, "Budget 'Everyone this month' created.", console, name="budget-create", timeout_ms=120_000)
     page.get_by_text("spent $0.000000 + reserved $0.000000 of $0.020000").wait_for(timeout=10_000)  # type: ignore[attr-defined]
 
     # Spend it: the first request fits, the second is refused before anything is spent.
