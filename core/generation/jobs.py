@@ -44,7 +44,7 @@ from common.errors import ImagegateError, InvalidInput, NotFound
 from common.problems import problem_for
 from core.authz import authorize, begin_write
 from core.generation.dbexec import in_transaction, run_db
-from core.generation.models import GenerationFailed, GenerationRequest, GenerationResult
+from core.generation.models import GenerationFailed, GenerationRequest, GenerationResult, ImageRecord
 from core.generation.records import generation_by_key, load_result
 from core.generation.recovery import recover
 from core.generation.service import AdapterFactory, generate
@@ -200,6 +200,21 @@ def _view(row: Any) -> JobView:
 def _load(session: Session, job_id: str) -> Any | None:
     """The job's row (columns only: a view is all anyone makes of it), or None."""
     return session.connection().execute(_JOB_BY_ID, {"job_id": job_id}).one_or_none()
+
+
+def _job_image(image: ImageRecord) -> JobImage:
+    """A ledger image (load_result's, so its row id is known) as a client fetches it."""
+    assert image.stored_id is not None, "an image read from the ledger has its row id"
+    return JobImage(
+        id=image.stored_id,
+        media_type=media_type(image.format),
+        width=image.width,
+        height=image.height,
+        size_bytes=image.size_bytes,
+        sha256=image.sha256,
+        seed=image.seed,
+        position=image.position,
+    )
 
 
 def _images(session: Session, generation_id: str | None) -> tuple[JobImage, ...]:
@@ -397,8 +412,10 @@ def get_job(session: Session, actor: Actor, job_id: str, *, with_result: bool = 
     view = _view(row)
     if not with_result:
         return view
-    result = None if view.generation_id is None else load_result(session, view.generation_id, replayed=False)
-    return replace(view, result=result, images=_images(session, view.generation_id))
+    if view.generation_id is None:
+        return replace(view, images=())
+    result = load_result(session, view.generation_id, replayed=False)
+    return replace(view, result=result, images=tuple(_job_image(image) for image in result.images))
 
 
 async def _keep_lease(factory: sessionmaker[Session], job_id: str, owner: str, lease_s: float) -> None:

@@ -184,6 +184,9 @@ class ImageRecord:
     format: str
     seed: int | None
     position: int
+    stored_id: int | None = None
+    """Its row in the images table when read from the ledger (what the API serves it by); None straight from a
+    provider's result, before the row is written."""
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -143,6 +143,7 @@ def load_result(session: Session, generation_id: str, *, replayed: bool = True) 
             format=img.content_type,
             seed=img.seed,
             position=img.position,
+            stored_id=img.id,
         )
         for img in images
     )

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.errors import InvalidInput, NotFound, PermissionDenied
@@ -118,7 +119,19 @@ def test_a_claimed_job_runs_through_generate_and_a_second_run_spends_nothing(fac
         generation = session.get(Generation, done.generation_id)
         assert generation is not None and generation.user_id == ann.user_id and generation.status == "succeeded"
         assert generation.idempotency_key == f"{ann.user_id}:job:{queued.id}"
-        read = jobs.get_job(session, ann, queued.id, with_result=True)
+        image_reads: list[str] = []
+        engine = session.get_bind()
+
+        def note(conn: object, cursor: object, statement: str, *args: object) -> None:
+            if statement.lstrip().upper().startswith("SELECT") and re.search(r"\bFROM images\b", statement):
+                image_reads.append(statement)
+
+        event.listen(engine, "before_cursor_execute", note)
+        try:
+            read = jobs.get_job(session, ann, queued.id, with_result=True)
+        finally:
+            event.remove(engine, "before_cursor_execute", note)
+    assert len(image_reads) == 1, image_reads  # the result's images carry their row ids: no second read
     # The worker hands back what generate() returned and the stored images: the same the ledger has.
     assert done.complete and done.result is not None and done.result.generation_id == done.generation_id
     assert done.images is not None and len(done.images) == 1 and done.images == read.images
