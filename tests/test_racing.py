@@ -22,6 +22,8 @@ FAST_FAIL_S = 10.0
 """A dead worker must fail the race well within this (spawning the workers included); the harness's own
 timeouts are more than five times longer, so a race that waited one out cannot pass."""
 assert min(BARRIER_TIMEOUT_S, JOIN_TIMEOUT_S) > FAST_FAIL_S * 5
+IN_TRIAL_CRASH_DELAY_S = 1.0
+"""How long a worker crashing in a trial lives past the start barrier (well within FAST_FAIL_S)."""
 
 
 def reporter(trials: int, crash: str, start: Barrier, done: Barrier, out: Queue[Any]) -> None:
@@ -32,6 +34,9 @@ def reporter(trials: int, crash: str, start: Barrier, done: Barrier, out: Queue[
 
     def trial(number: int) -> int:
         if crash == "in_trial" and number == trials - 1:
+            # Past the start barrier, so the parent is waiting for reports: exiting at once could beat the parent
+            # out of the barrier it was released from, and the exit would then be seen "at the start" (CI saw it).
+            time.sleep(IN_TRIAL_CRASH_DELAY_S)
             os._exit(CRASH_CODE)
         return os.getpid()
 
