@@ -20,6 +20,7 @@ from core.generation.service import generate_sync
 from core.money import format_usd
 from core.playground import Estimate, estimate
 from core.presets import PRESET_LABELS, PRESET_NAMES
+from core.prompts import prompt_problem
 from ui import state
 from ui.widgets import field_errors_at
 
@@ -129,12 +130,15 @@ def _show_result(request: GenerationRequest, result: GenerationResult, key: str,
         st.rerun()
 
 
-def _estimate_panel(found: Estimate) -> None:
+def _estimate_headline(found: Estimate) -> None:
     st.metric(
         "Estimated cost",
         found.formatted,
         help="What this request would reserve now, at the price in force. Nothing is spent until you generate.",
     )
+
+
+def _estimate_details(found: Estimate) -> None:
     if found.provider is not None:
         where = "simulated: not a real charge" if found.simulated else "live: real money"
         st.caption(f"on {found.provider} ({found.mode}, {where})")
@@ -205,12 +209,21 @@ with state.db_session() as session:
     errors: Mapping[str, str] = {key.rsplit(".", 1)[-1]: message for key, message in found.field_errors.items()}
     unplaced = field_errors_at(slots, errors)
     with panel:
-        _estimate_panel(found)
+        _estimate_headline(found)
+        # Right under the cost, whose height never changes, and always enabled: a value typed and not yet applied
+        # is applied by the click on Generate itself, and that click must land on the button (not beside it,
+        # moved by the rerun) and must not meet a button disabled until the value applied. A request nothing
+        # can run is refused by the service, which says why.
+        go = st.button("Generate", type="primary")
+        _estimate_details(found)
         for message in unplaced:
             st.error(message)
         if found.error and not found.field_errors:
             st.error(found.error)
-        go = st.button("Generate", type="primary", disabled=not prompt.strip() or found.provider is None)
+    missing = prompt_problem(prompt)  # shown at the field on a click; the run would refuse it the same way
+    if go and missing is not None:
+        field_errors_at(slots, {"prompt": missing})
+        go = False
 
     pending = st.session_state.pop(PENDING, None)
     if go or pending is not None:
@@ -238,7 +251,10 @@ with state.db_session() as session:
         for column, provider in zip(columns, compare, strict=True):
             each = estimate(session, _on(base, provider), user_id=user.id)
             column.metric(PROVIDERS[provider].label, each.formatted, help="estimate before running")
-        if st.button("Run on each", disabled=not prompt.strip(), key="pg.compare.go"):
+        run_each = st.button("Run on each", key="pg.compare.go")
+        if run_each and missing is not None:
+            st.error(missing)
+        elif run_each:
             runs = []
             for provider in compare:
                 request = _on(base, provider)

@@ -4,6 +4,7 @@ Every save is a new version (history, side-by-side diff, rollback). Every rule i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -34,7 +35,7 @@ from core.settings_editor import (
 )
 from db.engine import transaction
 from ui import state
-from ui.widgets import changes_table, field_errors_at, param_input
+from ui.widgets import changes_table, field_errors_at, param_input, save_button
 
 user = state.require_user(state.STAFF)
 actor = user.actor()
@@ -164,6 +165,10 @@ def _provider_editor() -> None:
             st.warning(problem)
 
         form, preview = st.columns([5, 4], gap="large")
+        # Save sits first in the preview column: nothing above it changes size as the draft changes. A value typed
+        # and not yet applied is applied by the click on Save itself; if that rerun moved the button, the click
+        # would land beside it.
+        save_bar = preview.container()
         slots: dict[str, Any] = {}
         shown: dict[str, Any] = {}
         with form:
@@ -264,13 +269,9 @@ def _provider_editor() -> None:
                 st.dataframe(pd.DataFrame(check.rows()), hide_index=True, width="stretch")
                 for note in check.effective.notes:
                     st.info(note)
-            if check.changes:
-                st.markdown("**Not saved yet**")
-                st.dataframe(changes_table(check.changes, "saved", "this form"), hide_index=True, width="stretch")
+        with save_bar:
             comment = st.text_input("Comment for this version", key=key + "comment", max_chars=2000)
-            if st.button(
-                "Save as a new version", type="primary", disabled=not (check.valid and check.changes), key=key + "save"
-            ):
+            if save_button("Save as a new version", key=key + "save", valid=check.valid, changed=bool(check.changes)):
                 saved = _write(
                     settings_service.save_provider_settings,
                     provider,
@@ -282,6 +283,7 @@ def _provider_editor() -> None:
                     st.session_state[f"ps.{provider}.loaded"] = saved.version
                     state.flash(f"Saved {spec.label} settings as version {saved.version}.")
                     st.rerun()
+            _show_unsaved(check.changes)
 
         if overview.settings is not None:
             with st.expander(f"Delete {spec.label}'s settings"):
@@ -316,16 +318,18 @@ def _provider_editor() -> None:
 
 
 def _unsaved_global(saved: GlobalSettings, draft: GlobalSettings | None) -> list[settings_service.FieldChange]:
-    """What saving a valid global-settings draft would change, shown as "Not saved yet" (nothing when invalid)."""
+    """What saving a valid global-settings draft would change (nothing when invalid)."""
     if draft is None:
         return []
-    changes = settings_service.diff_settings(
-        settings_service.settings_json(saved), settings_service.settings_json(draft)
-    )
+    return settings_service.diff_settings(settings_service.settings_json(saved), settings_service.settings_json(draft))
+
+
+def _show_unsaved(changes: Sequence[settings_service.FieldChange]) -> None:
+    """A form's unsaved changes, shown below its Save button: a table that grows above the button would move it
+    under a click that is on its way (the click that applies a typed value and saves it)."""
     if changes:
         st.markdown("**Not saved yet**")
         st.dataframe(changes_table(changes, "saved", "this form"), hide_index=True, width="stretch")
-    return changes
 
 
 def _save_global(draft: dict[str, Any], comment: str, expected_version: int, said: str) -> None:
@@ -416,10 +420,9 @@ def _global_editor() -> None:
             st.error(message)
         gchanges = _unsaved_global(gview.settings, gsettings)
         gcomment = st.text_input("Comment for this version", key=gkey + "comment", max_chars=2000)
-        if st.button(
-            "Save global settings", type="primary", disabled=gsettings is None or not gchanges, key=gkey + "save"
-        ):
+        if save_button("Save global settings", key=gkey + "save", valid=gsettings is not None, changed=bool(gchanges)):
             _save_global(gdraft, gcomment, gloaded, "Saved the global settings as version {version}.")
+        _show_unsaved(gchanges)
         gtarget = _history("global", settings_service.global_history(session, limit=50), "gh")
         if gtarget is not None:
             grolled = _write(settings_service.rollback_global_settings, gtarget)
@@ -493,13 +496,16 @@ def _presets_editor(gview: settings_service.GlobalSettingsView, gloaded: int) ->
     pcomment = st.text_input("Comment for this version", key=pkey + "comment", max_chars=2000)
     save, reset_one, reset_all = st.columns(3)
     plan: tuple[dict[str, Any], str] | None = None
-    if save.button("Save presets", type="primary", disabled=psettings is None or not pchanges, key=pkey + "save"):
+    if save_button(
+        "Save presets", key=pkey + "save", valid=psettings is not None, changed=bool(pchanges), where=save
+    ):
         plan = (new_overrides, f"Saved {spec.label}'s presets")
     has_own = any(provider in by_provider for by_provider in overrides.values())
     if reset_one.button(f"Reset {spec.label} to built-in", disabled=not has_own, key=pkey + "reset"):
         plan = (preset_overrides_draft(overrides, provider, {}), f"Reset {spec.label}'s presets to built-in")
     if reset_all.button("Reset every preset to built-in", disabled=not overrides, key=pkey + "reset.all"):
         plan = ({}, "Reset every preset to built-in")
+    _show_unsaved(pchanges)
     if plan is not None:
         draft = global_draft_with(gview.settings, preset_overrides=plan[0])
         _save_global(draft, pcomment, gloaded, plan[1] + ": global settings version {version}.")
@@ -585,7 +591,7 @@ def _prices_editor() -> None:
         perrors = check_price_draft(rule)
         for message in field_errors_at(pslots, perrors):
             st.error(message)
-        if st.button("Add price version", type="primary", disabled=bool(perrors), key=pkey + "save"):
+        if save_button("Add price version", key=pkey + "save", valid=not perrors):  # core says if it is unchanged
             added = _write(price_store.add_price_version, rule, comment=price_comment or None)
             if added is not None:
                 if added.changed:

@@ -84,3 +84,21 @@ def changes_table(changes: Iterable[FieldChange], before: str = "before", after:
         [{"field": c.field, before: show_value(c.before), after: show_value(c.after)} for c in changes],
         columns=["field", before, after],
     )
+
+
+NOT_SAVED_PROBLEMS = "Not saved: fix the problems shown above first."
+NOT_SAVED_UNCHANGED = "Nothing to save: this form matches the saved version."
+
+
+def save_button(
+    label: str, *, key: str, valid: bool, changed: bool = True, where: DeltaGenerator | None = None
+) -> bool:
+    """A save button that never swallows a click: always enabled, because a field typed into and not yet applied
+    is applied by the click on the button itself, so a button disabled until then would ignore that click. True
+    when the click should save; a click on an invalid or unchanged form says why instead."""
+    clicked = (where or st).button(label, type="primary", key=key)
+    if clicked and not valid:
+        st.error(NOT_SAVED_PROBLEMS)
+    elif clicked and not changed:
+        st.info(NOT_SAVED_UNCHANGED)
+    return clicked and valid and changed

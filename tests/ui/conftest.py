@@ -172,6 +172,18 @@ def wait_for_text(page: object, text: str, console: Console, *, name: str, timeo
         )
 
 
+def click_as_a_person(page: object, target: object, hold_ms: int = 150) -> None:
+    """Press the mouse on `target` where it is now and release it `hold_ms` later, as a hand does: no waiting for
+    the target to be enabled, and the press blurs the focused field first (which applies a typed value and reruns
+    the page while the button is held), unlike Playwright's click."""
+    box = target.bounding_box()  # type: ignore[attr-defined]
+    assert box is not None, "the target is not on the page"
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)  # type: ignore[attr-defined]
+    page.mouse.down()  # type: ignore[attr-defined]
+    page.wait_for_timeout(hold_ms)  # type: ignore[attr-defined]
+    page.mouse.up()  # type: ignore[attr-defined]
+
+
 def sign_in(page: object, url: str, username: str, *, heading: str | None = None, timeout_ms: int = 30_000) -> None:
     """Open `url`, sign in as `username` with the tests' password, and wait for the run (and, when given, for the
     page's `heading`: the sign-in redirects through the session route to the page the link named)."""

@@ -6,10 +6,22 @@ before saving. Screenshots in test-artifacts/screenshots/
 from __future__ import annotations
 
 from collections.abc import Callable
+from decimal import Decimal
 
 import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
 
-from tests.ui.conftest import Console, RecordedContext, screenshot, sign_in, wait_for_app, wait_for_text
+from core import settings_service
+from tests.ui.conftest import (
+    Console,
+    RecordedContext,
+    click_as_a_person,
+    screenshot,
+    sign_in,
+    wait_for_app,
+    wait_for_text,
+)
 from tests.ui.test_browser_settings_playground import _choose, _metric
 
 pytestmark = pytest.mark.browser
@@ -45,3 +57,27 @@ def test_edit_a_preset_and_see_the_monthly_cost_of_a_change(
     page.wait_for_timeout(800)  # type: ignore[attr-defined]
     wait_for_app(page)
     wait_for_text(page, "Saved fal.ai Qwen-Image's presets", console_with_accounts, name="presets-save")
+
+
+def test_a_typed_value_is_saved_by_one_click_on_save(
+    console_with_accounts: Console, new_browser: Callable[..., RecordedContext]
+) -> None:
+    """As a person edits: type into a text field and click Save straight away, with no Tab or Enter first. The
+    click applies the typed value and saves it (a Save button enabled only once the value applied would ignore
+    that click, and the edit would look saved when it was not)."""
+    page = new_browser().new_page(height=1600)
+    sign_in(page, console_with_accounts.url, "alice")
+    page.get_by_role("heading", name="Provider settings").wait_for(timeout=30_000)  # type: ignore[attr-defined]
+    _choose(page, "Provider", "fal.ai Qwen-Image")
+    page.get_by_label("Daily cost limit (USD)", exact=True).click()  # type: ignore[attr-defined]
+    page.keyboard.type("5")  # type: ignore[attr-defined]
+    click_as_a_person(page, page.get_by_role("button", name="Save as a new version"))  # type: ignore[attr-defined]
+    wait_for_app(page)
+    wait_for_text(page, "Saved fal.ai Qwen-Image settings as version 2.", console_with_accounts, name="typed-save")
+    engine = create_engine(f"sqlite:///{console_with_accounts.data_dir / 'imagegate.db'}")
+    try:
+        with Session(engine) as session:
+            saved = settings_service.get_provider_settings(session, "fal-qwen").settings
+    finally:
+        engine.dispose()
+    assert saved.daily_cost_limit_usd == Decimal("5")

@@ -9,7 +9,15 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.ui.conftest import Console, RecordedContext, screenshot, sign_in, wait_for_app, wait_for_text
+from tests.ui.conftest import (
+    Console,
+    RecordedContext,
+    click_as_a_person,
+    screenshot,
+    sign_in,
+    wait_for_app,
+    wait_for_text,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -94,10 +102,11 @@ def test_slider_estimate_save_history_and_a_playground_run(
         "() => document.body.innerText.includes('$0.031457')", timeout=10_000
     )
     assert _metric(page, "Estimated cost") == "$0.031457"  # two images
-    page.get_by_label("Prompt", exact=True).fill("a red fox in snow")  # type: ignore[attr-defined]
-    page.keyboard.press("Tab")  # type: ignore[attr-defined]
-    wait_for_app(page)
-    page.get_by_role("button", name="Generate").click()  # type: ignore[attr-defined]
+    # As a person does it: type the prompt, then one mouse click on Generate (no Tab or Ctrl+Enter first: the
+    # click itself applies the prompt, and must also run it).
+    page.get_by_label("Prompt", exact=True).click()  # type: ignore[attr-defined]
+    page.keyboard.type("a red fox in snow")  # type: ignore[attr-defined]
+    click_as_a_person(page, page.get_by_role("button", name="Generate"))  # type: ignore[attr-defined]
     page.get_by_text("Done on fal-qwen (sandbox)").wait_for(timeout=60_000)  # type: ignore[attr-defined]
     wait_for_app(page)
     images = page.get_by_test_id("stImage")  # type: ignore[attr-defined]

@@ -38,7 +38,11 @@ def test_every_role_reaches_the_playground(console: Console, role: Role) -> None
     at = console.app(role, "playground")
     assert at.title[0].value == "Playground"
     assert _estimate(at) == "$0.015729"  # fal-qwen (priority 98) at its default 1024x768, before any prompt
-    assert next(b for b in at.button if b.label == "Generate").disabled  # nothing to run without a prompt
+    # Generate stays enabled without a prompt (a typed prompt is applied by the click on it); a click with none
+    # says so at the prompt and runs nothing.
+    _generate(at)
+    assert [e.value for e in at.error] == ["prompt is empty; describe the image to generate"]
+    assert not _results(at) and not at.get("status")
 
 
 def test_the_estimate_and_budget_follow_the_widgets_before_anything_is_spent(console: Console) -> None:
@@ -73,6 +77,18 @@ def test_bad_values_are_told_at_their_field(console: Console) -> None:
     by_key(at.text_input, "pg.size").input("").run()  # type: ignore[attr-defined]
     by_key(at.text_input, "pg.seed").input("-4").run()  # type: ignore[attr-defined]
     assert any("seed" in e.value for e in at.error)
+    assert by_key(at.text_input, "pg.seed").value == "-4"  # type: ignore[attr-defined]
+    # Generate stays enabled; a click on a request nothing can run is refused by the service, which says why,
+    # and nothing is generated or lost.
+    by_key(at.text_area, "pg.prompt").input("a red fox").run()  # type: ignore[attr-defined]
+    before = [e.value for e in at.error]
+    _generate(at)
+    after = [e.value for e in at.error]
+    assert len(after) == len(before) + 1 and not _results(at), (before, after)
+    refusals = [e for e in after if e.startswith("no provider can run this request")]
+    assert len(refusals) == len([e for e in before if e.startswith("no provider can run this request")]) + 1
+    assert "seed must be a whole number" in refusals[-1]
+    assert by_key(at.text_area, "pg.prompt").value == "a red fox"  # type: ignore[attr-defined]
     assert by_key(at.text_input, "pg.seed").value == "-4"  # type: ignore[attr-defined]
 
 

@@ -14,6 +14,7 @@ from core import price_store, settings_service, transfer
 from core.security import Actor, Role
 from tests.core.spend.rollup_seed import add_rollup
 from tests.ui.apptest_helpers import ROOT, Console, by_key, console, console_any_db, pg_admin_dsn, pg_session_database
+from ui.widgets import NOT_SAVED_PROBLEMS, NOT_SAVED_UNCHANGED
 
 __all__ = ["console", "console_any_db", "pg_admin_dsn", "pg_session_database"]
 
@@ -91,8 +92,9 @@ def test_errors_show_at_the_field_and_the_form_keeps_its_input(console: Console)
     assert any(e.startswith("image_size") and "huge" in e for e in errors), errors
     assert any("priority 5000 is above the maximum of 1000" in e for e in errors), errors
     assert any("daily_cost_limit_usd" in e for e in errors), errors
-    save = by_key(at.button, f"ps.fal-qwen.{v}.save")
-    assert save.disabled  # type: ignore[attr-defined]
+    by_key(at.button, f"ps.fal-qwen.{v}.save").click().run()  # type: ignore[attr-defined]
+    assert NOT_SAVED_PROBLEMS in [e.value for e in at.error]  # a click on an invalid form says so, saves nothing
+    assert _version(console, "fal-qwen") == v
     assert by_key(at.text_input, f"ps.fal-qwen.{v}.image_size").value == "huge"  # type: ignore[attr-defined]
     # Fixing one field clears its message only.
     by_key(at.text_input, f"ps.fal-qwen.{v}.image_size").input("16:9").run()  # type: ignore[attr-defined]
@@ -162,7 +164,9 @@ def test_global_settings_edit_with_errors_at_the_field_and_presets_shown(console
         g = settings_service.get_global_settings(session).version
     by_key(at.text_input, f"gs.{g}.max_attempts").input("99").run()  # type: ignore[attr-defined]
     assert any("max_attempts 99 is above the maximum of 10" in e.value for e in at.error)
-    assert by_key(at.button, f"gs.{g}.save").disabled  # type: ignore[attr-defined]
+    by_key(at.button, f"gs.{g}.save").click().run()  # type: ignore[attr-defined]
+    assert NOT_SAVED_PROBLEMS in [e.value for e in at.error]
+    assert _global_version(console) == g
     by_key(at.text_input, f"gs.{g}.max_attempts").input("2").run()  # type: ignore[attr-defined]
     by_key(at.selectbox, f"gs.{g}.routing_policy").set_value("cheapest").run()  # type: ignore[attr-defined]
     by_key(at.button, f"gs.{g}.save").click().run()  # type: ignore[attr-defined]
@@ -185,7 +189,11 @@ def test_prices_list_versions_and_add_one(console: Console) -> None:
     key = f"pv.fal-qwen.{latest.version}."
     by_key(at.text_input, key + "usd").input("abc").run()  # type: ignore[attr-defined]
     assert any("usd_per_unit" in e.value for e in at.error)
-    assert by_key(at.button, key + "save").disabled  # type: ignore[attr-defined]
+    by_key(at.button, key + "save").click().run()  # type: ignore[attr-defined]
+    assert NOT_SAVED_PROBLEMS in [e.value for e in at.error]
+    with console.runtime.sessions() as session:
+        unchanged = price_store.latest_price_version(session, "fal-qwen")
+    assert unchanged is not None and unchanged.version == latest.version
     by_key(at.text_input, key + "usd").input("0.025").run()  # type: ignore[attr-defined]
     by_key(at.text_input, key + "source").input("fal pricing page, December").run()  # type: ignore[attr-defined]
     by_key(at.button, key + "save").click().run()  # type: ignore[attr-defined]
@@ -232,9 +240,11 @@ def test_presets_are_edited_saved_as_a_global_version_and_reset_to_built_in(cons
     key = f"presets.{g}.fal-qwen."
     steps = by_key(at.slider, key + "fast.num_inference_steps")
     assert steps.value == 12 and (steps.min, steps.max) == (1, 50)  # type: ignore[attr-defined]
-    assert by_key(at.button, key + "save").disabled  # type: ignore[attr-defined]  # nothing changed yet
+    by_key(at.button, key + "save").click().run()  # type: ignore[attr-defined]  # nothing changed yet
+    assert NOT_SAVED_UNCHANGED in [i.value for i in at.info]
+    assert _global_version(console) == g
     assert by_key(at.button, key + "reset").disabled  # type: ignore[attr-defined]  # nothing to reset
-    steps.set_value(14).run()  # type: ignore[attr-defined]
+    by_key(at.slider, key + "fast.num_inference_steps").set_value(14).run()  # type: ignore[attr-defined]
     unsaved = next(df.value for df in at.dataframe if "this form" in df.value.columns).set_index("field")
     assert unsaved.loc["preset_overrides.fast.fal-qwen.num_inference_steps", "this form"] == "14"
     assert _global_version(console) == g  # not saved before the button
