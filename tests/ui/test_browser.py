@@ -101,4 +101,4 @@ def test_first_run_sign_in_reload_and_roles(
     user_page.get_by_text("Page not found").wait_for(state="hidden", timeout=10_000)  # type: ignore[attr-defined]
     user_page.get_by_text("Your account").first.wait_for(timeout=30_000)  # type: ignore[attr-defined]
     assert user_page.get_by_role("heading", name="Provider settings").count() == 0  # type: ignore[attr-defined]
-    screenshot(user_page, "user-account")
+    screenshot(user_page, "user-account", in_readme=False)

@@ -91,7 +91,7 @@ def test_users_providers_faults_and_audit(
     assert page.get_by_role("button", name="Deactivate").is_disabled()  # type: ignore[attr-defined]
     assert page.get_by_role("button", name="Change role").is_disabled()  # type: ignore[attr-defined]
     assert page.get_by_text("Role and deactivation are disabled").is_visible()  # type: ignore[attr-defined]
-    screenshot(page, "users-last-admin")
+    screenshot(page, "users-last-admin", in_readme=False)
     page.get_by_text("Create a user").click()  # type: ignore[attr-defined]
     wait_for_app(page)
     for label, value in (("Username", "carol"), ("Password", PASSWORD), ("Repeat the password", PASSWORD)):
@@ -118,7 +118,7 @@ def test_users_providers_faults_and_audit(
     wait_for_app(page)
     wait_for_text(page, "fal-qwen: server_error.", console, name="providers-inject")
     assert httpx.get(f"{emulator.url}/_emulator/state").json()["providers"]["fal"]["fault"] == "server_error"
-    screenshot(page, "providers-fault")
+    screenshot(page, "providers-fault", in_readme=False)
 
     # Generations fall back from fal-qwen to the next provider; fal's failures open its breaker.
     for _ in range(4):
