@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, bindparam, func, or_, select, update
+from sqlalchemy import Row, Table, and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.errors import ImagegateError, InvalidInput, NotFound
@@ -202,12 +202,12 @@ def _load(session: Session, job_id: str) -> Any | None:
     return session.connection().execute(_JOB_BY_ID, {"job_id": job_id}).one_or_none()
 
 
-def _job_image(image: ImageRecord) -> JobImage:
-    """A ledger image (load_result's, so its row id is known) as a client fetches it."""
-    assert image.stored_id is not None, "an image read from the ledger has its row id"
+def _job_image(image_id: int | None, content_type: str, image: ImageRecord | Row[*tuple[Any, ...]]) -> JobImage:
+    """A stored image as a client fetches it: by its row id, which an image read from the ledger always has."""
+    assert image_id is not None, "an image read from the ledger has its row id"
     return JobImage(
-        id=image.stored_id,
-        media_type=media_type(image.format),
+        id=image_id,
+        media_type=media_type(content_type),
         width=image.width,
         height=image.height,
         size_bytes=image.size_bytes,
@@ -222,19 +222,7 @@ def _images(session: Session, generation_id: str | None) -> tuple[JobImage, ...]
     if generation_id is None:
         return ()
     rows = session.connection().execute(_IMAGES_OF, {"generation_id": generation_id})
-    return tuple(
-        JobImage(
-            id=row.id,
-            media_type=media_type(row.content_type),
-            width=row.width,
-            height=row.height,
-            size_bytes=row.size_bytes,
-            sha256=row.sha256,
-            seed=row.seed,
-            position=row.position,
-        )
-        for row in rows
-    )
+    return tuple(_job_image(row.id, row.content_type, row) for row in rows)
 
 
 def enqueue(
@@ -415,7 +403,7 @@ def get_job(session: Session, actor: Actor, job_id: str, *, with_result: bool = 
     if view.generation_id is None:
         return replace(view, images=())
     result = load_result(session, view.generation_id, replayed=False)
-    return replace(view, result=result, images=tuple(_job_image(image) for image in result.images))
+    return replace(view, result=result, images=tuple(_job_image(i.stored_id, i.format, i) for i in result.images))
 
 
 async def _keep_lease(factory: sessionmaker[Session], job_id: str, owner: str, lease_s: float) -> None:
