@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Response
@@ -48,20 +49,7 @@ def _job_out(job: jobs.JobView) -> JobOut:
         generation = job.result.to_dict()
         generation.pop("images", None)  # server paths stay on the server: `images` below has the URLs
         generation["replayed"] = False  # the job's own generation, however many claims it took (as read back)
-    images = [
-        ImageOut(
-            id=image.id,
-            url=f"/api/images/{image.id}",
-            media_type=image.media_type,
-            width=image.width,
-            height=image.height,
-            size_bytes=image.size_bytes,
-            sha256=image.sha256,
-            seed=image.seed,
-            position=image.position,
-        )
-        for image in job.images or ()
-    ]
+    images = [ImageOut(url=f"/api/images/{image.id}", **asdict(image)) for image in job.images or ()]
     return JobOut(
         id=job.id,
         status=job.status,

@@ -7,6 +7,7 @@
   shared database is ever touched. Unreachable server: the tests skip, or FAIL when CI=true.
 - SQLite: migrated once into a template file, copied per test (much faster than migrating each time).
 - `fast_password_hashing`: argon2 with minimal cost, for tests that create many users.
+- `recorded_statements(engine)`: the SQL statements an engine sends while the block runs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -22,7 +24,7 @@ import pytest
 from argon2 import PasswordHasher
 from argon2.profiles import CHEAPEST
 from psycopg import sql
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -172,3 +174,18 @@ def fast_password_hashing() -> Iterator[None]:
     previous = security.set_password_hasher(PasswordHasher.from_parameters(CHEAPEST))
     yield
     security.set_password_hasher(previous)
+
+
+@contextmanager
+def recorded_statements(engine: Engine) -> Iterator[list[str]]:
+    """The SQL statements `engine` sends while the block runs (for tests that count reads and writes)."""
+    seen: list[str] = []
+
+    def note(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", note)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", note)

@@ -6,7 +6,7 @@ import hashlib
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import Engine, event, select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.errors import InvalidInput, NotFound, PermissionDenied
@@ -16,6 +16,7 @@ from core.security import Actor, Role
 from db.engine import transaction
 from db.models import ApiToken, AuditLog, utcnow
 from tests.dbfixtures import *  # noqa: F403
+from tests.dbfixtures import recorded_statements
 
 PASSWORD = "correct horse battery"
 
@@ -88,18 +89,10 @@ def test_a_use_within_the_minute_is_one_read_and_no_write(
     that would change nothing is sent."""
     created = _create(db_session_factory, people["bob"], people["bob"])
     _auth(db_session_factory, created.secret)  # notes the first use
-    sent: list[str] = []
-
-    def note(conn: object, cursor: object, statement: str, *args: object) -> None:
-        if "api_tokens" in statement:
-            sent.append(statement.split()[0].upper())
-
-    event.listen(db_engine, "before_cursor_execute", note)
-    try:
+    with recorded_statements(db_engine) as seen:
         _auth(db_session_factory, created.secret)
         _auth(db_session_factory, created.secret, now=utcnow() + timedelta(minutes=2))
-    finally:
-        event.remove(db_engine, "before_cursor_execute", note)
+    sent = [statement.split()[0].upper() for statement in seen if "api_tokens" in statement]
     assert sent == ["SELECT", "SELECT", "UPDATE"]
 
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -220,36 +219,32 @@ def test_a_naive_check_then_seed_start_would_fail_on_a_fresh_sqlite_file(tmp_pat
     _assert_naive_starts_fail([f"sqlite:///{tmp_path / f'naive-{trial}.db'}" for trial in range(NAIVE_TRIALS)])
 
 
-@contextmanager
-def _fresh_pg_databases(admin_dsn: str, count: int) -> Iterator[list[str]]:
-    """`count` empty PostgreSQL databases, never migrated; dropped afterwards."""
-    created = [create_pg_database(admin_dsn, prefix="imagegate_start") for _ in range(count)]
+@pytest.fixture
+def fresh_pg_databases(pg_admin_dsn: str) -> Iterator[Callable[[int], list[str]]]:
+    """Makes `count` empty PostgreSQL databases, never migrated, and gives their URLs; all dropped afterwards."""
+    created: list[tuple[str, str]] = []
+
+    def make(count: int) -> list[str]:
+        batch = [create_pg_database(pg_admin_dsn, prefix="imagegate_start") for _ in range(count)]
+        created.extend(batch)
+        return [url for _, url in batch]
+
     try:
-        yield [url for _, url in created]
+        yield make
     finally:
         for name, _ in created:
-            drop_pg_database(admin_dsn, name)
-
-
-@pytest.fixture
-def fresh_pg_urls(pg_admin_dsn: str) -> Iterator[list[str]]:
-    """TRIALS empty PostgreSQL databases."""
-    with _fresh_pg_databases(pg_admin_dsn, TRIALS) as urls:
-        yield urls
+            drop_pg_database(pg_admin_dsn, name)
 
 
 @pytest.mark.postgres
-def test_four_processes_start_at_once_on_a_fresh_postgresql_database(fresh_pg_urls: list[str]) -> None:
-    _assert_all_started(fresh_pg_urls)
-
-
-@pytest.fixture
-def naive_pg_urls(pg_admin_dsn: str) -> Iterator[list[str]]:
-    """NAIVE_TRIALS empty PostgreSQL databases."""
-    with _fresh_pg_databases(pg_admin_dsn, NAIVE_TRIALS) as urls:
-        yield urls
+def test_four_processes_start_at_once_on_a_fresh_postgresql_database(
+    fresh_pg_databases: Callable[[int], list[str]],
+) -> None:
+    _assert_all_started(fresh_pg_databases(TRIALS))
 
 
 @pytest.mark.postgres
-def test_a_naive_check_then_seed_start_would_fail_on_a_fresh_postgresql_database(naive_pg_urls: list[str]) -> None:
-    _assert_naive_starts_fail(naive_pg_urls)
+def test_a_naive_check_then_seed_start_would_fail_on_a_fresh_postgresql_database(
+    fresh_pg_databases: Callable[[int], list[str]],
+) -> None:
+    _assert_naive_starts_fail(fresh_pg_databases(NAIVE_TRIALS))

@@ -9,7 +9,7 @@ import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.errors import InvalidInput, NotFound, PermissionDenied
@@ -20,6 +20,7 @@ from db.engine import transaction
 from db.models import Generation, GenerationJob, Role, UsageAttempt
 from tests.core.generation.job_workers import claim_until_empty
 from tests.core.generation.service_support import make_user, seed
+from tests.dbfixtures import recorded_statements
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
@@ -119,18 +120,9 @@ def test_a_claimed_job_runs_through_generate_and_a_second_run_spends_nothing(fac
         generation = session.get(Generation, done.generation_id)
         assert generation is not None and generation.user_id == ann.user_id and generation.status == "succeeded"
         assert generation.idempotency_key == f"{ann.user_id}:job:{queued.id}"
-        image_reads: list[str] = []
-        engine = session.get_bind()
-
-        def note(conn: object, cursor: object, statement: str, *args: object) -> None:
-            if statement.lstrip().upper().startswith("SELECT") and re.search(r"\bFROM images\b", statement):
-                image_reads.append(statement)
-
-        event.listen(engine, "before_cursor_execute", note)
-        try:
+        with recorded_statements(session.get_bind()) as sent:  # type: ignore[arg-type]
             read = jobs.get_job(session, ann, queued.id, with_result=True)
-        finally:
-            event.remove(engine, "before_cursor_execute", note)
+    image_reads = [s for s in sent if s.lstrip().upper().startswith("SELECT") and re.search(r"\bFROM images\b", s)]
     assert len(image_reads) == 1, image_reads  # the result's images carry their row ids: no second read
     # The worker hands back what generate() returned and the stored images: the same the ledger has.
     assert done.complete and done.result is not None and done.result.generation_id == done.generation_id

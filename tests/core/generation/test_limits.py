@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import Engine, event, select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.errors import Conflict, DatabaseUnavailable, ProviderError
@@ -20,6 +20,7 @@ from core.generation import limits
 from core.settings import ProviderSettings
 from db.engine import transaction
 from db.models import ProviderSlot, SlotWaiter, utcnow
+from tests.dbfixtures import recorded_statements
 
 Factory = sessionmaker[Session]
 P = "ideogram"
@@ -49,14 +50,8 @@ def _waiters(factory: Factory) -> list[str]:
 
 @pytest.fixture
 def statements(db_engine: Engine) -> Iterator[list[str]]:
-    seen: list[str] = []
-
-    def count(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
-        seen.append(statement)
-
-    event.listen(db_engine, "before_cursor_execute", count)
-    yield seen
-    event.remove(db_engine, "before_cursor_execute", count)
+    with recorded_statements(db_engine) as seen:
+        yield seen
 
 
 # --- the catalog and the settings ---------------------------------------------------------------------------------
